@@ -1,0 +1,67 @@
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+sys.path.insert(0, workflow.basedir)
+
+from imgpipe.config import check_config, load_schema, source_fingerprint
+
+
+##### config validation #####
+
+SCHEMA_PATH = Path(workflow.basedir) / "config" / "schema.yaml"
+check_config(config, load_schema(SCHEMA_PATH))
+# Fills in the schema's defaults for keys a user's config leaves out.
+validate(config, schema=str(SCHEMA_PATH))
+
+
+##### paths and input functions #####
+
+DEMO_ROOT = "results/demo/digits"
+SHARDS = list(range(config["clean"]["shards"]))
+
+
+def is_demo():
+    return config["data"]["root"] == "demo"
+
+
+def data_root():
+    """The image tree or manifest to ingest (the demo tree lives under results/)."""
+    return DEMO_ROOT if is_demo() else config["data"]["root"]
+
+
+def check_data_root():
+    """Stop before any job runs when a configured data path does not exist."""
+    for key in ("root", "test_root"):
+        value = config["data"].get(key)
+        if value and value != "demo" and not Path(value).exists():
+            raise WorkflowError(
+                f"data.{key}: {value!r} does not exist (give an image folder "
+                "<root>/<class>/... or a CSV manifest with path,label)"
+            )
+
+
+check_data_root()
+
+
+def listing_inputs(wildcards):
+    return [DEMO_ROOT] if is_demo() else []
+
+
+def section(*names):
+    """The config sections a rule depends on, as one params value."""
+    return {name: config[name] for name in names}
+
+
+def code(*modules):
+    """Fingerprint of the imgpipe modules a rule's script runs (reruns on edits)."""
+    return source_fingerprint(modules)
+
+
+def shard_stats(wildcards):
+    return expand("results/ingest/shard-{shard}/stats.csv", shard=SHARDS)
+
+
+def shard_images(wildcards):
+    return expand("results/ingest/shard-{shard}/images.npy", shard=SHARDS)

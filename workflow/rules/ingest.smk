@@ -1,0 +1,37 @@
+rule list_images:
+    input:
+        listing_inputs,
+    output:
+        "results/ingest/files.csv",
+    params:
+        root=data_root(),
+        test_root=config["data"]["test_root"],
+        extensions=config["data"]["extensions"],
+        code=code("scan"),
+    log:
+        "logs/ingest/list_images.log",
+    benchmark:
+        "benchmarks/ingest/list_images.tsv"
+    script:
+        "../../scripts/list_images.py"
+
+
+rule ingest_shard:
+    input:
+        "results/ingest/files.csv",
+    output:
+        stats="results/ingest/shard-{shard}/stats.csv",
+        images="results/ingest/shard-{shard}/images.npy",
+    params:
+        shards=config["clean"]["shards"],
+        max_pixels=config["clean"]["max_pixels"],
+        image=config["image"],
+        code=code("imageio", "ingest"),
+    wildcard_constraints:
+        shard=r"\d+",
+    log:
+        "logs/ingest/shard-{shard}.log",
+    benchmark:
+        "benchmarks/ingest/shard-{shard}.tsv"
+    script:
+        "../../scripts/ingest_shard.py"
