@@ -1,0 +1,66 @@
+"""Per-image measurements the clean stage decides on (computed once, at ingest)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# Images larger than this (long side) are measured on a downscaled copy: the
+# statistics below are scale-robust and decoding dominates anyway.
+MEASURE_MAX_SIDE = 256
+
+
+def to_gray(image: np.ndarray) -> np.ndarray:
+    """Return a uint8 single-channel view of an HxW, HxWx1 or HxWx3 (BGR) uint8 image."""
+    if image.ndim == 2:
+        return image
+    if image.shape[2] == 1:
+        return image[:, :, 0]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+
+
+def _measure_copy(gray: np.ndarray) -> np.ndarray:
+    long_side = max(gray.shape)
+    if long_side <= MEASURE_MAX_SIDE:
+        return gray
+    scale = MEASURE_MAX_SIDE / long_side
+    size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+
+
+def gray_stats(gray: np.ndarray) -> dict[str, float]:
+    """Brightness mean/std, 1st/99th percentiles and a normalised blur score of a grey image.
+
+    ``blur`` is the variance of the Laplacian divided by the grey-level
+    variance: dividing by the contrast makes it comparable between a faint and
+    a high-contrast image, so one threshold suits both (0 for a constant image).
+    """
+    small = _measure_copy(gray)
+    hist = np.bincount(small.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    levels = np.arange(256, dtype=np.float64)
+    mean = float((hist * levels).sum() / total)
+    var = float((hist * (levels - mean) ** 2).sum() / total)
+    cdf = np.cumsum(hist) / total
+    p01 = float(np.searchsorted(cdf, 0.01))
+    p99 = float(np.searchsorted(cdf, 0.99))
+    if var <= 1e-9 or min(small.shape) < 3:
+        blur = 0.0 if var <= 1e-9 else float("inf")
+    else:
+        lap = cv2.Laplacian(small, cv2.CV_32F)
+        blur = float(lap.var() / var)
+    return {"mean": mean, "std": var**0.5, "p01": p01, "p99": p99, "blur": blur}
+
+
+def phash(gray: np.ndarray) -> int:
+    """64-bit DCT perceptual hash (as in pHash / imagehash.phash) of a grey image."""
+    small = cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(small)[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def hamming(a: np.ndarray, b: int) -> np.ndarray:
+    """Hamming distances between an array of 64-bit hashes and one hash."""
+    x = np.bitwise_xor(a.astype(np.uint64), np.uint64(b))
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
