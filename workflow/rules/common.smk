@@ -6,7 +6,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)
 
 from imgpipe.config import check_config, load_schema, source_fingerprint
-
+from imgpipe.sweep import overrides, trial_table
 
 ##### config validation #####
 
@@ -65,3 +65,36 @@ def shard_stats(wildcards):
 
 def shard_images(wildcards):
     return expand("results/ingest/shard-{shard}/images.npy", shard=SHARDS)
+
+
+##### training jobs #####
+
+# A training job asks for one GPU where the machine has NVIDIA devices; on a
+# CPU-only machine it asks for none (so --resources gpu=N never serialises CPU
+# jobs). The SLURM profile sets the gpu resource of the training rules itself.
+GPUS_PER_JOB = 1 if Path("/dev/nvidiactl").exists() else 0
+TRAIN_CODE = (
+    "models",
+    "lightning",
+    "training",
+    "gpus",
+    "dataset",
+    "augment",
+    "experiment",
+)
+TRAIN_INPUTS = {
+    "index": "results/clean/index.csv",
+    "split": "results/split/split.csv",
+    "aug_images": "results/augment/images.npy",
+    "aug_index": "results/augment/index.csv",
+}
+
+
+def best_params_input(wildcards):
+    """The sweep's winner, when there is a sweep (else the train section is used as is)."""
+    return {"best": "results/sweep/best.yaml"} if config["sweep"]["enabled"] else {}
+
+
+def sweep_overrides(instance):
+    """The config overrides of one sweep trial (dotted key -> value)."""
+    return overrides(instance, config["sweep"])

@@ -1,0 +1,77 @@
+rule cv_folds:
+    input:
+        index="results/clean/index.csv",
+        split="results/split/split.csv",
+    output:
+        "results/cv/folds.csv",
+    log:
+        "logs/cv/folds.log",
+    benchmark:
+        "benchmarks/cv/folds.tsv"
+    params:
+        cv=config["cv"],
+        seed=config["split"]["seed"],
+        code=code("cv", "dataset"),
+    script:
+        "../../scripts/cv_folds.py"
+
+
+rule cv_fold:
+    input:
+        unpack(best_params_input),
+        **TRAIN_INPUTS,
+        folds="results/cv/folds.csv",
+    output:
+        oof="results/cv/fold-{fold}/oof.csv",
+        summary="results/cv/fold-{fold}/summary.json",
+        model="results/cv/fold-{fold}/model.ckpt",
+        history="results/cv/fold-{fold}/history.csv",
+    log:
+        "logs/cv/fold-{fold}.log",
+    benchmark:
+        "benchmarks/cv/fold-{fold}.tsv"
+    wildcard_constraints:
+        fold=r"\d+",
+    threads: 1
+    resources:
+        gpu=GPUS_PER_JOB,
+    params:
+        model=config["model"],
+        train=config["train"],
+        code=code(*TRAIN_CODE, "cv"),
+    script:
+        "../../scripts/cv_fold.py"
+
+
+rule cv_summary:
+    input:
+        index="results/clean/index.csv",
+        folds=expand("results/cv/fold-{fold}/oof.csv", fold=range(config["cv"]["k"])),
+        fold_summaries=expand(
+            "results/cv/fold-{fold}/summary.json", fold=range(config["cv"]["k"])
+        ),
+    output:
+        summary=report(
+            "results/cv/summary.csv",
+            caption="../report/cv_summary.rst",
+            category="Cross-validation",
+        ),
+        oof="results/cv/oof.csv",
+        suspects=report(
+            "results/cv/suspect_labels.csv",
+            caption="../report/suspect_labels.rst",
+            category="Cross-validation",
+        ),
+        suspects_png=report(
+            "results/cv/suspect_labels.png",
+            caption="../report/suspect_labels.rst",
+            category="Cross-validation",
+        ),
+    log:
+        "logs/cv/summary.log",
+    benchmark:
+        "benchmarks/cv/summary.tsv"
+    params:
+        code=code("cv", "dataset", "plots"),
+    script:
+        "../../scripts/cv_summary.py"

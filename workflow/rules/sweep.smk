@@ -1,0 +1,53 @@
+if config["sweep"]["enabled"]:
+    # One job per trial, cached under a readable path such as
+    # results/sweep/trials/lr~0.003_dropout~0.3/: adding a grid value adds jobs
+    # for the new trials only (each trial's params hold its own values alone).
+    TRIALS = Paramspace(
+        trial_table(config["sweep"]), filename_params="*", single_wildcard="trial"
+    )
+
+    rule sweep_trial:
+        input:
+            **TRAIN_INPUTS,
+        output:
+            summary="results/sweep/trials/{trial}/summary.json",
+            history="results/sweep/trials/{trial}/history.csv",
+            model="results/sweep/trials/{trial}/model.ckpt",
+        log:
+            "logs/sweep/{trial}.log",
+        benchmark:
+            "benchmarks/sweep/{trial}.tsv"
+        threads: 1
+        resources:
+            gpu=GPUS_PER_JOB,
+        params:
+            model=config["model"],
+            train=config["train"],
+            overrides=lambda wildcards: sweep_overrides(TRIALS.instance(wildcards)),
+            code=code(*TRAIN_CODE, "sweep"),
+        script:
+            "../../scripts/sweep_trial.py"
+
+    rule sweep_aggregate:
+        input:
+            expand(
+                "results/sweep/trials/{trial}/summary.json",
+                trial=list(TRIALS.instance_patterns),
+            ),
+        output:
+            trials="results/sweep/trials.csv",
+            best="results/sweep/best.yaml",
+            plot=report(
+                "results/sweep/sweep.png",
+                caption="../report/sweep.rst",
+                category="Sweep",
+            ),
+        log:
+            "logs/sweep/aggregate.log",
+        benchmark:
+            "benchmarks/sweep/aggregate.tsv"
+        params:
+            monitor=config["train"]["monitor"],
+            code=code("sweep", "plots"),
+        script:
+            "../../scripts/sweep_aggregate.py"

@@ -1,0 +1,157 @@
+"""Hyperparameter sweep: the trial table (grid or seeded random) and the choice of the best trial."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# Keys sampled log-uniformly by ``method: random`` (scale parameters spanning decades).
+LOG_SCALE_KEYS = {"train.lr", "train.weight_decay", "train.l1"}
+
+
+def column_names(keys: list[str]) -> dict[str, str]:
+    """Map dotted config keys (``train.lr``) to readable wildcard-safe column names (``lr``).
+
+    The section prefix is dropped unless two sections share a key name.
+    """
+    short = [key.split(".", 1)[1] for key in keys]
+    return {
+        key: name if short.count(name) == 1 else key.replace(".", "_")
+        for key, name in zip(keys, short, strict=True)
+    }
+
+
+def grid_trials(grid: Mapping[str, list]) -> pd.DataFrame:
+    """Every combination of the grid's values, one row per trial, columns named by column_names."""
+    keys = list(grid)
+    rows = list(itertools.product(*(grid[key] for key in keys)))
+    names = column_names(keys)
+    return pd.DataFrame(rows, columns=[names[key] for key in keys])
+
+
+def _sample(rng: np.random.Generator, key: str, bounds: list) -> Any:
+    numeric = len(bounds) == 2 and all(isinstance(b, int | float) for b in bounds)
+    if not numeric or any(isinstance(b, bool) for b in bounds):
+        return bounds[rng.integers(len(bounds))]
+    low, high = bounds
+    if isinstance(low, int) and isinstance(high, int):
+        return int(rng.integers(low, high + 1))
+    if key in LOG_SCALE_KEYS and low > 0:
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        value = rng.uniform(low, high)
+    return float(f"{value:.3g}")  # readable trial paths; 3 significant digits is plenty
+
+
+def random_trials(ranges: Mapping[str, list], n_trials: int, seed: int) -> pd.DataFrame:
+    """``n_trials`` seeded samples from ``ranges``; trial i is the same whatever ``n_trials`` is.
+
+    A two-number range is continuous (log-uniform for learning rate, weight
+    decay and L1; integers stay integers); any other list is a set of choices.
+    """
+    keys = list(ranges)
+    rows = []
+    for trial in range(n_trials):
+        rng = np.random.default_rng([seed, trial])
+        rows.append([_sample(rng, key, list(ranges[key])) for key in keys])
+    names = column_names(keys)
+    return pd.DataFrame(rows, columns=[names[key] for key in keys]).drop_duplicates()
+
+
+def trial_table(sweep_cfg: Mapping) -> pd.DataFrame:
+    """The sweep's trials as a DataFrame (one row per trial) from the ``sweep`` config section."""
+    if sweep_cfg["method"] == "grid":
+        table = grid_trials(sweep_cfg["grid"])
+    else:
+        table = random_trials(sweep_cfg["ranges"], sweep_cfg["n_trials"], sweep_cfg["seed"])
+    if table.empty or table.shape[1] == 0:
+        raise ValueError(f"sweep.{sweep_cfg['method']}: the sweep defines no trial")
+    return table.reset_index(drop=True)
+
+
+def dotted_keys(sweep_cfg: Mapping) -> dict[str, str]:
+    """Map each trial-table column back to its dotted config key."""
+    keys = list(sweep_cfg["grid"] if sweep_cfg["method"] == "grid" else sweep_cfg["ranges"])
+    return {name: key for key, name in column_names(keys).items()}
+
+
+def overrides(instance: Mapping[str, Any], sweep_cfg: Mapping) -> dict[str, Any]:
+    """Turn one trial (column -> value) into config overrides (dotted key -> plain Python value)."""
+    keys = dotted_keys(sweep_cfg)
+    return {keys[name]: _plain(value) for name, value in instance.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def apply_overrides(sections: Mapping[str, Mapping], changes: Mapping[str, Any]) -> dict:
+    """Return a deep copy of the config sections with ``{"train.lr": 0.01}``-style changes applied."""
+    merged = {name: dict(values) for name, values in sections.items()}
+    for key, value in changes.items():
+        section, name = key.split(".", 1)
+        if section not in merged:
+            raise KeyError(f"{key}: the sweep can only set keys of {sorted(merged)}")
+        merged[section][name] = value
+    return merged
+
+
+def best_trial(trials: pd.DataFrame, metric: str) -> pd.Series:
+    """The trial with the best ``metric`` (highest accuracy / lowest loss); ties go to the first."""
+    ascending = metric.endswith("loss")
+    ordered = trials.sort_values(metric, ascending=ascending, kind="stable")
+    return ordered.iloc[0]
+
+
+def collect_trials(summaries: list[Mapping], monitor: str) -> pd.DataFrame:
+    """One row per trial: its swept values (dotted keys), the monitored metric, epochs, seconds."""
+    rows = []
+    for summary in summaries:
+        row = {"trial": summary["trial"], **summary["overrides"]}
+        row[monitor] = summary["best_score"]
+        row["best_epoch"] = summary["best_epoch"]
+        row["epochs"] = summary["epochs"]
+        row["seconds"] = summary["seconds"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    ascending = monitor.endswith("loss")
+    return table.sort_values(monitor, ascending=ascending, kind="stable").reset_index(drop=True)
+
+
+def best_config(trials: pd.DataFrame, monitor: str) -> dict[str, Any]:
+    """best.yaml's content: the winning trial's overrides, score and the epochs it needed."""
+    best = best_trial(trials, monitor)
+    swept = [c for c in trials.columns if "." in c]
+    return {
+        "trial": str(best["trial"]),
+        "overrides": {key: _plain(best[key]) for key in swept},
+        "metric": monitor,
+        "score": float(best[monitor]),
+        # The final model trains on the whole pool for as many epochs as the
+        # winner needed to reach its best validation score.
+        "epochs": int(best["best_epoch"]) + 1,
+    }
+
+
+def plot_trials(trials: pd.DataFrame, monitor: str, path: str) -> None:
+    """Bar chart of the monitored metric per trial, best first."""
+    from imgpipe.plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(trials) + 2), 3.2))
+    ax.bar(range(len(trials)), trials[monitor], color="#4c72b0")
+    ax.set_xticks(range(len(trials)))
+    ax.set_xticklabels(trials["trial"], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(monitor)
+    low = trials[monitor].min()
+    if monitor.endswith("acc"):
+        ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_title("sweep: validation metric per trial")
+    save_figure(fig, path)

@@ -1,0 +1,71 @@
+"""K-fold assignment, summaries and label-issue ranking."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgpipe.cv import assign_folds, effective_k, summarise_folds, suspect_labels
+from imgpipe.errors import DataError
+
+
+def pool(n_per_class=20, classes=("a", "b", "c"), group_size=2):
+    rows = []
+    for label in classes:
+        for i in range(n_per_class):
+            rows.append({"label": label, "group": f"{label}{i // group_size}"})
+    table = pd.DataFrame(rows)
+    table.insert(0, "id", np.arange(len(table)))
+    return table
+
+
+def test_folds_are_stratified_group_aware_and_seeded():
+    table = pool()
+    folds = assign_folds(table, k=5, adapt_k=False, seed=0)
+    assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
+    merged = table.merge(folds, on="id")
+    assert (merged.groupby("group")["fold"].nunique() == 1).all()
+    per_class = merged.groupby(["fold", "label"]).size().unstack()
+    assert (per_class >= 3).all().all()
+    pd.testing.assert_frame_equal(folds, assign_folds(table, 5, False, 0))
+
+
+def test_k_larger_than_a_class_stops_with_the_class_named():
+    table = pool()
+    table = table[~((table["label"] == "c") & (table.index % 20 >= 3))]
+    with pytest.raises(DataError, match=r"cv.k=5.*'c' \(3\)"):
+        effective_k(table["label"], 5, adapt_k=False)
+    assert effective_k(table["label"], 5, adapt_k=True) == 3
+    folds = assign_folds(table.assign(group=np.arange(len(table))), 5, True, 0)
+    assert folds["fold"].nunique() == 3
+
+
+def test_a_class_with_one_image_cannot_be_cross_validated_even_adapted():
+    labels = pd.Series(["a"] * 10 + ["b"])
+    with pytest.raises(DataError, match="at least 2"):
+        effective_k(labels, 5, adapt_k=True)
+
+
+def test_summary_has_folds_then_mean_and_std():
+    per_fold = pd.DataFrame({"fold": [0, 1], "accuracy": [0.9, 1.0], "f1_macro": [0.8, 1.0]})
+    table = summarise_folds(per_fold)
+    assert table["fold"].tolist() == ["0", "1", "mean", "std"]
+    assert table.loc[2, "accuracy"] == pytest.approx(0.95)
+    assert table.loc[3, "accuracy"] == pytest.approx(np.std([0.9, 1.0], ddof=1))
+
+
+def test_planted_label_errors_rank_first():
+    rng = np.random.default_rng(0)
+    n, classes = 300, 3
+    truth = rng.integers(0, classes, n)
+    probs = np.full((n, classes), 0.05)
+    probs[np.arange(n), truth] = 0.9
+    given = truth.copy()
+    flipped = [5, 50, 123]
+    for i in flipped:
+        given[i] = (truth[i] + 1) % classes
+    paths = np.array([f"img{i}.png" for i in range(n)], dtype=object)
+    table = suspect_labels(given, probs, ["x", "y", "z"], paths)
+    assert set(table["row"].head(3)) == set(flipped)
+    first = table.iloc[0]
+    assert first["suggested_label"] == ["x", "y", "z"][truth[first["row"]]]
+    assert (table["score"].diff().dropna() >= 0).all()
