@@ -7,12 +7,18 @@ rule clean:
         rejected="results/clean/rejected.csv",
         summary="results/clean/summary.json",
         examples="results/clean/rejected_examples.png",
-    params:
-        clean={k: v for k, v in config["clean"].items() if k not in ("shards", "max_pixels")},
-        code=code("clean", "dataset"),
     log:
         "logs/clean.log",
     benchmark:
         "benchmarks/clean.tsv"
+    params:
+        # Only the decision keys: shards and max_pixels act at ingest.
+        clean={
+            k: v
+            for k, v in config["clean"].items()
+            if k not in ("shards", "max_pixels")
+        },
+        examples_per_reason=8,
+        code=code("clean", "dataset"),
     script:
         "../../scripts/clean.py"
