@@ -1,0 +1,15 @@
+rule split:
+    input:
+        index="results/clean/index.csv",
+    output:
+        split="results/split/split.csv",
+    log:
+        "logs/split.log",
+    benchmark:
+        "benchmarks/split.tsv"
+    params:
+        split=config["split"],
+        test_root=bool(config["data"]["test_root"]),
+        code=code("split", "dataset"),
+    script:
+        "../../scripts/split.py"
