@@ -1,0 +1,18 @@
+rule augment:
+    input:
+        index="results/clean/index.csv",
+        split="results/split/split.csv",
+        arrays=shard_images,
+    output:
+        images="results/augment/images.npy",
+        index="results/augment/index.csv",
+        preview="results/augment/preview.png",
+    log:
+        "logs/augment.log",
+    benchmark:
+        "benchmarks/augment.tsv"
+    params:
+        augment=config["augment"],
+        code=code("augment", "split", "dataset"),
+    script:
+        "../../scripts/augment.py"
