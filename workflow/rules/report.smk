@@ -1,0 +1,45 @@
+from imgpipe.report import input_paths
+
+
+# The effective configuration as a file: its params are the whole config, so
+# any config change rewrites it and thereby reruns the report, while the
+# report's own params (the report section) rerun nothing else.
+rule config_snapshot:
+    output:
+        "results/config.yaml",
+    log:
+        "logs/config_snapshot.log",
+    localrule: True
+    params:
+        config=config,
+        configfiles=[str(path) for path in workflow.configfiles],
+        code=code("report"),
+    script:
+        "../../scripts/report.py"
+
+
+rule report:
+    input:
+        # Every file the page shows; sweep and cluster files only when configured.
+        unpack(
+            lambda wildcards: input_paths(
+                "results", config["sweep"]["enabled"], config["cluster"]["features"]
+            )
+        ),
+    output:
+        html=report(
+            "results/report/index.html",
+            caption="../report/results_page.rst",
+            category="Summary",
+        ),
+        summary="results/report/summary.json",
+    log:
+        "logs/report.log",
+    benchmark:
+        "benchmarks/report.tsv"
+    localrule: True
+    params:
+        report=config["report"],
+        code=code("report"),
+    script:
+        "../../scripts/report.py"

@@ -1,0 +1,579 @@
+"""The results page (imgpipe.report), its Snakemake rules, captions and a headless-browser check."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from imgpipe import report
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+SECTION_IDS = [sid for sid, _ in report.SECTIONS]
+NASTY = "<script>alert('x')</script> & naïve ü.png"
+FEATURES = ("pixels", "embeddings")
+
+
+# ----------------------------------------------------------------------------- fake results
+
+
+def write_png(path: Path, seed: int, size: int = 48) -> None:
+    """A small non-uniform PNG (noise plus a gradient) at ``path``."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image[:, : size // 2] = np.linspace(0, 255, size // 2, dtype=np.uint8)[None, :, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+
+
+def write_fake_results(
+    root: Path, sweep: bool = True, features: tuple[str, ...] = FEATURES, metric: str = "val_acc"
+) -> dict[str, str]:
+    """A results tree with the documented files and columns; return the report's input paths."""
+    r = root / "results"
+    (r / "clean").mkdir(parents=True)
+    (r / "config.yaml").write_text("train:\n  lr: 0.003\nreport:\n  title: fake <run>\n")
+    summary = {
+        "total": {"listed": 120, "kept": 100, "rejected": 20},
+        "kept_per_class": {"cat": 60, "dog": 40},
+        "rejected_per_reason": {"too_dark": 12, "exact_duplicate": 7, "not_image": 1},
+        "near_duplicates": {"mode": "group", "n_groups": 95, "largest": 3},
+        "leakage": {"test_leak": 0},
+        "note": "from a <fake> clean",
+    }
+    (r / "clean" / "summary.json").write_text(json.dumps(summary))
+    rejected = [
+        (f"/data/cat/dark{i}.png", f"cat/dark{i}.png", "cat", "train", "too_dark", f"p99={i}")
+        for i in range(12)
+    ]
+    rejected += [
+        (f"/data/dog/d{i}.png", f"dog/d{i}.png", "dog", "train", "exact_duplicate", "of x")
+        for i in range(6)
+    ]
+    rejected.append(
+        (f"/data/dog/{NASTY}", f"dog/{NASTY}", "dog", "test", "exact_duplicate", "a < b & c")
+    )
+    rejected.append(("/data/cat/x.png", "cat/x.png", "cat", "train", "not_image", "bad header"))
+    columns = ["path", "relpath", "label", "source", "reason", "detail"]
+    pd.DataFrame(rejected, columns=columns).to_csv(r / "clean" / "rejected.csv", index=False)
+    write_png(r / "clean" / "rejected_examples.png", 1)
+    write_png(r / "augment" / "preview.png", 2)
+
+    if sweep:
+        trials = pd.DataFrame(
+            {
+                "trial": ["lr~0.001", "lr~0.003", "lr~0.01"],
+                "train.lr": [0.001, 0.003, 0.01],
+                metric: [0.91, 0.95, 0.93] if metric == "val_acc" else [0.4, 0.2, 0.3],
+                "best_epoch": [7, 9, 4],
+                "epochs": [10, 12, 8],
+                "seconds": [30.5, 31.0, 29.9],
+            }
+        )
+        (r / "sweep").mkdir()
+        trials.to_csv(r / "sweep" / "trials.csv", index=False)
+        (r / "sweep" / "best.yaml").write_text("trial: lr~0.003\noverrides:\n  train.lr: 0.003\n")
+        write_png(r / "sweep" / "sweep.png", 3)
+
+    (r / "cv").mkdir()
+    folds = pd.DataFrame(
+        {
+            "fold": [0, 1, 2],
+            "accuracy": [0.90, 0.92, 0.94],
+            "precision_macro": [0.89, 0.91, 0.95],
+            "recall_macro": [0.88, 0.92, 0.93],
+            "f1_macro": [0.885, 0.915, 0.94],
+        }
+    )
+    metrics = folds.drop(columns="fold")
+    table = pd.concat(
+        [
+            folds.astype({"fold": str}),
+            metrics.mean().to_frame().T.assign(fold="mean"),
+            metrics.std(ddof=1).to_frame().T.assign(fold="std"),
+        ]
+    )
+    table.to_csv(r / "cv" / "summary.csv", index=False)
+    pd.DataFrame(
+        {
+            "path": [f"/data/cat/{NASTY}", "/data/dog/7.png"],
+            "given_label": ["cat", "dog"],
+            "suggested_label": ["dog", "cat"],
+            "score": [0.01, 0.05],
+        }
+    ).to_csv(r / "cv" / "suspect_labels.csv", index=False)
+    write_png(r / "cv" / "suspect_labels.png", 4)
+
+    (r / "evaluate").mkdir()
+    test_metrics = {
+        "accuracy": 0.9375,
+        "f1_macro": 0.931,
+        "n_test": 32,
+        "per_class": {"cat": {"accuracy": 0.5, "f1": 0.94}, "dog": {"accuracy": 0.1, "f1": 0.92}},
+    }
+    (r / "evaluate" / "metrics.json").write_text(json.dumps(test_metrics))
+    pd.DataFrame(
+        {
+            "class": ["cat", "dog"],
+            "precision": [0.95, 0.9],
+            "recall": [0.93, 0.92],
+            "support": [19, 13],
+        }
+    ).to_csv(r / "evaluate" / "per_class.csv", index=False)
+    write_png(r / "evaluate" / "confusion.png", 5)
+    write_png(r / "evaluate" / "curves.png", 6)
+
+    for i, name in enumerate(features):
+        folder = r / "cluster" / name
+        folder.mkdir(parents=True)
+        metrics = {
+            "hungarian_accuracy": 0.6 + 0.3 * i,
+            "nmi": 0.5 + 0.3 * i,
+            "ari": 0.4 + 0.3 * i,
+            "silhouette": 0.1 + 0.1 * i,
+            "inertia": 1234.5 / (i + 1),
+            "n_clusters": 2,
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        write_png(folder / "montage.png", 10 + i)
+        write_png(folder / "scatter.png", 20 + i)
+    return report.input_paths(str(r), sweep, list(features))
+
+
+class PageParser(HTMLParser):
+    """Collects section ids, <img> sources and every element id of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.images: list[dict[str, str | None]] = []
+        self.ids: dict[str, dict[str, str | None]] = {}
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "section":
+            self.sections.append(attributes.get("id") or "")
+        if tag == "img":
+            self.images.append(attributes)
+        if attributes.get("id"):
+            self.ids[attributes["id"]] = attributes
+        for key in ("src", "href"):
+            value = attributes.get(key) or ""
+            if value and not value.startswith(("data:", "#")):
+                self.external.append(value)
+
+
+def parse(page: str) -> PageParser:
+    parser = PageParser()
+    parser.feed(page)
+    return parser
+
+
+def section_html(page: str, section_id: str) -> str:
+    match = re.search(rf'<section id="{section_id}">(.*?)</section>', page, re.S)
+    assert match, f"no section {section_id}"
+    return match.group(1)
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def test_input_paths_follow_the_documented_layout():
+    paths = report.input_paths("results", True, ["pixels", "embeddings"])
+    assert paths["clean_summary"] == "results/clean/summary.json"
+    assert paths["rejected"] == "results/clean/rejected.csv"
+    assert paths["cv_summary"] == "results/cv/summary.csv"
+    assert paths["sweep_trials"] == "results/sweep/trials.csv"
+    assert paths["cluster_embeddings_scatter"] == "results/cluster/embeddings/scatter.png"
+    assert paths["cluster_pixels_metrics"] == "results/cluster/pixels/metrics.json"
+    assert paths["config"] == "results/config.yaml"
+    # Snakemake exposes named inputs as attributes: names must be identifiers.
+    assert all(name.isidentifier() for name in paths)
+
+    no_sweep = report.input_paths("results", False, ["pixels"])
+    assert not any(name.startswith("sweep") for name in no_sweep)
+    assert not any("embeddings" in path for path in no_sweep.values())
+
+
+def test_page_has_every_section_and_embeds_every_image(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    page = report.render_page(inputs, title="demo")
+    parsed = parse(page)
+
+    assert parsed.sections == SECTION_IDS
+    for section_id in SECTION_IDS:
+        assert f'href="#{section_id}"' in page  # table of contents
+    assert parsed.external == []  # nothing fetched from anywhere
+    assert "<link" not in page
+
+    pngs = [path for name, path in inputs.items() if path.endswith(".png")]
+    assert len(parsed.images) == len(pngs)
+    embedded = {base64.b64decode(img["src"].split(",", 1)[1]) for img in parsed.images}
+    assert embedded == {Path(path).read_bytes() for path in pngs}
+    assert all(img["src"].startswith("data:image/png;base64,") for img in parsed.images)
+    assert "Not run" not in page
+
+
+def test_text_from_the_data_is_escaped(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    page = report.render_page(inputs, title="<b>Tom & Jerry</b>")
+
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(" in page
+    assert "&lt;b&gt;Tom &amp; Jerry&lt;/b&gt;" in page
+    assert "naïve ü.png" in page  # non-ASCII survives as text
+    assert "a &lt; b &amp; c" in page  # the detail column
+    assert "from a &lt;fake&gt; clean" in page  # a string in clean/summary.json
+    assert "title: fake &lt;run&gt;" in section_html(page, "config")
+    # Only the page's own script remains.
+    assert page.count("<script>") == 1
+
+
+def test_missing_optional_inputs_render_as_not_run(tmp_path):
+    inputs = write_fake_results(tmp_path, sweep=False, features=("pixels",))
+    Path(inputs["suspects"]).unlink()
+    Path(inputs["cluster_pixels_scatter"]).unlink()
+    page = report.render_page(inputs)
+
+    assert parse(page).sections == SECTION_IDS
+    assert "Not run" in section_html(page, "sweep")
+    assert "Not run" in section_html(page, "suspects")
+    clusters = section_html(page, "clusters")
+    assert "pixels" in clusters and "embeddings" not in clusters
+    assert "Not run" in clusters and "<img" in clusters  # montage shown, scatter noted
+    numbers = report.headline(inputs)
+    assert numbers["sweep"] is None
+    assert set(numbers["clusters"]) == {"pixels"}
+
+
+def test_nothing_at_all_still_gives_every_section(tmp_path):
+    inputs = report.input_paths(str(tmp_path / "results"), True, list(FEATURES))
+    page = report.render_page(inputs)
+    assert parse(page).sections == SECTION_IDS
+    for section_id in SECTION_IDS[1:]:
+        assert "Not run" in section_html(page, section_id), section_id
+
+
+def test_summary_json_matches_the_inputs(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    out = tmp_path / "out"
+    report.write_report(inputs, out / "index.html", out / "summary.json", {"title": "t"})
+    numbers = json.loads((out / "summary.json").read_text())
+
+    clean = json.loads(Path(inputs["clean_summary"]).read_text())
+    rejected = pd.read_csv(inputs["rejected"])
+    assert numbers["images"]["kept"] == sum(clean["kept_per_class"].values())
+    assert numbers["images"]["rejected"] == len(rejected)
+    assert numbers["images"]["rejected_per_reason"] == rejected["reason"].value_counts().to_dict()
+
+    metrics = json.loads(Path(inputs["test_metrics"]).read_text())
+    assert numbers["test"] == {
+        "accuracy": metrics["accuracy"],
+        "f1_macro": metrics["f1_macro"],
+        "n_test": metrics["n_test"],
+    }
+
+    cv = pd.read_csv(inputs["cv_summary"])
+    folds = cv[~cv["fold"].isin(["mean", "std"])]
+    assert numbers["cv"]["k"] == len(folds)
+    assert numbers["cv"]["accuracy_mean"] == pytest.approx(folds["accuracy"].astype(float).mean())
+    assert numbers["cv"]["accuracy_std"] == pytest.approx(folds["accuracy"].astype(float).std())
+
+    trials = pd.read_csv(inputs["sweep_trials"])
+    best = trials.loc[trials["val_acc"].idxmax()]
+    assert numbers["sweep"]["best_trial"] == best["trial"]
+    assert numbers["sweep"]["best_value"] == best["val_acc"]
+    assert numbers["sweep"]["best_params"] == {"train.lr": best["train.lr"]}
+    assert numbers["sweep"]["n_trials"] == len(trials)
+
+    for name in FEATURES:
+        expected = json.loads(Path(inputs[f"cluster_{name}_metrics"]).read_text())
+        assert numbers["clusters"][name]["hungarian_accuracy"] == expected["hungarian_accuracy"]
+        assert numbers["clusters"][name]["nmi"] == expected["nmi"]
+    # Both files were written atomically: no temp file is left beside them.
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "summary.json"]
+
+
+@pytest.mark.parametrize("metric", ["val_acc", "val_loss"])
+def test_sweep_table_is_sorted_best_first(tmp_path, metric):
+    inputs = write_fake_results(tmp_path, metric=metric)
+    sweep = section_html(report.render_page(inputs), "sweep")
+    order = [
+        m.start()
+        for m in (re.search(re.escape(f"lr~{v}<"), sweep) for v in ("0.001", "0.003", "0.01"))
+    ]
+    # val_acc 0.91, 0.95, 0.93 -> 0.003, 0.01, 0.001; val_loss 0.4, 0.2, 0.3 -> 0.003, 0.01, 0.001
+    assert order[1] < order[2] < order[0]
+    assert report.headline(inputs)["sweep"]["best_trial"] == "lr~0.003"
+
+
+def test_rejected_files_are_capped_per_reason(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    cleaning = section_html(report.render_page(inputs, examples_per_reason=3), "cleaning")
+    cleaning = cleaning.split("<h3>Rejected files", 1)[1]
+    assert "(up to 3 per reason, of 20)" in cleaning
+    assert cleaning.count("<td>too_dark</td>") == 3  # of 12
+    assert cleaning.count("<td>exact_duplicate</td>") == 3  # of 7
+    assert cleaning.count("<td>not_image</td>") == 1
+
+
+def test_long_tables_are_cut_to_max_rows(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    suspects = pd.DataFrame(
+        {
+            "path": [f"/d/{i}.png" for i in range(40)],
+            "given_label": "cat",
+            "suggested_label": "dog",
+            "score": np.linspace(0, 1, 40),
+        }
+    )
+    suspects.to_csv(inputs["suspects"], index=False)
+    section = section_html(report.render_page(inputs, max_rows=10), "suspects")
+    assert "/d/9.png" in section and "/d/10.png" not in section
+    assert "First 10 of 40 rows" in section
+
+
+def test_cv_mean_and_std_are_computed_when_the_rows_are_missing(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    table = pd.read_csv(inputs["cv_summary"])
+    table[~table["fold"].isin(["mean", "std"])].to_csv(inputs["cv_summary"], index=False)
+    cv = report.headline(inputs)["cv"]
+    assert cv["accuracy_mean"] == pytest.approx(0.92)
+    assert cv["accuracy_std"] == pytest.approx(0.02)
+    assert "0.92 ± 0.02" in section_html(report.render_page(inputs), "cv")
+
+
+def test_clusters_are_side_by_side(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    clusters = section_html(report.render_page(inputs), "clusters")
+    header = re.search(r"<thead>(.*?)</thead>", clusters, re.S).group(1)
+    assert header.index("pixels") < header.index("embeddings")
+    assert "hungarian_accuracy" in clusters and "inertia" in clusters
+
+
+def test_find_number_prefers_exact_keys():
+    data = {"per_class": {"a": {"accuracy": 0.1}}, "accuracy": 0.9, "total": {"kept": 5}}
+    assert report.find_number(data, ["accuracy"]) == 0.9
+    assert report.find_number(data, ["kept"]) == 5
+    assert report.find_number({"per_class": {"a": {"accuracy": 0.1}}}, ["accuracy"]) == 0.1
+    assert report.find_number({"x": "text"}, ["x"]) is None
+
+
+def test_config_snapshot_round_trips(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    path = tmp_path / "config.yaml"
+    report.write_config_snapshot(config, path, ["config/config.yaml"])
+    text = path.read_text()
+    assert "# from: config/config.yaml" in text
+    assert yaml.safe_load(text) == config
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def caption_references() -> set[str]:
+    """Every caption file the rule files point at (caption="../report/<name>.rst")."""
+    found = set()
+    for rules in (REPO / "workflow" / "rules").glob("*.smk"):
+        found |= set(re.findall(r'caption="\.\./report/([^"]+)"', rules.read_text()))
+    return found
+
+
+EXPECTED_CAPTIONS = {
+    "workflow.rst",
+    "results_page.rst",
+    "clean_summary.rst",
+    "rejected_examples.rst",
+    "augment_preview.rst",
+    "training_curves.rst",
+    "confusion.rst",
+    "per_class.rst",
+    "test_metrics.rst",
+    "cluster_montage.rst",
+    "cluster_scatter.rst",
+    "cluster_metrics.rst",
+    "sweep.rst",
+    "cv_summary.rst",
+    "suspect_labels.rst",
+}
+
+
+def render_caption(path: Path, config: dict) -> str:
+    """Render a caption as `snakemake --report` does (Jinja2, then docutils to HTML)."""
+    from docutils.core import publish_parts
+    from jinja2 import Environment, StrictUndefined
+
+    class FakeSnakemake:
+        pass
+
+    snakemake = FakeSnakemake()
+    snakemake.config = config
+    env = Environment(trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined)
+    text = env.from_string(path.read_text()).render(snakemake=snakemake, categories={}, files={})
+    overrides = {"report_level": 2, "halt_level": 5}
+    return publish_parts(text, writer="html", settings_overrides=overrides)["html_body"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"sweep": {"enabled": False}, "clean": {"near_duplicates": "off"}},
+        {"sweep": {"method": "random"}, "augment": {"hflip": True}, "cluster": {"tsne": True}},
+    ],
+)
+def test_captions_render_without_errors(changes):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for section, values in changes.items():
+        config[section].update(values)
+    folder = REPO / "workflow" / "report"
+    assert caption_references() <= {p.name for p in folder.glob("*.rst")}
+    assert EXPECTED_CAPTIONS <= {p.name for p in folder.glob("*.rst")}
+    for path in sorted(folder.glob("*.rst")):
+        body = render_caption(path, config)
+        assert "system-message" not in body, f"{path.name}: {body}"
+        assert "{{" not in body and "{%" not in body
+    workflow = render_caption(folder / "workflow.rst", config)
+    assert workflow.count("<li>") == 7  # one item per stage, none glued together
+    assert ("not run" in workflow) == (not config["sweep"]["enabled"])
+
+
+# ----------------------------------------------------------------------------- Snakemake
+
+
+def report_categories(report_html: str | Path) -> set[str]:
+    """The result categories of a `snakemake --report` HTML file."""
+    text = Path(report_html).read_text(encoding="utf-8")
+    match = re.search(r'<script id="categories">\s*var categories = (.*?);\s*</script>', text, re.S)
+    if match is None:
+        raise ValueError(f"{report_html}: no categories block (not a Snakemake report?)")
+    return set(json.loads(match.group(1)))
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [SNAKEMAKE, "--cores", "1", "--directory", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+TEST_SNAKEFILE = """
+import sys
+sys.path.insert(0, {repo!r})
+from imgpipe.config import source_fingerprint
+
+configfile: "config.yaml"
+
+def code(*modules):
+    return source_fingerprint(modules)
+
+include: {rules!r}
+"""
+
+
+@pytest.mark.slow
+def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_report(tmp_path):
+    write_fake_results(tmp_path)
+    (tmp_path / "results" / "config.yaml").unlink()  # the rule writes it
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakefile = tmp_path / "Snakefile"
+    rules = str(REPO / "workflow" / "rules" / "report.smk")
+    snakefile.write_text(TEST_SNAKEFILE.format(repo=str(REPO), rules=rules))
+    base = ("--snakefile", str(snakefile))
+
+    snakemake(tmp_path, *base, "results/report/index.html")
+    page = (tmp_path / "results" / "report" / "index.html").read_text()
+    assert parse(page).sections == SECTION_IDS
+    assert "Not run" not in page
+    assert yaml.safe_load((tmp_path / "results" / "config.yaml").read_text()) == config
+    assert (tmp_path / "logs" / "report.log").read_text().count("headline numbers") == 1
+
+    # A new title reruns the snapshot and the page, and they pick the title up.
+    config["report"]["title"] = "second <run>"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(tmp_path, *base, "-n", "results/report/index.html")
+    assert re.search(r"config_snapshot\s+1", dry.stdout) and re.search(r"report\s+1", dry.stdout)
+    snakemake(tmp_path, *base, "results/report/index.html")
+    assert "<h1>second &lt;run&gt;</h1>" in (tmp_path / "results/report/index.html").read_text()
+
+    snakemake(tmp_path, *base, "--report", "report.html", "results/report/index.html")
+    assert report_categories(tmp_path / "report.html") == {"Summary"}
+
+
+@pytest.mark.skipif(
+    not (REPO / "results" / "report" / "summary.json").exists(),
+    reason="needs a finished run of the whole workflow in results/",
+)
+def test_snakemake_report_of_a_real_run_has_every_category(tmp_path):
+    snakemake(REPO, "--report", str(tmp_path / "report.html"), timeout=600)
+    expected = {"Data", "Augmentation", "Training", "Cross-validation", "Test", "Clustering"}
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    if config["sweep"]["enabled"]:
+        expected.add("Sweep")
+    assert expected <= report_categories(tmp_path / "report.html")
+
+
+# ----------------------------------------------------------------------------- browser
+
+
+@pytest.fixture(scope="module")
+def chromium_binary():
+    from chromium import ensure_chromium
+
+    binary, reason = ensure_chromium()
+    if binary is None:
+        pytest.skip(f"headless Chromium unavailable: {reason}")
+    return binary
+
+
+def image_check(dom: str) -> tuple[int, int]:
+    """(images shown, images broken) as the page's script recorded them in #imgcheck."""
+    box = parse(dom).ids.get("imgcheck")
+    assert box is not None and box.get("data-ok") is not None, "the page's image check did not run"
+    return int(box["data-ok"]), int(box["data-broken"])
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(tmp_path, chromium_binary):
+    from chromium import dump_dom, screenshot
+
+    inputs = write_fake_results(tmp_path)
+    out = tmp_path / "report"
+    report.write_report(inputs, out / "index.html", out / "summary.json", {"title": "browser"})
+
+    dom = dump_dom(chromium_binary, out / "index.html")
+    parsed = parse(dom)
+    assert parsed.sections == SECTION_IDS
+    shown, broken = image_check(dom)
+    assert (shown, broken) == (len(parsed.images), 0)
+    assert shown == sum(path.endswith(".png") for path in inputs.values())
+    assert all(img.get("data-ok") == "1" for img in parsed.images)
+
+    png = screenshot(chromium_binary, out / "index.html", tmp_path / "shot.png")
+    pixels = cv2.imread(str(png))
+    assert pixels.shape[:2] == (4000, 1200)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text and figures, not blank
+
+    # The check can fail: a corrupt image is reported as broken.
+    Path(inputs["augment_preview"]).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    report.write_report(inputs, out / "index.html", out / "summary.json", {})
+    assert image_check(dump_dom(chromium_binary, out / "index.html"))[1] == 1
