@@ -1,0 +1,260 @@
+"""Test-set evaluation of the final model: metrics, confusion matrix, predictions and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from imgpipe.errors import DataError
+from imgpipe.split import atomic_path
+
+log = logging.getLogger("imgpipe")
+
+# Above this many classes the confusion matrix cells are not annotated with counts.
+ANNOTATE_MAX_CLASSES = 25
+
+
+# ----------------------------------------------------------------- metrics
+
+
+def per_class_table(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
+) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class; labels are codes into ``class_names``."""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(len(class_names)), zero_division=0
+    )
+    return pd.DataFrame(
+        {
+            "class": list(class_names),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support.astype(np.int64),
+        }
+    )
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
+) -> dict:
+    """Accuracy, macro precision / recall / F1 and the per-class table, as plain JSON-ready values.
+
+    Macro averages run over every class in ``class_names``, including classes
+    absent from ``y_true`` (they count as 0), like scikit-learn with ``labels=``.
+    """
+    labels = np.arange(len(class_names))
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=0
+    )
+    table = per_class_table(y_true, y_pred, class_names)
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+        "per_class": {
+            row["class"]: {key: row[key] for key in ("precision", "recall", "f1", "support")}
+            for row in table.astype({"support": int}).to_dict("records")
+        },
+    }
+
+
+def confusion_matrix_table(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
+) -> pd.DataFrame:
+    """Counts with true classes as rows and predicted classes as columns, both labelled."""
+    counts = confusion_matrix(y_true, y_pred, labels=np.arange(len(class_names)))
+    return pd.DataFrame(
+        counts,
+        index=pd.Index(list(class_names), name="true"),
+        columns=pd.Index(list(class_names), name="predicted"),
+    )
+
+
+def predictions_table(
+    test_rows: pd.DataFrame, probs: np.ndarray, class_names: Sequence[str]
+) -> pd.DataFrame:
+    """``id, path, label, predicted, confidence`` for the test rows and their probabilities."""
+    names = np.asarray(class_names)
+    return pd.DataFrame(
+        {
+            "id": test_rows["id"].to_numpy(),
+            "path": test_rows["path"].to_numpy(),
+            "label": test_rows["label"].astype(str).to_numpy(),
+            "predicted": names[probs.argmax(axis=1)],
+            "confidence": probs.max(axis=1),
+        }
+    )
+
+
+# ----------------------------------------------------------------- plots
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: object, path: str | os.PathLike) -> None:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_confusion(cm_df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Save the confusion matrix as a heatmap coloured by row share (recall), with the counts."""
+    plt = _pyplot()
+    counts = cm_df.to_numpy()
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape, float), where=totals > 0)
+    k = len(cm_df)
+    side = min(max(4.0, 0.45 * k + 2.0), 30.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(k), labels=[str(c) for c in cm_df.columns], rotation=90)
+    ax.set_yticks(range(k), labels=[str(c) for c in cm_df.index])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= ANNOTATE_MAX_CLASSES:
+        for (i, j), count in np.ndenumerate(counts):
+            if count:
+                colour = "white" if shares[i, j] > 0.5 else "black"
+                ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title(f"confusion matrix ({int(counts.sum())} test images)")
+    _save(fig, path)
+
+
+def epoch_metrics(history: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch of a Lightning CSVLogger metrics table (sparse rows; NaNs skipped).
+
+    Step-level columns are averaged over the epoch; a ``<name>_epoch`` column
+    replaces its ``<name>_step`` twin and is renamed ``<name>``.
+    """
+    if history.empty or "epoch" not in history:
+        return pd.DataFrame()
+    frame = history.copy()
+    # LearningRateMonitor rows carry no epoch: they precede the epoch they belong to.
+    frame["epoch"] = frame["epoch"].bfill()
+    frame = frame.dropna(subset=["epoch"])
+    numeric = frame.select_dtypes("number").drop(columns=["step", "attempt"], errors="ignore")
+    per_epoch = numeric.groupby("epoch", sort=True).mean()
+    for name in [c[: -len("_epoch")] for c in per_epoch.columns if c.endswith("_epoch")]:
+        per_epoch = per_epoch.drop(columns=[f"{name}_step"], errors="ignore")
+        per_epoch = per_epoch.rename(columns={f"{name}_epoch": name})
+    per_epoch.index = per_epoch.index.astype(int)
+    return per_epoch.dropna(axis=1, how="all")
+
+
+def plot_training_curves(history_csv: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Save loss and accuracy per epoch from a CSVLogger metrics / history CSV."""
+    plt = _pyplot()
+    table = epoch_metrics(pd.read_csv(history_csv))
+    panels = {
+        "loss": [c for c in table.columns if "loss" in c],
+        "accuracy": [c for c in table.columns if "acc" in c],
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (title, columns) in zip(axes, panels.items(), strict=True):
+        for column in columns:
+            series = table[column].dropna()
+            ax.plot(series.index, series.to_numpy(), marker="o", markersize=3, label=column)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        if columns:
+            ax.legend()
+            ax.grid(alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, f"no {title} recorded", ha="center", va="center")
+    if "val_acc" in table and table["val_acc"].notna().any():
+        best = int(table["val_acc"].idxmax())
+        axes[1].axvline(best, color="grey", linestyle="--", linewidth=1)
+        axes[1].annotate(f"best epoch {best}", (best, table["val_acc"].max()), fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------- the stage
+
+
+def _write_csv(table: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=index)
+
+
+def _write_json(obj: Mapping, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def rows_of_test_set(index: pd.DataFrame, roles: pd.DataFrame) -> pd.DataFrame:
+    """The index rows whose role is ``test``, in id order."""
+    test_ids = roles.loc[roles["role"] == "test", "id"]
+    rows = index[index["id"].isin(test_ids)].sort_values("id").reset_index(drop=True)
+    if rows.empty:
+        raise DataError("the split has no test image: nothing to evaluate")
+    return rows
+
+
+def evaluate_predictions(
+    rows: pd.DataFrame, probs: np.ndarray, class_names: Sequence[str], outputs: Mapping[str, str]
+) -> dict:
+    """Write metrics.json, confusion.csv/.png, per_class.csv and predictions.csv; return the metrics."""
+    if probs.shape != (len(rows), len(class_names)):
+        raise DataError(
+            f"the model gave probabilities of shape {probs.shape} for {len(rows)} test images "
+            f"and {len(class_names)} classes: was it trained on this index?"
+        )
+    names = list(class_names)
+    y_true = np.searchsorted(np.asarray(names), rows["label"].astype(str).to_numpy())
+    y_pred = probs.argmax(axis=1)
+    metrics = classification_metrics(y_true, y_pred, names)
+    metrics = {"n_test": metrics.pop("n"), **metrics, "classes": names}
+    _write_json(metrics, outputs["metrics"])
+    cm = confusion_matrix_table(y_true, y_pred, names)
+    _write_csv(cm, outputs["confusion"], index=True)
+    plot_confusion(cm, outputs["confusion_png"])
+    _write_csv(per_class_table(y_true, y_pred, names), outputs["per_class"])
+    _write_csv(predictions_table(rows, probs, names), outputs["predictions"])
+    log.info(
+        "test: %d images, accuracy %.4f, macro F1 %.4f",
+        metrics["n_test"],
+        metrics["accuracy"],
+        metrics["f1_macro"],
+    )
+    return metrics
+
+
+def run_evaluation(
+    inputs: Mapping[str, str],
+    outputs: Mapping[str, str],
+    predict: Callable[[str, np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """The evaluate stage: predict the test images with the final model and write every output.
+
+    ``predict(checkpoint, images) -> probabilities`` defaults to
+    ``imgpipe.training.predict_proba``.
+    """
+    from imgpipe.dataset import class_names, load_images, load_index
+
+    if predict is None:
+        from imgpipe.training import predict_proba as predict
+    index = load_index(inputs["index"])
+    rows = rows_of_test_set(index, pd.read_csv(inputs["split"]))
+    probs = np.asarray(predict(inputs["model"], load_images(rows)), dtype=np.float64)
+    metrics = evaluate_predictions(rows, probs, class_names(index), outputs)
+    plot_training_curves(inputs["history"], outputs["curves"])
+    return metrics

@@ -1,0 +1,272 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
+
+from imgpipe.demo import digits_images
+from imgpipe.errors import DataError
+from imgpipe.evaluate import (
+    classification_metrics,
+    confusion_matrix_table,
+    epoch_metrics,
+    evaluate_predictions,
+    per_class_table,
+    plot_confusion,
+    plot_training_curves,
+    run_evaluation,
+)
+from imgpipe.split import assign_roles
+
+PNG = b"\x89PNG\r\n\x1a\n"
+NAMES = ["cat", "dog", "emu", "yak"]
+
+
+def assert_png(path, min_bytes=5000):
+    data = path.read_bytes()
+    assert data[:8] == PNG
+    assert len(data) > min_bytes
+
+
+def test_metrics_by_hand():
+    y_true = np.array([0, 0, 1, 1, 2])
+    y_pred = np.array([0, 1, 1, 1, 0])
+    m = classification_metrics(y_true, y_pred, NAMES)
+    assert m["n"] == 5
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # cat: P 1/2 R 1/2; dog: P 2/3 R 1; emu: P 0 R 0; yak (absent): 0, 0
+    assert m["precision_macro"] == pytest.approx((1 / 2 + 2 / 3) / 4)
+    assert m["recall_macro"] == pytest.approx((1 / 2 + 1) / 4)
+    assert m["f1_macro"] == pytest.approx((1 / 2 + 0.8) / 4)
+    assert m["per_class"]["dog"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
+    )
+    assert m["per_class"]["yak"]["support"] == 0
+    json.dumps(m)  # plain values only
+
+
+def test_metrics_equal_sklearn_on_random_predictions():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 300)
+    y_pred = np.where(rng.random(300) < 0.7, y_true, rng.integers(0, 4, 300))
+    m = classification_metrics(y_true, y_pred, NAMES)
+    report = classification_report(
+        y_true, y_pred, labels=range(4), target_names=NAMES, output_dict=True, zero_division=0
+    )
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["precision_macro"] == pytest.approx(report["macro avg"]["precision"])
+    assert m["recall_macro"] == pytest.approx(report["macro avg"]["recall"])
+    assert m["f1_macro"] == pytest.approx(report["macro avg"]["f1-score"])
+    table = per_class_table(y_true, y_pred, NAMES)
+    assert table["class"].tolist() == NAMES
+    for row in table.itertuples():
+        expected = report[row._1]
+        assert (row.precision, row.recall, row.f1) == pytest.approx(
+            (expected["precision"], expected["recall"], expected["f1-score"])
+        )
+        assert row.support == expected["support"]
+
+
+def test_confusion_table_is_labelled_and_equals_sklearn(tmp_path):
+    y_true = np.array([0, 0, 1, 2, 2, 2])
+    y_pred = np.array([0, 1, 1, 2, 0, 2])
+    cm = confusion_matrix_table(y_true, y_pred, NAMES)
+    assert cm.index.name == "true" and cm.columns.name == "predicted"
+    assert cm.index.tolist() == NAMES and cm.columns.tolist() == NAMES
+    assert np.array_equal(cm.to_numpy(), confusion_matrix(y_true, y_pred, labels=range(4)))
+    assert cm.loc["emu", "cat"] == 1
+    plot_confusion(cm, tmp_path / "cm.png")
+    assert_png(tmp_path / "cm.png")
+
+
+def test_confusion_plot_of_many_classes(tmp_path):
+    rng = np.random.default_rng(1)
+    names = [f"class_{i}" for i in range(40)]
+    cm = confusion_matrix_table(rng.integers(0, 40, 500), rng.integers(0, 40, 500), names)
+    plot_confusion(cm, tmp_path / "cm.png")
+    assert_png(tmp_path / "cm.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["cm.png"]
+
+
+def lightning_metrics_csv(path, epochs=4, steps_per_epoch=3):
+    """A CSVLogger metrics.csv as Lightning writes it: sparse rows, lr rows without an epoch."""
+    rows, step = [], 0
+    for epoch in range(epochs):
+        rows.append({"lr-AdamW": 0.01 / (epoch + 1), "step": step})
+        for _ in range(steps_per_epoch):
+            rows.append(
+                {"epoch": epoch, "step": step, "train_loss_step": 2.0 - 0.3 * epoch + 0.01 * step}
+            )
+            step += 1
+        rows.append(
+            {
+                "epoch": epoch,
+                "step": step - 1,
+                "val_loss": 1.5 - 0.2 * epoch,
+                "val_acc": 0.5 + 0.1 * epoch,
+            }
+        )
+        rows.append({"epoch": epoch, "step": step - 1, "train_loss_epoch": 1.9 - 0.3 * epoch})
+    columns = [
+        "epoch",
+        "lr-AdamW",
+        "step",
+        "train_loss_epoch",
+        "train_loss_step",
+        "val_acc",
+        "val_loss",
+    ]
+    pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
+
+
+def test_epoch_metrics_from_sparse_lightning_rows(tmp_path):
+    lightning_metrics_csv(tmp_path / "metrics.csv")
+    table = epoch_metrics(pd.read_csv(tmp_path / "metrics.csv"))
+    assert table.index.tolist() == [0, 1, 2, 3]
+    assert "train_loss_step" not in table and "step" not in table
+    assert table["train_loss"].tolist() == pytest.approx([1.9, 1.6, 1.3, 1.0])
+    assert table["val_acc"].tolist() == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert table["lr-AdamW"].tolist() == pytest.approx([0.01, 0.005, 0.01 / 3, 0.0025])
+
+
+def test_step_losses_are_averaged_when_no_epoch_column_exists():
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 0, 0, 1, 1],
+            "train_loss": [3.0, 1.0, np.nan, 2.0, np.nan],
+            "val_acc": [np.nan, np.nan, 0.4, np.nan, 0.6],
+        }
+    )
+    table = epoch_metrics(history)
+    assert table["train_loss"].tolist() == [2.0, 2.0]
+    assert table["val_acc"].tolist() == [0.4, 0.6]
+
+
+@pytest.mark.parametrize("kind", ["lightning", "per_epoch", "empty"])
+def test_training_curves_are_written(tmp_path, kind):
+    history = tmp_path / "history.csv"
+    if kind == "lightning":
+        lightning_metrics_csv(history)
+    elif kind == "per_epoch":  # the training stage's history.csv: one row per epoch
+        pd.DataFrame(
+            {
+                "epoch": range(5),
+                "step": range(10, 60, 10),
+                "train_loss": np.linspace(2, 1, 5),
+                "val_loss": np.linspace(2.2, 1.2, 5),
+                "val_acc": np.linspace(0.3, 0.8, 5),
+                "lr": 0.01,
+            }
+        ).to_csv(history, index=False)
+    else:
+        pd.DataFrame(columns=["epoch", "step", "train_loss"]).to_csv(history, index=False)
+    plot_training_curves(history, tmp_path / "curves.png")
+    assert_png(tmp_path / "curves.png")
+
+
+# ----- the stage, end to end on the digits with a real (scikit-learn) classifier -----
+
+
+@pytest.fixture
+def clean_stage(tmp_path):
+    """A clean index over one shard array, as the clean stage writes them."""
+    images, labels = digits_images()
+    images, labels = images[:600, :, :, None], labels[:600]
+    array = tmp_path / "images.npy"
+    np.save(array, images)
+    n = len(labels)
+    index = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "path": [f"/data/{label}/{i}.png" for i, label in enumerate(labels)],
+            "relpath": [f"{label}/{i}.png" for i, label in enumerate(labels)],
+            "label": labels.astype(str),
+            "source": "train",
+            "sha256": "x",
+            "group": np.arange(n),
+            "shard": 0,
+            "row": np.arange(n),
+            "array": str(array),
+        }
+    )
+    index.to_csv(tmp_path / "index.csv", index=False)
+    roles = assign_roles(index, 0.25, 0.15, seed=0)
+    roles.to_csv(tmp_path / "split.csv", index=False)
+    train = roles.loc[roles["role"] == "train", "id"].to_numpy()
+    model = LogisticRegression(max_iter=300).fit(
+        images[train].reshape(len(train), -1), labels[train]
+    )
+    lightning_metrics_csv(tmp_path / "history.csv")
+    inputs = {name: str(tmp_path / f"{name}.csv") for name in ("index", "split", "history")}
+    inputs["model"] = "unused.ckpt"
+    return inputs, model, roles
+
+
+def outputs_in(folder):
+    names = {
+        "metrics": "metrics.json",
+        "confusion": "confusion.csv",
+        "confusion_png": "confusion.png",
+        "per_class": "per_class.csv",
+        "curves": "curves.png",
+        "predictions": "predictions.csv",
+    }
+    folder.mkdir()
+    return {key: str(folder / name) for key, name in names.items()}
+
+
+def test_stage_writes_consistent_outputs(tmp_path, clean_stage):
+    inputs, model, roles = clean_stage
+    seen = []
+
+    def predict(checkpoint, images):
+        seen.append(checkpoint)
+        return model.predict_proba(images.reshape(len(images), -1))
+
+    out = outputs_in(tmp_path / "evaluate")
+    metrics = run_evaluation(inputs, out, predict=predict)
+    assert seen == ["unused.ckpt"]
+    test_ids = np.sort(roles.loc[roles["role"] == "test", "id"].to_numpy())
+    predictions = pd.read_csv(out["predictions"], dtype={"label": str, "predicted": str})
+    assert list(predictions.columns) == ["id", "path", "label", "predicted", "confidence"]
+    assert predictions["id"].tolist() == test_ids.tolist()
+    assert predictions["confidence"].between(0, 1).all()
+    written = json.loads(open(out["metrics"]).read())
+    assert written == metrics
+    assert written["n_test"] == len(test_ids)
+    assert written["accuracy"] == pytest.approx(
+        (predictions["label"] == predictions["predicted"]).mean()
+    )
+    assert written["accuracy"] > 0.85  # a real classifier on the digits
+    cm = pd.read_csv(out["confusion"], index_col=0)
+    assert cm.to_numpy().sum() == len(test_ids)
+    assert np.trace(cm.to_numpy()) == (predictions["label"] == predictions["predicted"]).sum()
+    per_class = pd.read_csv(out["per_class"])
+    assert per_class["support"].sum() == len(test_ids)
+    assert_png(tmp_path / "evaluate" / "confusion.png")
+    assert_png(tmp_path / "evaluate" / "curves.png")
+    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == sorted(
+        [
+            "metrics.json",
+            "confusion.csv",
+            "confusion.png",
+            "per_class.csv",
+            "curves.png",
+            "predictions.csv",
+        ]
+    )
+
+
+def test_probabilities_of_the_wrong_shape_stop_the_stage(tmp_path):
+    rows = pd.DataFrame({"id": [0, 1], "path": ["a", "b"], "label": ["cat", "dog"]})
+    with pytest.raises(DataError, match="shape"):
+        evaluate_predictions(rows, np.full((2, 3), 1 / 3), NAMES, outputs_in(tmp_path / "out"))
+
+
+def test_no_test_image_stops_the_stage(tmp_path, clean_stage):
+    inputs, model, roles = clean_stage
+    roles.assign(role="train").to_csv(inputs["split"], index=False)
+    with pytest.raises(DataError, match="no test image"):
+        run_evaluation(inputs, outputs_in(tmp_path / "out"), predict=lambda c, x: None)
