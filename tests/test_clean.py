@@ -163,6 +163,8 @@ def test_each_quality_check_rejects_its_defect_and_keeps_its_lookalike(tmp_path)
     cv2.line(ink_on_white, (3, 50), (30, 40), 0, 1)
     rows = filler(rng) + [
         stats_row(np.full((32, 32), 128, np.uint8), "a", "a/constant.png"),
+        stats_row(np.zeros((32, 32), np.uint8), "a", "a/black.png"),
+        stats_row(np.full((32, 32), 250, np.uint8), "a", "a/white.png"),
         stats_row((texture(rng) // 16).astype(np.uint8), "a", "a/near_black.png"),
         stats_row((240 + texture(rng) // 17).astype(np.uint8), "a", "a/near_white.png"),
         stats_row(cv2.GaussianBlur(photo, (0, 0), 2.5), "a", "a/blurred.png"),
@@ -174,6 +176,7 @@ def test_each_quality_check_rejects_its_defect_and_keeps_its_lookalike(tmp_path)
     ]
     got = outcome(decide(rows, tmp_path))
     assert got["a/constant.png"] == "low_information"
+    assert (got["a/black.png"], got["a/white.png"]) == ("too_dark", "too_bright")
     assert got["a/near_black.png"] == "too_dark"
     assert got["a/near_white.png"] == "too_bright"
     assert got["a/blurred.png"] == "blurry"
@@ -187,7 +190,7 @@ def test_each_quality_check_rejects_its_defect_and_keeps_its_lookalike(tmp_path)
 def test_details_say_which_measure_failed_and_thresholds_switch_off(tmp_path):
     rng = np.random.default_rng(1)
     rows = filler(rng) + [
-        stats_row(np.full((32, 32), 7, np.uint8), "a", "a/constant.png"),
+        stats_row(np.full((32, 32), 128, np.uint8), "a", "a/constant.png"),
         stats_row(cv2.GaussianBlur(texture(rng), (0, 0), 3), "b", "b/blurred.png"),
     ]
     decisions = decide(rows, tmp_path / "on")
@@ -400,7 +403,7 @@ def test_small_classes_are_rejected_whole(tmp_path):
 
 
 def test_nothing_or_one_class_left_stops_with_a_clear_message(tmp_path):
-    flat = [stats_row(np.full((20, 20), v, np.uint8), "a", f"a/{v}.png") for v in (10, 100, 200)]
+    flat = [stats_row(np.full((20, 20), v, np.uint8), "a", f"a/{v}.png") for v in (60, 100, 200)]
     with pytest.raises(
         DataError, match=r"no image survived cleaning \(3 listed; rejected: low_information 3\)"
     ):
@@ -422,7 +425,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
     rows = near_copies(rng) + [
         stats_row(image, "b", "b/dup1.png"),
         stats_row(image, "b", "b/dup0.png"),
-        stats_row(np.zeros((30, 30), np.uint8), "b", "b/black.png"),
+        stats_row(np.full((30, 30), 90, np.uint8), "b", "b/flat.png"),
         failed_row("b", "b/empty.png", "zero_byte"),
     ]
     stats_paths, image_paths = write_shards(rows, tmp_path / "ingest")
@@ -458,7 +461,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
     rejected = pd.read_csv(outputs["rejected"], keep_default_na=False).set_index("relpath")
     assert rejected.loc["b/dup1.png", "reason"] == "exact_duplicate"
     assert rejected.loc["b/empty.png", "reason"] == "zero_byte"
-    assert rejected.loc["b/black.png", "reason"] == "low_information"
+    assert rejected.loc["b/flat.png", "reason"] == "low_information"
     summary = json.loads(Path(outputs["summary"]).read_text())
     assert summary == result
     assert summary["total"] == {"listed": len(rows), "kept": len(index), "rejected": 3}
