@@ -154,7 +154,11 @@ def plot_preview(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = np.unique(view_sources)[:examples]
+    sources = np.unique(view_sources)
+    # Evenly spaced examples: the pool is in index (class folder) order, so they span the classes.
+    shown = sources[
+        np.unique(np.linspace(0, len(sources) - 1, min(examples, len(sources))).round().astype(int))
+    ]
     per_example = [np.flatnonzero(view_sources == s)[:max_views] for s in shown]
     block = 1 + max((len(rows) for rows in per_example), default=0)
     # Several examples side by side when each has few views, so the grid stays compact.
