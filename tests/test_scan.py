@@ -1,0 +1,255 @@
+"""Listing an image tree or a manifest: every file gets a row, refusals say why."""
+
+from __future__ import annotations
+
+import os
+
+import imagefactory as factory
+import numpy as np
+import pandas as pd
+import pytest
+
+from imgpipe.errors import DataError
+from imgpipe.scan import COLUMNS, list_images, load_files, write_csv_atomic
+
+EXTS = [".png", ".jpg", ".jpeg"]
+IMG = factory.pattern(8, 8)
+
+
+def by_relpath(table: pd.DataFrame) -> dict[str, pd.Series]:
+    return {row.relpath: row for row in table.itertuples(index=False)}
+
+
+def test_tree_labels_depth_and_order(tmp_path):
+    factory.make_tree(
+        tmp_path,
+        {
+            "cat/a.png": IMG,
+            "cat/2020/jan/deep/b.JPG": IMG,
+            "dog house/é ü 猫.png": IMG,
+            "Äpfel/c.jpeg": IMG,
+            "empty/": None,
+        },
+    )
+    table = list_images(tmp_path, EXTS)
+    assert list(table.columns) == COLUMNS
+    assert table["relpath"].tolist() == sorted(table["relpath"])
+    rows = by_relpath(table)
+    assert set(rows) == {
+        "cat/a.png",
+        "cat/2020/jan/deep/b.JPG",
+        "dog house/é ü 猫.png",
+        "Äpfel/c.jpeg",
+    }
+    assert rows["cat/2020/jan/deep/b.JPG"].label == "cat"
+    assert rows["dog house/é ü 猫.png"].label == "dog house"
+    assert rows["Äpfel/c.jpeg"].label == "Äpfel"
+    assert (table["status"] == "ok").all() and (table["source"] == "train").all()
+    for row in table.itertuples():
+        assert os.path.isabs(row.path) and os.path.isfile(row.path)
+
+
+def test_hidden_macosx_extension_and_no_class(tmp_path):
+    factory.make_tree(
+        tmp_path,
+        {
+            "cat/a.png": IMG,
+            "cat/.b.png": IMG,
+            "cat/.thumbs/c.png": IMG,
+            ".git/objects/x.png": IMG,
+            "__MACOSX/cat/._a.png": b"\0\5\26\7",
+            "cat/notes.txt": "text",
+            "cat/noext": "text",
+            "loose.png": IMG,
+            "README.md": "# readme",
+        },
+    )
+    rows = by_relpath(list_images(tmp_path, EXTS))
+    expected = {
+        "cat/a.png": "",
+        "cat/.b.png": "hidden",
+        "cat/.thumbs": "hidden",
+        ".git": "hidden",
+        "__MACOSX": "hidden",
+        "cat/notes.txt": "unsupported_extension",
+        "cat/noext": "unsupported_extension",
+        "loose.png": "no_class",
+        "README.md": "unsupported_extension",
+    }
+    assert {rel: row.reason for rel, row in rows.items()} == expected
+    assert all(row.status == ("ok" if not row.reason else "rejected") for row in rows.values())
+    assert "folder" in rows["__MACOSX"].detail
+
+
+def test_extensions_case_insensitive_both_ways(tmp_path):
+    factory.make_tree(tmp_path, {"c/a.PNG": IMG, "c/b.png": IMG, "c/d.Tif": IMG})
+    table = list_images(tmp_path, ["PNG", ".TIF"])
+    assert (table["status"] == "ok").all() and len(table) == 3
+
+
+def test_symlinks_followed_dangling_and_loops(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    factory.make_tree(elsewhere, {"x.png": IMG, "sub/y.png": IMG})
+    factory.make_tree(
+        data,
+        {
+            "cat/a.png": IMG,
+            "cat/link.png": factory.symlink(elsewhere / "x.png"),
+            "cat/dangling.png": factory.symlink(tmp_path / "gone.png"),
+            "cat/up": factory.symlink(".."),
+            "cat/self": factory.symlink("."),
+            "cat/ping.png": factory.symlink("pong.png"),
+            "cat/pong.png": factory.symlink("ping.png"),
+            "linked_class": factory.symlink(elsewhere),
+        },
+    )
+    table = list_images(data, EXTS)
+    rows = by_relpath(table)
+    assert rows["cat/link.png"].status == "ok"
+    assert rows["cat/dangling.png"].reason == "broken_symlink"
+    assert rows["cat/up"].reason == "symlink_loop"
+    assert rows["cat/self"].reason == "symlink_loop"
+    assert rows["cat/ping.png"].reason == "symlink_loop"
+    assert rows["cat/pong.png"].reason == "symlink_loop"
+    assert rows["linked_class/x.png"].status == "ok"
+    assert rows["linked_class/sub/y.png"].label == "linked_class"
+    assert len(table) == 9  # finite: every loop was cut
+
+
+def test_fifo_is_unreadable_not_a_hang(tmp_path):
+    factory.make_tree(tmp_path, {"cat/a.png": IMG})
+    os.mkfifo(tmp_path / "cat" / "pipe.png")
+    rows = by_relpath(list_images(tmp_path, EXTS))
+    assert rows["cat/pipe.png"].reason == "unreadable"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file whatever its mode")
+def test_unreadable_folder_and_file(tmp_path):
+    factory.make_tree(tmp_path, {"cat/a.png": IMG, "cat/b.png": IMG, "dog/locked/c.png": IMG})
+    os.chmod(tmp_path / "cat" / "b.png", 0)
+    os.chmod(tmp_path / "dog" / "locked", 0)
+    try:
+        rows = by_relpath(list_images(tmp_path, EXTS))
+    finally:
+        os.chmod(tmp_path / "dog" / "locked", 0o755)
+    assert rows["cat/b.png"].reason == "unreadable"
+    assert rows["dog/locked"].reason == "unreadable"
+
+
+def test_undecodable_file_name_is_recorded(tmp_path):
+    factory.make_tree(tmp_path, {"cat/a.png": IMG})
+    raw = os.path.join(os.fsencode(tmp_path), b"cat", b"bad\xff.png")
+    with open(raw, "wb") as fh:
+        fh.write(b"x")
+    table = list_images(tmp_path, EXTS)
+    bad = table[table["relpath"].str.startswith("cat/bad")]
+    assert bad["reason"].tolist() == ["unreadable"]
+    out = tmp_path / "files.csv"
+    write_csv_atomic(table, out)  # the row can be written as UTF-8
+    assert len(load_files(out)) == 2
+
+
+def test_test_root_listed_with_source_test(tmp_path):
+    factory.make_tree(tmp_path / "train", {"a/1.png": IMG, "b/2.png": IMG})
+    factory.make_tree(tmp_path / "test", {"a/3.png": IMG})
+    table = list_images(tmp_path / "train", EXTS, tmp_path / "test")
+    assert list(zip(table["source"], table["relpath"], strict=True)) == [
+        ("test", "a/3.png"),
+        ("train", "a/1.png"),
+        ("train", "b/2.png"),
+    ]
+
+
+def test_missing_root_raises_but_empty_root_does_not(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list_images(tmp_path / "nope", EXTS)
+    (tmp_path / "empty").mkdir()
+    table = list_images(tmp_path / "empty", EXTS)
+    assert table.empty and list(table.columns) == COLUMNS
+    factory.make_tree(tmp_path / "one", {"only/a.png": IMG})
+    assert len(list_images(tmp_path / "one", EXTS)) == 1  # a single class: clean decides
+
+
+# ------------------------------------------------------------------- manifest
+
+
+def write_manifest(path, rows):
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(path, index=False)
+    return path
+
+
+def test_manifest_resolves_against_its_folder(tmp_path, monkeypatch):
+    base = tmp_path / "ds"
+    factory.make_tree(base, {"imgs/a.png": IMG, "imgs/b.png": IMG, "c d/é.png": IMG})
+    manifest = write_manifest(
+        base / "list.csv", [("imgs/a.png", "cat"), ("./imgs/b.png", "dog"), ("c d/é.png", "dog")]
+    )
+    monkeypatch.chdir(tmp_path)  # not the manifest's folder
+    table = list_images(os.path.relpath(manifest, tmp_path), EXTS)
+    assert table["relpath"].tolist() == ["c d/é.png", "imgs/a.png", "imgs/b.png"]
+    assert table["label"].tolist() == ["dog", "cat", "dog"]
+    assert (table["status"] == "ok").all()
+    assert all(os.path.isfile(p) for p in table["path"])
+
+
+def test_manifest_rejections(tmp_path):
+    base = tmp_path / "ds"
+    factory.make_tree(
+        base,
+        {
+            "a.png": IMG,
+            "b.png": IMG,
+            "notes.txt": "x",
+            "dangling.png": factory.symlink(tmp_path / "gone.png"),
+        },
+    )
+    factory.make_tree(tmp_path, {"outside.png": IMG})
+    manifest = write_manifest(
+        base / "m.csv",
+        [
+            ("a.png", "cat"),
+            ("missing.png", "cat"),
+            ("a.png", "dog"),
+            ("./b.png", "cat"),
+            ("b.png", "cat"),
+            ("../outside.png", "cat"),
+            (str(tmp_path / "outside.png"), "cat"),
+            ("notes.txt", "cat"),
+            ("dangling.png", "cat"),
+        ],
+    )
+    table = list_images(manifest, EXTS)
+    reasons = sorted(table["reason"].tolist())
+    assert reasons == sorted(
+        [
+            "",
+            "missing_file",
+            "duplicate_row",
+            "",
+            "duplicate_row",
+            "outside_root",
+            "outside_root",
+            "unsupported_extension",
+            "broken_symlink",
+        ]
+    )
+    dup = table[(table["reason"] == "duplicate_row") & (table["relpath"] == "a.png")]
+    assert "line 2" in dup["detail"].iloc[0] and dup["label"].iloc[0] == "dog"
+
+
+def test_manifest_without_columns_is_a_data_error(tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("file,class\na.png,cat\n", encoding="utf-8")
+    with pytest.raises(DataError, match="path,label"):
+        list_images(bad, EXTS)
+
+
+def test_csv_round_trip_keeps_text(tmp_path):
+    factory.make_tree(tmp_path / "d", {"007/0001.png": IMG, "NA/x.png": IMG})
+    table = list_images(tmp_path / "d", EXTS)
+    out = tmp_path / "out" / "files.csv"
+    write_csv_atomic(table, out)
+    assert sorted(os.listdir(out.parent)) == ["files.csv"]  # no temp file left
+    back = load_files(out)
+    assert back["label"].tolist() == ["007", "NA"]  # not 7, not NaN
+    np.testing.assert_array_equal(back.to_numpy(), table.to_numpy())
