@@ -3,15 +3,15 @@ rule list_images:
         listing_inputs,
     output:
         "results/ingest/files.csv",
+    log:
+        "logs/ingest/list_images.log",
+    benchmark:
+        "benchmarks/ingest/list_images.tsv"
     params:
         root=data_root(),
         test_root=config["data"]["test_root"],
         extensions=config["data"]["extensions"],
         code=code("scan"),
-    log:
-        "logs/ingest/list_images.log",
-    benchmark:
-        "benchmarks/ingest/list_images.tsv"
     script:
         "../../scripts/list_images.py"
 
@@ -22,16 +22,16 @@ rule ingest_shard:
     output:
         stats="results/ingest/shard-{shard}/stats.csv",
         images="results/ingest/shard-{shard}/images.npy",
-    params:
-        shards=config["clean"]["shards"],
-        max_pixels=config["clean"]["max_pixels"],
-        image=config["image"],
-        code=code("imageio", "ingest"),
-    wildcard_constraints:
-        shard=r"\d+",
     log:
         "logs/ingest/shard-{shard}.log",
     benchmark:
         "benchmarks/ingest/shard-{shard}.tsv"
+    wildcard_constraints:
+        shard=r"\d+",
+    params:
+        shards=config["clean"]["shards"],
+        max_pixels=config["clean"]["max_pixels"],
+        image=config["image"],
+        code=code("imageio", "imagestats", "ingest", "scan"),
     script:
         "../../scripts/ingest_shard.py"
