@@ -505,8 +505,8 @@ def check_trainable(decisions: Decisions) -> None:
     classes = sorted(set(stats["label"].astype(str).to_numpy()[training]))
     if len(classes) < 2:
         raise DataError(
-            f"only {len(classes)} class ({', '.join(map(repr, classes)) or 'none'}) survived cleaning; "
-            "training needs at least two (see results/clean/rejected.csv)"
+            f"only 1 class ({classes[0]!r}) survived cleaning; training needs at least two "
+            "(see results/clean/rejected.csv)"
         )
 
 

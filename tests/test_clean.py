@@ -414,6 +414,12 @@ def test_nothing_or_one_class_left_stops_with_a_clear_message(tmp_path):
         DataError, match=r"only 1 class \('a'\) survived cleaning; training needs at least two"
     ):
         clean.check_trainable(decide(one, tmp_path / "one"))
+    only_test = [stats_row(texture(rng), label, f"{label}/t.png", source="test") for label in "ab"]
+    # Test images of classes without training images fall as small classes.
+    with pytest.raises(
+        DataError, match=r"no image survived cleaning \(2 listed; rejected: small_class 2\)"
+    ):
+        clean.check_trainable(decide(only_test, tmp_path / "test", min_per_class=1))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -493,3 +499,63 @@ def test_decisions_do_not_depend_on_shard_count_or_listing_order(tmp_path):
         clean.index_table(first)[columns], clean.index_table(second)[columns]
     )
     pd.testing.assert_frame_equal(clean.rejected_table(first), clean.rejected_table(second))
+
+
+# ----------------------------------------------------------------------------- with the real ingest
+
+
+def test_end_to_end_from_png_files_through_ingest(tmp_path):
+    ingest = pytest.importorskip("imgpipe.ingest")
+    scan = pytest.importorskip("imgpipe.scan")
+    if not hasattr(ingest, "index_shard") or not hasattr(scan, "list_images"):
+        pytest.skip("ingest has not landed yet")
+    root = tmp_path / "tree"
+    images, labels = digits_images()
+    for k in range(120):
+        folder = root / str(labels[k])
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{k:04d}.png"), images[k])
+    # An exact copy that lands in the other shard, a blank, an empty file.
+    (root / str(labels[0]) / "0000_copy.png").write_bytes(
+        (root / str(labels[0]) / "0000.png").read_bytes()
+    )
+    cv2.imwrite(str(root / "3" / "blank.png"), np.full((8, 8), 255, np.uint8))
+    (root / "3" / "empty.png").write_bytes(b"")
+
+    files = scan.list_images(root, [".png"])
+    work = tmp_path / "ingest"
+    for shard in range(2):
+        ingest.index_shard(
+            files,
+            shard,
+            2,
+            {"size": 16, "mode": "gray", "fit": "pad"},
+            10**8,
+            work / f"shard-{shard}" / "stats.csv",
+            work / f"shard-{shard}" / "images.npy",
+        )
+    outputs = {
+        name: tmp_path / "clean" / f"{name}.out"
+        for name in ("index", "rejected", "summary", "examples")
+    }
+    stats_paths = [work / f"shard-{s}" / "stats.csv" for s in range(2)]
+    image_paths = [work / f"shard-{s}" / "images.npy" for s in range(2)]
+    result = clean.run_clean(stats_paths, image_paths, outputs, CleanSettings())
+
+    rejected = pd.read_csv(outputs["rejected"], keep_default_na=False).set_index("relpath")
+    assert rejected.loc[f"{labels[0]}/0000_copy.png", "reason"] == "exact_duplicate"
+    assert rejected.loc["3/blank.png", "reason"] == "too_bright"
+    assert rejected.loc["3/empty.png", "reason"] == "zero_byte"
+    assert result["total"] == {"listed": 123, "kept": 120, "rejected": 3}
+    index = load_index(outputs["index"])
+    loaded = load_images(index)
+    assert loaded.shape == (120, 16, 16, 1)
+    # Each kept row's array is its own digit (brightest where the digit is).
+    for k in (0, 57, 119):
+        digit = images[int(Path(index["relpath"].iat[k]).stem)]
+        assert (
+            np.corrcoef(
+                cv2.resize(loaded[k], (8, 8), interpolation=cv2.INTER_AREA).ravel(), digit.ravel()
+            )[0, 1]
+            > 0.8
+        )
