@@ -162,6 +162,8 @@ def epoch_metrics(history: pd.DataFrame) -> pd.DataFrame:
 def plot_training_curves(history_csv: str | os.PathLike, path: str | os.PathLike) -> None:
     """Save loss and accuracy per epoch from a CSVLogger metrics / history CSV."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     table = epoch_metrics(pd.read_csv(history_csv))
     panels = {
         "loss": [c for c in table.columns if "loss" in c],
@@ -173,6 +175,7 @@ def plot_training_curves(history_csv: str | os.PathLike, path: str | os.PathLike
             series = table[column].dropna()
             ax.plot(series.index, series.to_numpy(), marker="o", markersize=3, label=column)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         if columns:
             ax.legend()
@@ -181,8 +184,10 @@ def plot_training_curves(history_csv: str | os.PathLike, path: str | os.PathLike
             ax.text(0.5, 0.5, f"no {title} recorded", ha="center", va="center")
     if "val_acc" in table and table["val_acc"].notna().any():
         best = int(table["val_acc"].idxmax())
-        axes[1].axvline(best, color="grey", linestyle="--", linewidth=1)
-        axes[1].annotate(f"best epoch {best}", (best, table["val_acc"].max()), fontsize=8)
+        axes[1].axvline(
+            best, color="grey", linestyle="--", linewidth=1, label=f"best val_acc (epoch {best})"
+        )
+        axes[1].legend()
     fig.tight_layout()
     _save(fig, path)
 
