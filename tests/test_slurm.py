@@ -1,0 +1,424 @@
+"""Integration test: the workflow through profiles/slurm on a real single-node SLURM.
+
+A private SLURM (munged + slurmctld + slurmd, two fake GPUs) is brought up by
+tests/slurm_cluster.py. The same small DAG is run twice in one copy of the
+workflow: locally (profiles/default), then through SLURM with a test profile
+derived from profiles/slurm. The test checks that every job went through
+SLURM (job ids in Snakemake's log, in squeue and in slurmctld's log) and that
+both runs wrote the same results.
+
+Needs root on Debian (it apt-get installs munge and SLURM when missing);
+skipped elsewhere. To extend the DAG, add targets to DAG_TARGETS (and config
+overrides to TEST_CONFIG): every .csv/.json/.npy the local run writes is
+compared with the SLURM run's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import PARTITION, SlurmCluster, ensure_installed, skip_reason  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+# What a copy of the workflow needs (results/, .snakemake/ and the venv stay out).
+WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "imgpipe", "scripts", "profiles", "envs"]
+
+DAG_TARGETS = ["results/clean/index.csv", "results/clean/summary.json"]
+# Deep-merged into config/config.yaml; data.root is set to the generated tree.
+TEST_CONFIG = {"clean": {"shards": 2, "min_per_class": 2}}
+# Rules that run on the submit host, not as SLURM jobs.
+LOCAL_RULES = {"all"}
+TRAIN_RULE = "train_final"
+TRAIN_TARGET = "results/train/final/summary.json"
+TRAIN_CONFIG = {"train": {"max_epochs": 1, "batch_size": 8}, "sweep": {"enabled": False}}
+
+# Bounds: Snakemake ignores SIGTERM while jobs run, hence `timeout -k`.
+SNAKEMAKE_TIMEOUT_S = 150
+SUBMITTED_RE = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
+RUN_ID_RE = re.compile(r"SLURM run ID: (\S+)")
+
+pytestmark = pytest.mark.slurm
+
+
+# ----- helpers -----
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` updated with ``extra``, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_image_tree(root: Path) -> None:
+    """A tiny labelled tree: 3 digit classes x 6 images, one exact duplicate, one broken file."""
+    import cv2
+
+    from imgpipe.demo import digits_images
+
+    images, labels = digits_images()
+    for label in (0, 1, 7):
+        class_dir = root / str(label)
+        class_dir.mkdir(parents=True)
+        for n, index in enumerate(np.flatnonzero(labels == label)[:6]):
+            big = cv2.resize(images[index], (16, 16), interpolation=cv2.INTER_NEAREST)
+            cv2.imwrite(str(class_dir / f"{n}.png"), big)
+    shutil.copy(root / "0" / "0.png", root / "0" / "copy-of-0.png")
+    (root / "7" / "broken.png").write_bytes(b"not an image")
+
+
+def copy_workflow(dest: Path) -> None:
+    """Copy the parts of the repository a run needs into ``dest``."""
+    dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in WORKFLOW_PARTS:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+
+
+def write_config(workdir: Path, data_root: Path, extra: dict) -> None:
+    """Overwrite the copy's config/config.yaml with the test settings."""
+    path = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config = deep_merge(config, {"data": {"root": str(data_root)}, **extra})
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def adapted_profile(slurm_profile: dict) -> dict:
+    """profiles/slurm adapted to the test cluster; every other key is kept as it is.
+
+    The adaptations are the ones docs/cluster.md tells a user to make: the
+    partition, memory that fits the node, no account, and squeue as the status
+    command because there is no accounting database (slurmdbd) here.
+    """
+    profile = dict(slurm_profile)
+    profile["default-resources"] = {"slurm_partition": PARTITION, "mem_mb": 500, "runtime": 10}
+    profile["set-resources"] = {
+        rule: {**res, "slurm_partition": PARTITION, "mem_mb": 500, "runtime": 10}
+        | ({"cpus_per_gpu": 1} if "cpus_per_gpu" in res else {})
+        for rule, res in (slurm_profile.get("set-resources") or {}).items()
+    }
+    profile["set-threads"] = {rule: 1 for rule in slurm_profile.get("set-threads") or {}}
+    profile["slurm-status-command"] = "squeue"
+    profile["slurm-init-seconds-before-status-checks"] = 1
+    profile["latency-wait"] = 5
+    profile["retries"] = 0
+    return profile
+
+
+def write_test_profile(workdir: Path) -> Path:
+    """Write profiles/slurm-test/config.yaml in the copy; return its folder."""
+    slurm = yaml.safe_load((workdir / "profiles" / "slurm" / "config.yaml").read_text())
+    folder = workdir / "profiles" / "slurm-test"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(adapted_profile(slurm), sort_keys=False))
+    return folder
+
+
+# Snakemake with the SLURM plugin polling squeue every POLL_S seconds. The
+# plugin waits 10 s longer after each poll that finds no finished job (up to
+# 3 min); with jobs of 8-15 s here that tripled the test's time. Only the
+# cadence changes: the polling itself (squeue) is the plugin's own.
+POLL_S = 2
+SNAKEMAKE_POLLING_FAST = f"""
+import sys
+from snakemake_executor_plugin_slurm import Executor
+Executor.next_seconds_between_status_checks = property(lambda self: {POLL_S}, lambda self, v: None)
+from snakemake.cli import main
+sys.argv[0] = "snakemake"
+sys.exit(main())
+"""
+
+
+def run_snakemake(
+    workdir: Path, args: list[str], env: dict, log: Path
+) -> subprocess.CompletedProcess:
+    """Run Snakemake in ``workdir`` under a hard time limit; keep its output in ``log``."""
+    if "--workflow-profile" in args:
+        snakemake = [sys.executable, "-c", SNAKEMAKE_POLLING_FAST]
+    else:
+        snakemake = [SNAKEMAKE]
+    cmd = ["timeout", "-k", "10", str(SNAKEMAKE_TIMEOUT_S), *snakemake, *args]
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-4000:]
+        pytest.fail(f"snakemake {' '.join(args)} exited with {done.returncode}:\n{tail}")
+    return done
+
+
+def rule_names(workdir: Path, env: dict) -> set[str]:
+    """The rules of the workflow copy (``snakemake --list-rules``)."""
+    out = subprocess.run(
+        [SNAKEMAKE, "--list-rules"], cwd=workdir, env=env, capture_output=True, text=True
+    )
+    return set(out.stdout.split())
+
+
+def result_files(results: Path) -> dict[str, Path]:
+    """The comparable outputs under ``results`` (csv, json, npy) by relative path."""
+    return {
+        str(p.relative_to(results)): p
+        for p in sorted(results.rglob("*"))
+        if p.suffix in {".csv", ".json", ".npy"} and p.is_file()
+    }
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Whether two result files hold the same data."""
+    if a.suffix == ".npy":
+        x, y = np.load(a), np.load(b)
+        return x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+    if a.suffix == ".json":
+        return json.loads(a.read_text()) == json.loads(b.read_text())
+    return pd.read_csv(a).equals(pd.read_csv(b))
+
+
+def allocated_gpus(cluster: SlurmCluster, job: str) -> int:
+    """GPUs SLURM allocated to a job, running or ended (``scontrol show job``: ``JOB_GRES=gpu:1``)."""
+    details = cluster.run(["scontrol", "show", "job", "-d", job]).stdout
+    found = re.search(r"JOB_GRES=gpu(?::\w+)?:(\d+)", details)
+    return int(found.group(1)) if found else 0
+
+
+def report_line(request: pytest.FixtureRequest, text: str) -> None:
+    """Print a line on the terminal even when pytest captures output."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(text)
+
+
+# ----- fixtures -----
+
+
+@dataclass
+class SlurmRun:
+    """A workflow copy run locally and then through SLURM."""
+
+    workdir: Path
+    data_root: Path
+    profile: Path
+    env: dict
+    log: Path
+    local_results: Path
+    seconds: dict
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    reason = skip_reason()
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        reason = "snakemake-executor-plugin-slurm is not installed (pip install '.[slurm]')"
+    if reason:
+        pytest.skip(f"local SLURM cannot be set up: {reason}")
+    start = time.monotonic()
+    ensure_installed()
+    slurm = SlurmCluster(gpus=2)
+    try:
+        slurm.start()
+        report_line(
+            request, f"\n[slurm] cluster up in {time.monotonic() - start:.1f} s ({slurm.root})"
+        )
+        yield slurm
+    finally:
+        slurm.stop()
+        # Keep the daemons' logs beside pytest's other temporary files.
+        shutil.copytree(
+            slurm.root / "log", tmp_path_factory.mktemp("slurm-logs"), dirs_exist_ok=True
+        )
+        slurm.remove()
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, request) -> SlurmRun:
+    base = tmp_path_factory.mktemp("slurm-dag")
+    data_root = base / "images"
+    write_image_tree(data_root)
+    workdir = base / "wf"
+    copy_workflow(workdir)
+    write_config(workdir, data_root, TEST_CONFIG)
+    profile = write_test_profile(workdir)
+    env = cluster.env()
+    env.pop("SLURM_JOB_ID", None)
+    seconds = {}
+
+    start = time.monotonic()
+    run_snakemake(workdir, ["--cores", "2", *DAG_TARGETS], env, base / "local.log")
+    seconds["local"] = time.monotonic() - start
+    local_results = base / "results-local"
+    (workdir / "results").rename(local_results)
+    shutil.rmtree(workdir / ".snakemake", ignore_errors=True)
+
+    start = time.monotonic()
+    log = base / "slurm.log"
+    run_snakemake(workdir, ["--workflow-profile", str(profile), *DAG_TARGETS], env, log)
+    seconds["slurm"] = time.monotonic() - start
+    report_line(
+        request,
+        f"[slurm] DAG {DAG_TARGETS}: local {seconds['local']:.1f} s, "
+        f"through SLURM {seconds['slurm']:.1f} s",
+    )
+    return SlurmRun(workdir, data_root, profile, env, log, local_results, seconds)
+
+
+# ----- tests -----
+
+
+def test_gpu_jobs_get_distinct_gpus_and_cpu_jobs_none(cluster: SlurmCluster, tmp_path: Path):
+    """The fake GPUs are scheduled: two concurrent GPU jobs see different devices."""
+    show = "echo CVD=${CUDA_VISIBLE_DEVICES-unset}; sleep 2"
+    jobs = {
+        "gres1": cluster.sbatch("--gres=gpu:1", "-o", str(tmp_path / "gres1.out"), "--wrap", show),
+        "gpus1": cluster.sbatch("--gpus=1", "-o", str(tmp_path / "gpus1.out"), "--wrap", show),
+        "cpu": cluster.sbatch("-o", str(tmp_path / "cpu.out"), "--wrap", show),
+    }
+    seen = {}
+    for name, job in jobs.items():
+        assert cluster.wait_job(job) == "COMPLETED", cluster.logs_tail()
+        seen[name] = (tmp_path / f"{name}.out").read_text().strip()
+    assert seen["cpu"] == "CVD=unset"
+    assert allocated_gpus(cluster, jobs["cpu"]) == 0
+    assert allocated_gpus(cluster, jobs["gres1"]) == allocated_gpus(cluster, jobs["gpus1"]) == 1
+    # --gres=gpu:1 (what a user writes) and --gpus=1 (what the plugin writes
+    # for resources gpu=1) each get one device; running side by side, two.
+    assert {seen["gres1"], seen["gpus1"]} == {"CVD=0", "CVD=1"}
+
+
+def test_every_job_went_through_slurm(slurm_run: SlurmRun, cluster: SlurmCluster):
+    log = slurm_run.log.read_text()
+    job_ids = SUBMITTED_RE.findall(log)
+    assert job_ids, f"no SLURM submissions in the Snakemake log:\n{log[-3000:]}"
+    run_id = RUN_ID_RE.search(log).group(1)
+
+    queue = cluster.run(["squeue", "-h", "--states=all", "-o", "%i|%j|%T|%k"]).stdout
+    rows = {line.split("|")[0]: line.split("|") for line in queue.splitlines()}
+    allocated = cluster.allocated_jobs()
+    for job in job_ids:
+        assert job in rows, f"job {job} unknown to squeue:\n{queue}"
+        _, name, state, _ = rows[job]
+        assert name == run_id and state == "COMPLETED", rows[job]
+        assert job in allocated, f"slurmctld never allocated job {job}"
+
+    # Each job the local run ran is one SLURM job, except rules Snakemake runs
+    # on the submit host (the target rule `all`).
+    local_jobs = re.findall(
+        r"^localrule (\w+):", (slurm_run.log.parent / "local.log").read_text(), re.M
+    )
+    kept_local = re.findall(r"^localrule (\w+):", log, re.M)
+    assert set(kept_local) <= LOCAL_RULES, kept_local
+    submitted = [rows[job][3].removeprefix("rule_").split("_wildcards_")[0] for job in job_ids]
+    assert sorted(submitted) == sorted(r for r in local_jobs if r not in kept_local)
+
+
+def test_slurm_results_equal_local_results(slurm_run: SlurmRun):
+    local = result_files(slurm_run.local_results)
+    remote = result_files(slurm_run.workdir / "results")
+    assert set(local) == set(remote)
+    for target in DAG_TARGETS:
+        assert target.removeprefix("results/") in remote
+    differ = [name for name in local if not same_content(local[name], remote[name])]
+    assert not differ, f"SLURM and local runs differ in {differ}"
+
+
+DDP_SNAKEFILE = '''
+def ddp_resources(nodes, gpus_per_node):
+    """SLURM shape of a DDP job: one task per GPU on each node (docs/cluster.md)."""
+    return {
+        "nodes": nodes,
+        "gres": f"gpu:{gpus_per_node}",
+        "tasks_per_gpu": 1,
+        "tasks": nodes * gpus_per_node,
+        "mpi": "srun",
+        "cpus_per_gpu": 1,
+    }
+
+
+rule ranks:
+    output:
+        "ranks.txt",
+    resources:
+        **ddp_resources(1, 2),
+    params:
+        launch="srun --nodes=1 --ntasks-per-node=2",
+    shell:
+        "{params.launch} bash -c 'echo $SLURM_PROCID $SLURM_LOCALID $SLURM_NODEID"
+        " $SLURM_NTASKS $SLURM_NTASKS_PER_NODE $SLURM_NNODES $CUDA_VISIBLE_DEVICES'"
+        " > {output}"
+'''
+
+
+def test_ddp_job_shape_gives_lightning_one_rank_per_gpu(
+    cluster: SlurmCluster, slurm_run: SlurmRun, tmp_path: Path
+):
+    """The resources recommended for multi-GPU training wire ranks the way Lightning reads them.
+
+    A throw-away Snakefile (not part of the workflow) submits one job with the
+    DDP resources through the same test profile; srun inside it starts one task
+    per GPU. Lightning's SLURMEnvironment takes world size, ranks and node rank
+    from these variables and requires SLURM_NTASKS_PER_NODE == devices.
+    """
+    (tmp_path / "Snakefile").write_text(DDP_SNAKEFILE)
+    run_snakemake(
+        tmp_path,
+        ["--workflow-profile", str(slurm_run.profile), "--snakefile", "Snakefile"],
+        slurm_run.env,
+        tmp_path / "ddp.log",
+    )
+    ranks = sorted(line.split() for line in (tmp_path / "ranks.txt").read_text().splitlines())
+    # procid, localid, nodeid, ntasks, ntasks_per_node, nnodes, visible GPUs
+    assert ranks == [
+        ["0", "0", "0", "2", "2", "1", "0,1"],
+        ["1", "1", "0", "2", "2", "1", "0,1"],
+    ]
+
+
+def check_training_job_got_a_gpu(slurm_run: SlurmRun, cluster: SlurmCluster, tmp_path: Path):
+    """Run the training target through SLURM; its job must have been allocated one GPU.
+
+    The GPUs here are fake (no CUDA driver): the job sees CUDA_VISIBLE_DEVICES
+    but torch finds no device, so the training code must fall back to the CPU.
+    """
+    write_config(slurm_run.workdir, slurm_run.data_root, deep_merge(TEST_CONFIG, TRAIN_CONFIG))
+    log = tmp_path / "train.log"
+    args = ["--workflow-profile", str(slurm_run.profile), TRAIN_TARGET]
+    run_snakemake(slurm_run.workdir, args, slurm_run.env, log)
+    queue = cluster.run(["squeue", "-h", "--states=all", "-o", "%i|%k"]).stdout
+    comments = dict(line.split("|", 1) for line in queue.splitlines())
+    job_ids = SUBMITTED_RE.findall(log.read_text())
+    train_jobs = [job for job in job_ids if comments.get(job) == f"rule_{TRAIN_RULE}"]
+    assert len(train_jobs) == 1, {job: comments.get(job) for job in job_ids}
+    assert (
+        cluster.run(
+            ["squeue", "-h", "-j", train_jobs[0], "-o", "%T", "--states=all"]
+        ).stdout.strip()
+        == "COMPLETED"
+    )
+    assert allocated_gpus(cluster, train_jobs[0]) == 1
+
+
+def test_training_job_gets_a_gpu(slurm_run: SlurmRun, cluster: SlurmCluster, tmp_path: Path):
+    if TRAIN_RULE not in rule_names(slurm_run.workdir, slurm_run.env):
+        pytest.skip(f"rule {TRAIN_RULE} is not in the workflow yet (snakemake --list-rules)")
+    check_training_job_got_a_gpu(slurm_run, cluster, tmp_path)
