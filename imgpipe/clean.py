@@ -48,7 +48,9 @@ _NUMERIC_COLUMNS = [
     "blur",
 ]
 # Pairs whose pixels are compared at once (bounds memory on huge candidate sets).
-_PAIR_CHUNK = 65536
+_PAIR_CHUNK = 8192
+# Earlier rows of a hash bucket each row is compared with (see hash_pairs).
+MAX_CANDIDATES = 256
 
 
 @dataclass(frozen=True)
@@ -230,31 +232,36 @@ def _bands(max_distance: int) -> list[tuple[int, int]]:
     return [(int(lo), int(hi - lo)) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
 
-def hash_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs (i < j) whose 64-bit hashes differ in at most ``max_distance`` bits.
+def hash_pairs(
+    hashes: np.ndarray, max_distance: int, max_candidates: int = MAX_CANDIDATES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) whose 64-bit hashes differ in at most ``max_distance`` bits.
 
     Only hashes that agree on one band are compared (vectorised over each
     band's sorted keys), so the work grows with the number of near pairs, not
-    with N squared. Returns (i, j, distance).
+    with N squared. Each row is compared with at most ``max_candidates``
+    earlier rows of its band bucket: that only bites on a crowd of
+    near-identical images (video frames), whose k^2 / 2 pairs would not fit
+    in memory; they then form groups of up to max_candidates + 1 instead of
+    one. Returns (i, j, distance).
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for shift, width in _bands(max_distance):
         key = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key, kind="stable")  # equal keys stay in row order
         sorted_key = key[order]
-        offset = 1
         # Rows with equal keys are adjacent once sorted: pair each row with the
-        # ones `offset` places later until no bucket is that long.
-        while offset < len(order):
+        # one `offset` places later, for growing offsets, until no bucket is
+        # that long.
+        for offset in range(1, min(len(order), max_candidates + 1)):
             same = np.flatnonzero(sorted_key[offset:] == sorted_key[:-offset])
             if same.size == 0:
                 break
             a, b = order[same], order[same + offset]
             close = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_distance
-            found_i.append(np.minimum(a, b)[close])
-            found_j.append(np.maximum(a, b)[close])
-            offset += 1
+            found_i.append(a[close])
+            found_j.append(b[close])
     i, j = np.concatenate(found_i), np.concatenate(found_j)
     n = max(len(hashes), 1)
     unique = np.unique(i * n + j)
@@ -268,19 +275,17 @@ def pixel_differences(
 ) -> np.ndarray:
     """Mean absolute difference (0-255) between the resized arrays of each pair (i, j).
 
-    ``images(rows)`` returns the arrays of the given rows; only rows that occur
-    in a pair are loaded.
+    ``images(rows)`` returns the arrays of the given rows. Pairs are taken in
+    chunks and only the rows of a chunk are loaded, so memory stays bounded.
     """
-    if len(i) == 0:
-        return np.zeros(0, dtype=np.float64)
-    rows, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
-    arrays = images(rows).astype(np.int16)
-    left, right = inverse[: len(i)], inverse[len(i) :]
     out = np.empty(len(i), dtype=np.float64)
     for start in range(0, len(i), _PAIR_CHUNK):
-        stop = start + _PAIR_CHUNK
-        diff = np.abs(arrays[left[start:stop]] - arrays[right[start:stop]])
-        out[start:stop] = diff.reshape(diff.shape[0], -1).mean(axis=1)
+        chunk = slice(start, start + _PAIR_CHUNK)
+        rows, inverse = np.unique(np.concatenate([i[chunk], j[chunk]]), return_inverse=True)
+        arrays = images(rows).astype(np.int16)
+        half = len(inverse) // 2
+        diff = np.abs(arrays[inverse[:half]] - arrays[inverse[half:]])
+        out[chunk] = diff.reshape(half, -1).mean(axis=1)
     return out
 
 

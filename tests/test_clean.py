@@ -344,13 +344,11 @@ def test_letters_icons_and_line_art_on_plain_backgrounds_keep_over_99_percent(tm
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 300), distance=st.integers(0, 8))
 def test_hash_pairs_match_brute_force(seed, n, distance):
     rng = np.random.default_rng(seed)
-    # Few distinct bases with a few flipped bits: many close pairs.
-    bases = rng.integers(0, 2**63, size=max(n // 20, 1), dtype=np.uint64)
-    flips = rng.integers(0, 2**63, size=n, dtype=np.uint64) & rng.integers(
-        0, 2**63, size=n, dtype=np.uint64
-    )
-    flips &= rng.integers(0, 2**63, size=n, dtype=np.uint64)
-    hashes = bases[rng.integers(0, len(bases), size=n)] ^ flips if n else np.zeros(0, np.uint64)
+    # Few distinct 64-bit bases with a few flipped bits: many close pairs.
+    bases = rng.integers(0, 2**64, size=max(n // 20, 1), dtype=np.uint64)
+    flips = rng.integers(0, 2**64, size=(3, n), dtype=np.uint64)
+    flips = flips[0] & flips[1] & flips[2]
+    hashes = bases[rng.integers(0, len(bases), size=n)] ^ flips
     i, j, d = clean.hash_pairs(hashes, distance)
     full = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
     want_i, want_j = np.nonzero(np.triu(full <= distance, k=1))
@@ -358,6 +356,14 @@ def test_hash_pairs_match_brute_force(seed, n, distance):
         zip(want_i.tolist(), want_j.tolist(), strict=True)
     )
     assert (d == full[i, j]).all()
+
+
+def test_a_crowd_of_identical_hashes_costs_linear_pairs_and_stays_in_small_groups():
+    hashes = np.full(2000, 0x0123456789ABCDEF, dtype=np.uint64)
+    i, j, d = clean.hash_pairs(hashes, 4, max_candidates=10)
+    assert len(i) == 10 * 2000 - 55 and (d == 0).all() and (j - i <= 10).all()
+    groups = clean.leader_groups(2000, i, j)
+    assert np.bincount(groups).max() == 11
 
 
 def test_leader_groups_take_each_row_once_in_order():
