@@ -325,3 +325,13 @@ def test_fit_same_size_keeps_pixels_and_single_channel_axis():
     np.testing.assert_array_equal(fit_square(image, 12, "pad"), image)
     assert fit_square(image[:5], 12, "pad").shape == (12, 12, 1)
     assert fit_square(image[:, :1], 12, "crop").shape == (12, 12, 1)
+
+
+def test_format_only_pil_knows_is_decoded_through_pil(tmp_path):
+    # OpenCV has no ICO decoder; the PIL fallback keeps such files usable.
+    image = factory.pattern(16, 16)
+    path = tmp_path / "icon.ico"
+    Image.fromarray(image).save(path, "ICO", sizes=[(16, 16)])
+    result = decode_file(path)
+    assert result.ok and "decoded by PIL" in result.detail
+    np.testing.assert_array_equal(result.image, image)

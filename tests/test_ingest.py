@@ -70,7 +70,14 @@ def test_shard_positions_cover_every_row_once(n, shards):
         assert (part % shards == s).all()
 
 
-def test_shards_partition_real_listing_and_rows_point_at_images(tmp_path):
+@pytest.mark.parametrize(
+    "batch_files, batch_bytes", [(1, 2**30), (3, 2**30), (128, 500), (128, 2**26)]
+)
+def test_shards_partition_real_listing_and_rows_point_at_images(
+    tmp_path, monkeypatch, batch_files, batch_bytes
+):
+    monkeypatch.setattr(ingest, "BATCH_FILES", batch_files)
+    monkeypatch.setattr(ingest, "BATCH_BYTES", batch_bytes)
     mixed_tree(tmp_path / "data")
     files = list_images(tmp_path / "data", EXTS)
     seen = []
@@ -85,6 +92,10 @@ def test_shards_partition_real_listing_and_rows_point_at_images(tmp_path):
             if row.status == "ok":
                 decoded = decode_image(Path(row.path).read_bytes(), "gray")
                 np.testing.assert_array_equal(images[row.row], fit_square(decoded.image, 16, "pad"))
+                # The batched path records what the one-file path measures.
+                fields, _ = ingest.ingest_file(row.path, "gray", 16, "pad", 10**8)
+                recorded = stats.loc[row.Index, STATS_COLUMNS[5:]].tolist()
+                assert recorded == list(fields)
             else:
                 assert not images[row.row].any()
         seen += stats["path"].tolist()
@@ -95,13 +106,13 @@ def test_reasons_and_pass_through(tmp_path, monkeypatch):
     mixed_tree(tmp_path / "data")
     files = list_images(tmp_path / "data", EXTS)
     opened = []
-    real_ingest_file = ingest.ingest_file
+    real_decode_file = ingest.decode_file
 
     def spy(path, *args):
         opened.append(path)
-        return real_ingest_file(path, *args)
+        return real_decode_file(path, *args)
 
-    monkeypatch.setattr(ingest, "ingest_file", spy)
+    monkeypatch.setattr(ingest, "decode_file", spy)
     stats, _, _ = run_shard(files, tmp_path)
     by_rel = {row.relpath: row for row in stats.itertuples()}
     assert {rel: row.reason for rel, row in by_rel.items() if row.reason} == {
@@ -200,8 +211,8 @@ def test_failure_leaves_no_output_and_no_temp_files(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(*args)
 
-    real = ingest.ingest_file
-    monkeypatch.setattr(ingest, "ingest_file", dies_on_third)
+    real = ingest.decode_file
+    monkeypatch.setattr(ingest, "decode_file", dies_on_third)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
         index_shard(files, 0, 1, GRAY16, 10**8, out / "stats.csv", out / "images.npy")
