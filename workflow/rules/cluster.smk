@@ -1,0 +1,43 @@
+# K-means on pixels or on the final model's embeddings. Only the embeddings
+# job depends on the model, so retraining never reruns pixel clustering.
+
+
+def cluster_inputs(wildcards):
+    inputs = {"index": "results/clean/index.csv", "arrays": shard_images(wildcards)}
+    if wildcards.features == "embeddings":
+        inputs["model"] = "results/train/final/model.ckpt"
+    return inputs
+
+
+def cluster_code(wildcards):
+    modules = ["cluster", "plots", "dataset"]
+    if wildcards.features == "embeddings":
+        modules += ["training", "lightning", "models"]
+    return code(*modules)
+
+
+rule cluster:
+    input:
+        unpack(cluster_inputs),
+    output:
+        assignments="results/cluster/{features}/assignments.csv",
+        metrics="results/cluster/{features}/metrics.json",
+        contingency="results/cluster/{features}/contingency.csv",
+        montage="results/cluster/{features}/montage.png",
+        scatter="results/cluster/{features}/scatter.png",
+        k_scan="results/cluster/{features}/k_scan.csv",
+        k_scan_png="results/cluster/{features}/k_scan.png",
+        export=directory("results/cluster/{features}/export"),
+    log:
+        "logs/cluster/{features}.log",
+    benchmark:
+        "benchmarks/cluster/{features}.tsv"
+    wildcard_constraints:
+        features="pixels|embeddings",
+    threads: 2
+    params:
+        # "features" only picks which jobs run; it does not change any one job.
+        settings={k: v for k, v in config["cluster"].items() if k != "features"},
+        code=cluster_code,
+    script:
+        "../../scripts/cluster.py"
