@@ -362,6 +362,14 @@ def report(truth: pd.DataFrame, flags: dict[str, tuple[pd.Series, pd.Series]]) -
         print(
             f"  {name} on clean images: {why[clean_rows & flag].value_counts().head(6).to_dict()}"
         )
+    if "ours" in flags:
+        why = flags["ours"][1][clean_rows]
+        grouped = (why == "near_duplicate_group").mean()
+        rejected = ((why != "") & (why != "near_duplicate_group")).mean()
+        print(
+            f"  ours rejects {rejected:.4f} of the clean images and groups (keeps) {grouped:.4f}:"
+            " near twins the generator made by chance"
+        )
 
 
 def main() -> None:
