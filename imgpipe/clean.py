@@ -395,7 +395,10 @@ def decide(
     hit = decisions.kept & (quality != "")
     decisions.reason[hit], decisions.detail[hit] = quality[hit], quality_detail[hit]
 
-    pixel_hash = stats["pixel_hash"].astype(str).to_numpy()
+    pixel_hash = stats["pixel_hash"].astype(str).to_numpy().astype(object)
+    # A row without a hash (not expected for decoded images) matches nothing.
+    missing = np.flatnonzero(pixel_hash == "")
+    pixel_hash[missing] = [f"missing:{row}" for row in missing]
     _exact_checks(decisions, pixel_hash, labels, paths, is_test, settings)
     if settings.near_duplicates != "off":
         _near_checks(decisions, images, paths, is_test, settings)
@@ -454,8 +457,9 @@ def _near_checks(
     is_test: np.ndarray,
     settings: CleanSettings,
 ) -> None:
-    alive = np.flatnonzero(decisions.kept)
-    hashes = parse_hashes(decisions.stats["phash"].to_numpy()[alive])
+    phash_text = decisions.stats["phash"].astype(str).to_numpy()
+    alive = np.flatnonzero(decisions.kept & (phash_text != ""))
+    hashes = parse_hashes(phash_text[alive])
     i, j, distance = hash_pairs(hashes, settings.near_duplicate_distance)
     diff = pixel_differences(lambda rows: images(alive[rows]), i, j)
     close = diff <= settings.near_duplicate_pixel_diff

@@ -213,6 +213,14 @@ def test_ingest_rejections_pass_through_with_their_reason(tmp_path):
     assert rejected.loc["a/broken.png", "detail"] == "truncated at ingest"
 
 
+def test_rows_without_hashes_are_never_duplicates_of_each_other(tmp_path):
+    rng = np.random.default_rng(13)
+    rows = filler(rng)
+    for row, _ in rows[:3]:
+        row["pixel_hash"], row["phash"] = "", ""
+    assert decide(rows, tmp_path).kept.all()
+
+
 # ----------------------------------------------------------------------------- exact duplicates
 
 
