@@ -366,13 +366,13 @@ def decide(
     settings: CleanSettings,
     images: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Decisions:
-    """Apply every check to the gathered stats (sorted by source, relpath) and return the outcome.
+    """Apply every check to the gathered stats and return the outcome, rows in (source, relpath) order.
 
-    ``images(rows)`` loads the resized arrays of the given row positions; it
-    is called only for near-duplicate candidate pairs (default: the rows'
-    ``array`` memmaps).
+    ``images(rows)`` loads the resized arrays of the given row positions (of
+    the sorted table); it is called only for near-duplicate candidate pairs
+    (default: the rows' ``array`` memmaps).
     """
-    stats = stats.reset_index(drop=True)
+    stats = sort_rows(stats)
     if images is None:
         images = lambda rows: load_images(stats.iloc[rows])  # noqa: E731
     n = len(stats)
@@ -465,14 +465,15 @@ def _near_checks(
     close = diff <= settings.near_duplicate_pixel_diff
     i, j, distance, diff = alive[i[close]], alive[j[close]], distance[close], diff[close]
 
-    def describe(k: int, other: int) -> str:
-        return f"near duplicate of {paths[other]} (hamming {distance[k]}, pixel diff {diff[k]:.2g})"
+    def describe(k: int, other: int, what: str = "") -> str:
+        measures = f"hamming {distance[k]}, pixel diff {diff[k]:.2g}"
+        return f"near duplicate of {what}{paths[other]} ({measures})"
 
     leak = is_test[i] != is_test[j]
     for k in np.flatnonzero(leak):
         test_row, train_row = (i[k], j[k]) if is_test[i[k]] else (j[k], i[k])
         if decisions.reason[test_row] == "":
-            _reject(decisions, [test_row], "test_leak", "training image " + describe(k, train_row))
+            _reject(decisions, [test_row], "test_leak", describe(k, train_row, "training image "))
 
     positions = np.flatnonzero(decisions.kept)
     local = np.full(len(decisions.reason), -1, dtype=np.int64)

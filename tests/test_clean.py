@@ -404,7 +404,12 @@ def test_test_images_duplicating_training_images_are_leaks(tmp_path):
     assert reasons["test", "a/seen.png"] == "test_leak"
     assert reasons["test", "b/similar_noisy.png"] == "test_leak"
     assert reasons["test", "b/fresh.png"] == ""
-    assert reasons["train", "a/seen.png"] == reasons["train", "b/similar.png"] == ""
+    keys = zip(decisions.stats["source"], decisions.stats["relpath"], strict=True)
+    details = dict(zip(keys, decisions.detail, strict=True))
+    assert details["test", "a/seen.png"] == "same pixels as training image /data/train/a/seen.png"
+    assert details["test", "b/similar_noisy.png"].startswith(
+        "near duplicate of training image /data/train/b/similar.png (hamming "
+    )
     assert clean.summary(decisions, CleanSettings())["leakage"] == {"test_leak": 2}
 
 
