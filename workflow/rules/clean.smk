@@ -11,6 +11,8 @@ rule clean:
         "logs/clean.log",
     benchmark:
         "benchmarks/clean.tsv"
+    conda:
+        "../../envs/data.yaml"
     params:
         # Only the decision keys: shards and max_pixels act at ingest.
         clean={
