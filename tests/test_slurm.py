@@ -205,9 +205,9 @@ def allocated_gpus(cluster: SlurmCluster, job: str) -> int:
 
 def report_line(request: pytest.FixtureRequest, text: str) -> None:
     """Print a line on the terminal even when pytest captures output."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(text, flush=True)
 
 
 # ----- fixtures -----
@@ -249,6 +249,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             slurm.root / "log", tmp_path_factory.mktemp("slurm-logs"), dirs_exist_ok=True
         )
         slurm.remove()
+        report_line(request, f"[slurm] SLURM tests took {time.monotonic() - start:.1f} s in all")
 
 
 @pytest.fixture(scope="module")
