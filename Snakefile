@@ -6,14 +6,25 @@
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/clean.smk"
+include: "workflow/rules/split.smk"
+include: "workflow/rules/augment.smk"
+include: "workflow/rules/sweep.smk"
+include: "workflow/rules/cv.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/cluster.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
-    input:
-        "results/clean/index.csv",
-        "results/clean/summary.json",
     default_target: True
+    input:
+        "results/report/index.html",
+        "results/report/summary.json",

@@ -18,11 +18,11 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-def write_digits_tree(out_dir: str | os.PathLike) -> int:
-    """Write the digits as ``<out_dir>/<class>/<index>.png``; return the number written.
+def write_digits_tree(out_dir: str | os.PathLike, list_path: str | os.PathLike) -> int:
+    """Write the digits as ``<out_dir>/<class>/<index>.png`` and their list; return the count.
 
-    The tree is written to a temporary sibling and renamed into place, so a
-    killed job never leaves a half-written tree that looks complete.
+    The tree is written to a temporary sibling and renamed into place, and the
+    list (path,label) last, so a killed job never leaves a tree that looks complete.
     """
     import cv2
 
@@ -30,11 +30,17 @@ def write_digits_tree(out_dir: str | os.PathLike) -> int:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     images, labels = digits_images()
+    written = []
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         class_dir = tmp / str(label)
         class_dir.mkdir(parents=True, exist_ok=True)
-        if not cv2.imwrite(str(class_dir / f"{index:04d}.png"), image):
-            raise OSError(f"could not write {class_dir / f'{index:04d}.png'}")
+        name = f"{label}/{index:04d}.png"
+        if not cv2.imwrite(str(tmp / name), image):
+            raise OSError(f"could not write {tmp / name}")
+        written.append(f"{out / name},{label}\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    list_tmp = Path(f"{list_path}.tmp")
+    list_tmp.write_text("path,label\n" + "".join(written), encoding="utf-8")
+    os.replace(list_tmp, list_path)
     return len(images)

@@ -1,7 +1,9 @@
+import os
 import sys
 from pathlib import Path
 
-from snakemake.utils import validate
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import Paramspace, validate
 
 sys.path.insert(0, workflow.basedir)
 
@@ -19,6 +21,7 @@ validate(config, schema=str(SCHEMA_PATH))
 ##### paths and input functions #####
 
 DEMO_ROOT = "results/demo/digits"
+DEMO_LIST = "results/demo/digits.csv"
 SHARDS = list(range(config["clean"]["shards"]))
 
 
@@ -46,7 +49,29 @@ check_data_root()
 
 
 def listing_inputs(wildcards):
-    return [DEMO_ROOT] if is_demo() else []
+    return [DEMO_LIST] if is_demo() else []
+
+
+def tree_stamp():
+    """A cheap fingerprint of the data folders: mtimes of each root and its class folders.
+
+    Adding or removing an image directly in a class folder changes that
+    folder's mtime, so the listing reruns; deeper changes need
+    ``-R list_images``. Costs one stat per class, never a walk of the tree.
+    """
+    stamp = []
+    for key in ("root", "test_root"):
+        value = config["data"].get(key)
+        if not value or value == "demo":
+            continue
+        root = Path(value)
+        stamp.append([value, root.stat().st_mtime_ns])
+        if root.is_dir():
+            with os.scandir(root) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stamp.append([entry.name, entry.stat().st_mtime_ns])
+    return sorted(stamp)
 
 
 def section(*names):

@@ -11,6 +11,7 @@ rule list_images:
         root=data_root(),
         test_root=config["data"]["test_root"],
         extensions=config["data"]["extensions"],
+        tree=tree_stamp(),
         code=code("scan"),
     script:
         "../../scripts/list_images.py"
