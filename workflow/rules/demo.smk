@@ -4,12 +4,12 @@
 rule demo_data:
     output:
         DEMO_LIST,
-    params:
-        tree=DEMO_ROOT,
-        code=code("demo"),
     log:
         "logs/demo_data.log",
     benchmark:
         "benchmarks/demo_data.tsv"
+    params:
+        tree=DEMO_ROOT,
+        code=code("demo"),
     script:
         "../../scripts/demo_data.py"
