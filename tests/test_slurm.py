@@ -329,7 +329,7 @@ def test_every_job_went_through_slurm(slurm_run: SlurmRun, cluster: SlurmCluster
     )
     kept_local = re.findall(r"^localrule (\w+):", log, re.M)
     assert set(kept_local) <= LOCAL_RULES, kept_local
-    submitted = [rows[job][3].removeprefix("rule_").split("_wildcards_")[0] for job in job_ids]
+    submitted = [rule_of(rows[job][3]) for job in job_ids]
     assert sorted(submitted) == sorted(r for r in local_jobs if r not in kept_local)
 
 
@@ -395,31 +395,34 @@ def test_ddp_job_shape_gives_lightning_one_rank_per_gpu(
     ]
 
 
-def check_training_job_got_a_gpu(slurm_run: SlurmRun, cluster: SlurmCluster, tmp_path: Path):
-    """Run the training target through SLURM; its job must have been allocated one GPU.
+def rule_of(comment: str) -> str:
+    """The rule named by the executor's job comment ``rule_<name>[_wildcards_<values>]``."""
+    return comment.removeprefix("rule_").split("_wildcards_")[0]
+
+
+def check_gpu_job(
+    slurm_run: SlurmRun, cluster: SlurmCluster, log: Path, rule: str, target: str, config: dict
+) -> None:
+    """Run ``target`` through SLURM; the job of ``rule`` must end COMPLETED holding one GPU.
 
     The GPUs here are fake (no CUDA driver): the job sees CUDA_VISIBLE_DEVICES
-    but torch finds no device, so the training code must fall back to the CPU.
+    but torch finds no device, so the training code falls back to the CPU.
     """
-    write_config(slurm_run.workdir, slurm_run.data_root, deep_merge(TEST_CONFIG, TRAIN_CONFIG))
-    log = tmp_path / "train.log"
-    args = ["--workflow-profile", str(slurm_run.profile), TRAIN_TARGET]
+    write_config(slurm_run.workdir, slurm_run.data_root, deep_merge(TEST_CONFIG, config))
+    args = ["--workflow-profile", str(slurm_run.profile), target]
     run_snakemake(slurm_run.workdir, args, slurm_run.env, log)
-    queue = cluster.run(["squeue", "-h", "--states=all", "-o", "%i|%k"]).stdout
-    comments = dict(line.split("|", 1) for line in queue.splitlines())
+    queue = cluster.run(["squeue", "-h", "--states=all", "-o", "%i|%T|%k"]).stdout
+    rows = {line.split("|")[0]: line.split("|") for line in queue.splitlines()}
     job_ids = SUBMITTED_RE.findall(log.read_text())
-    train_jobs = [job for job in job_ids if comments.get(job) == f"rule_{TRAIN_RULE}"]
-    assert len(train_jobs) == 1, {job: comments.get(job) for job in job_ids}
-    assert (
-        cluster.run(
-            ["squeue", "-h", "-j", train_jobs[0], "-o", "%T", "--states=all"]
-        ).stdout.strip()
-        == "COMPLETED"
-    )
-    assert allocated_gpus(cluster, train_jobs[0]) == 1
+    gpu_jobs = [job for job in job_ids if rule_of(rows[job][2]) == rule]
+    assert len(gpu_jobs) == 1, {job: rows[job] for job in job_ids}
+    assert rows[gpu_jobs[0]][1] == "COMPLETED", rows[gpu_jobs[0]]
+    assert allocated_gpus(cluster, gpu_jobs[0]) == 1
 
 
 def test_training_job_gets_a_gpu(slurm_run: SlurmRun, cluster: SlurmCluster, tmp_path: Path):
     if TRAIN_RULE not in rule_names(slurm_run.workdir, slurm_run.env):
         pytest.skip(f"rule {TRAIN_RULE} is not in the workflow yet (snakemake --list-rules)")
-    check_training_job_got_a_gpu(slurm_run, cluster, tmp_path)
+    check_gpu_job(
+        slurm_run, cluster, tmp_path / "train.log", TRAIN_RULE, TRAIN_TARGET, TRAIN_CONFIG
+    )
