@@ -220,6 +220,18 @@ def test_large_path_is_taken_above_the_threshold_and_matches_kmeans(spy_large):
     assert spy_large == [30_000]  # below the threshold: scikit-learn's KMeans
 
 
+def test_large_path_gives_the_same_result_with_two_threads_and_restores_them():
+    import faiss
+
+    X, _ = make_blobs(n_samples=5000, n_features=8, centers=5, random_state=3)
+    one = fit_kmeans(X, 5, n_init=2, seed=1, large_above=100)
+    faiss.omp_set_num_threads(2)
+    two = fit_kmeans(X, 5, n_init=2, seed=1, large_above=100)
+    assert faiss.omp_get_max_threads() == 2
+    np.testing.assert_array_equal(one[0], two[0])
+    assert one[2] == pytest.approx(two[2], rel=1e-6)
+
+
 def test_more_clusters_than_samples_is_a_data_error():
     with pytest.raises(DataError, match="5 clusters from 3 samples"):
         fit_kmeans(np.zeros((3, 2)), 5)
