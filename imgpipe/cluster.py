@@ -319,19 +319,25 @@ def k_scan(
     return pd.DataFrame(rows, columns=["k", "inertia", "silhouette"])
 
 
-def plot_k_scan(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Elbow (inertia) and silhouette against k, side by side, as one PNG."""
+def plot_k_scan(table: pd.DataFrame, path: str | os.PathLike, chosen: int | None = None) -> None:
+    """Elbow (inertia) and silhouette against k side by side, the ``chosen`` k marked, as one PNG."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
     for ax, column in ((left, "inertia"), (right, "silhouette")):
         values = pd.to_numeric(table[column], errors="coerce")
         ax.plot(table["k"], values, marker="o")
+        if chosen is not None:
+            ax.axvline(chosen, color="0.5", linestyle="--", linewidth=1, label=f"k = {chosen}")
         ax.set_xlabel("k (clusters)")
         ax.set_ylabel(column)
         ax.set_xticks(table["k"].tolist())
         ax.grid(alpha=0.3)
     left.set_title("elbow")
     right.set_title("silhouette (higher is better)")
+    if chosen is not None:
+        right.legend(fontsize=8)
+    if len(table) < 2:
+        fig.suptitle("one k only: list more in cluster.k_values for a scan", fontsize=9)
     save_figure(fig, path)
 
 
@@ -640,7 +646,7 @@ def run_clustering(
     else:
         scan = chosen
     _write_csv(scan, outputs["k_scan"])
-    plot_k_scan(scan, outputs["k_scan_png"])
+    plot_k_scan(scan, outputs["k_scan_png"], chosen=n_clusters)
 
     mode = settings.get("export", "none")
     exported = export_atomically(index["path"].tolist(), clusters, outputs["export"], mode)

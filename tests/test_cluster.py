@@ -254,7 +254,7 @@ def test_k_scan_inertia_falls_with_k(tmp_path):
     assert list(table["k"]) == [2, 4, 6]
     assert table["inertia"].is_monotonic_decreasing
     assert table["silhouette"].idxmax() == 1  # the true k=4 separates best
-    plot_k_scan(table, tmp_path / "k.png")
+    plot_k_scan(table, tmp_path / "k.png", chosen=4)
     assert_png(tmp_path / "k.png")
 
 

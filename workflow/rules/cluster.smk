@@ -34,7 +34,7 @@ rule cluster:
         "benchmarks/cluster/{features}.tsv"
     wildcard_constraints:
         features="pixels|embeddings",
-    threads: 2
+    threads: 4
     params:
         # "features" only picks which jobs run; it does not change any one job.
         settings={k: v for k, v in config["cluster"].items() if k != "features"},
