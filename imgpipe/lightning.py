@@ -1,0 +1,345 @@
+"""Lightning module (model, loss, optimiser, on-device augmentation) and in-memory data module."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from imgpipe.models import build_model
+
+# Lightning hints that do not apply here: the arrays are decoded in memory (a
+# batch is one tensor gather, workers cannot help); metrics are logged per
+# epoch, not per step; the module's on_after_batch_transfer is meant to win
+# over the data module's; srun is only used when SLURM starts the ranks; a
+# deprecation inside Lightning itself.
+for _hint in (
+    "does not have many workers",
+    "smaller than the logging interval",
+    "overridden `on_after_batch_transfer`",
+    "The `srun` command is available",
+    "isinstance(treespec, LeafSpec)` is deprecated",
+):
+    warnings.filterwarnings("ignore", message=f".*{_hint}.*")
+
+
+def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 array -> contiguous (N, C, H, W) uint8 tensor."""
+    array = np.asarray(images)
+    if array.ndim != 4 or array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 (N, H, W, C) images, got {array.dtype} {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+
+
+def random_hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2 (independently per image)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_translate(x: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random crop of the zero-padded image, i.e. a random shift of up to ``padding`` px per image."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (n, h)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (n, w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class ImageClassifier(pl.LightningModule):
+    """A classifier from ``build_model`` with its loss, optimiser, schedule and batch preprocessing.
+
+    Batches arrive as uint8 NCHW tensors; scaling, normalisation and the
+    online augmentation run on the device after the transfer.
+    """
+
+    def __init__(
+        self,
+        model_cfg: dict,
+        train_cfg: dict,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(
+            model_cfg["name"],
+            num_classes,
+            in_channels,
+            image_size,
+            channels=model_cfg.get("channels", (32, 64, 128)),
+            dropout=model_cfg.get("dropout", 0.3),
+            pretrained=model_cfg.get("pretrained", False),
+        )
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        augment = train_cfg.get("online_augment", {})
+        self.augment_enabled = bool(augment.get("enabled", True))
+        self.augment_hflip = bool(augment.get("hflip", False))
+        self.augment_padding = int(augment.get("crop_padding", 2))
+
+    def preprocess(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """uint8 NCHW batch -> normalised float batch, optionally randomly flipped / shifted."""
+        x = x.float().div_(255.0)
+        if augment and self.augment_enabled:
+            if self.augment_hflip:
+                x = random_hflip(x)
+            x = random_translate(x, self.augment_padding)
+        x = (x - self.mean) / self.std
+        if x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Preprocess on the device; augment only while training."""
+        images, *rest = batch
+        return (self.preprocess(images, augment=self.trainer.training), *rest)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a preprocessed batch."""
+        return self.model(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features of a preprocessed batch."""
+        return self.model.embed(x)
+
+    def l1_penalty(self) -> torch.Tensor:
+        """Sum of absolute values of the weight matrices / kernels (not biases or norms)."""
+        return sum(p.abs().sum() for p in self.model.parameters() if p.ndim > 1)
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        """Cross entropy with label smoothing, plus the optional L1 penalty."""
+        x, y = batch
+        logits = self(x)
+        cfg = self.hparams.train_cfg
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.get("label_smoothing", 0.0))
+        if cfg.get("l1", 0.0) > 0:
+            loss = loss + cfg["l1"] * self.l1_penalty()
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True
+        )
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        # Weighted by batch size and summed over ranks: exact on uneven shards.
+        self.log(f"{prefix}_loss", loss, batch_size=len(y), sync_dist=True)
+        self.log(f"{prefix}_acc", acc, batch_size=len(y), sync_dist=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Log val_loss (plain cross entropy) and val_acc."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Log test_loss and test_acc."""
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Class probabilities (N, num_classes)."""
+        return torch.softmax(self(batch[0]).float(), dim=1)
+
+    def configure_optimizers(self) -> Any:
+        """AdamW or SGD (weight decay on weights only) with a per-step cosine / one-cycle schedule."""
+        cfg = self.hparams.train_cfg
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        groups = [
+            {"params": decay, "weight_decay": cfg.get("weight_decay", 0.0)},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        lr = cfg["lr"]
+        if cfg.get("optimizer", "adamw") == "sgd":
+            optimizer = torch.optim.SGD(
+                groups, lr=lr, momentum=cfg.get("momentum", 0.9), nesterov=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=lr)
+        schedule = cfg.get("schedule", "none")
+        if schedule == "none":
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        if schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class TensorPairs(Dataset):
+    """Images and labels held as tensors; indexing with a batch of indices gathers the whole batch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+class IndexBatches(Sampler):
+    """Yields index batches for one rank: a seeded per-epoch shuffle, strided over the ranks.
+
+    Training batches pad the permutation so every rank runs the same number of
+    steps (DDP needs it); evaluation batches do not pad, so metrics count each
+    image once.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (Lightning calls this at each epoch start)."""
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        if self.shuffle and self.world_size > 1:
+            total = math.ceil(self.n / self.world_size) * self.world_size
+            order = torch.cat([order, order[: total - self.n]])
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        indices = self._indices()
+        stop = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
+        for start in range(0, stop, self.batch_size):
+            yield indices[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        per_rank = (
+            math.ceil(self.n / self.world_size)
+            if self.shuffle
+            else len(range(self.rank, self.n, self.world_size))
+        )
+        if self.drop_last:
+            return per_rank // self.batch_size
+        return math.ceil(per_rank / self.batch_size)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """In-memory uint8 images of one run: its training ids (+ their augmented copies) and validation ids.
+
+    ``train_ids`` / ``val_ids`` are row positions in ``images`` (the clean
+    index's ``id``). Augmented rows are picked with
+    ``imgpipe.augment.training_augment_rows`` so a run only sees copies of its
+    own training images.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        train_ids: Sequence[int],
+        val_ids: Sequence[int],
+        aug_images: np.ndarray | None = None,
+        aug_sources: np.ndarray | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        train_ids = np.asarray(train_ids, dtype=np.int64)
+        val_ids = np.asarray(val_ids, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        train_images, train_labels = images[train_ids], labels[train_ids]
+        self.aug_count = 0
+        if aug_images is not None and len(aug_images):
+            from imgpipe.augment import training_augment_rows
+
+            aug_sources = np.asarray(aug_sources, dtype=np.int64)
+            rows = np.asarray(training_augment_rows(aug_sources, train_ids), dtype=np.int64)
+            self.aug_count = len(rows)
+            train_images = np.concatenate([train_images, aug_images[rows]])
+            train_labels = np.concatenate([train_labels, labels[aug_sources[rows]]])
+        self.train_set = TensorPairs(to_uint8_nchw(train_images), torch.from_numpy(train_labels))
+        self.val_set = TensorPairs(
+            to_uint8_nchw(images[val_ids]), torch.from_numpy(labels[val_ids])
+        )
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def _loader(self, dataset: TensorPairs, train: bool) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        # Drop a ragged last batch in training: a batch of one breaks batch norm.
+        drop_last = train and len(dataset) >= self.batch_size * world
+        batches = IndexBatches(
+            len(dataset),
+            self.batch_size,
+            shuffle=train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            drop_last=drop_last,
+        )
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            sampler=batches,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=on_gpu,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled index batches of the training images and their augmented copies."""
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation images in order (each counted once across ranks)."""
+        return self._loader(self.val_set, train=False)
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0-1 scale) of uint8 NHWC images, std floored to avoid /0."""
+    flat = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
+    return flat.mean(axis=0).tolist(), np.maximum(flat.std(axis=0), 1e-3).tolist()
+
+
+def state_dict_only(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's tensors moved to the CPU (what a slim checkpoint keeps)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -1,0 +1,531 @@
+"""Train a classifier from the ``model:`` / ``train:`` config with Lightning; predict and embed with it.
+
+``fit`` is the one entry point of the final training, the sweep trials and the
+k-fold jobs: arrays in, files out (``model.ckpt``, ``history.csv``,
+``summary.json``).
+
+Multi-device runs (``devices > 1``) use DDP with the *fork* launcher
+(``ddp_fork``; gloo on the CPU, NCCL on GPUs). Tested alternatives:
+Lightning's default "ddp" launcher starts each extra rank by re-running
+``sys.argv``: under pytest that re-runs the test session, under a Snakemake
+``script:`` the whole script (claiming GPUs again, truncating the log).
+"ddp_spawn" re-imports the main module in every rank: an unguarded Snakemake
+script then runs its whole body again in each rank and fails. Fork re-runs
+nothing and copies nothing (the ranks share the parent's arrays), from pytest
+and from Snakemake alike. Its one condition: CUDA must not be initialised in
+the parent, so ``fit`` only asks NVML about GPUs (Lightning sets
+PYTORCH_NVML_BASED_CUDA_CHECK) and nvidia-smi about bf16. A caller that did
+use CUDA before ``fit`` gets "ddp_spawn", which needs its main module guarded
+by ``if __name__ == "__main__":``. Under SLURM with several tasks, srun has
+already started one process per rank and plain "ddp" attaches to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from imgpipe.config import ConfigError
+from imgpipe.errors import DataError
+from imgpipe.lightning import ImageClassifier, ImageDataModule, channel_stats, to_uint8_nchw
+
+log = logging.getLogger("imgpipe")
+
+CHECKPOINT_KEYS = (
+    "state_dict",
+    "hyper_parameters",
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+)
+
+
+# ---------------------------------------------------------------- config helpers
+
+
+def plain(value: Any) -> Any:
+    """Deep-copy a config value into plain dicts / lists / scalars (safe for weights-only loading)."""
+    return json.loads(json.dumps(value))
+
+
+def apply_overrides(
+    model_cfg: Mapping, train_cfg: Mapping, overrides: Mapping[str, Any]
+) -> tuple[dict, dict]:
+    """Return copies of the model / train configs with dotted overrides such as ``{"train.lr": 0.01}``.
+
+    Keys name an existing setting (``model.<key>`` or ``train.<key>[.<sub>]``);
+    an unknown key raises ConfigError rather than being silently ignored.
+    """
+    sections = {"model": copy.deepcopy(dict(model_cfg)), "train": copy.deepcopy(dict(train_cfg))}
+    for dotted_key, value in overrides.items():
+        section, *path = dotted_key.split(".")
+        if section not in sections or not path:
+            raise ConfigError(f"{dotted_key}: overrides must look like model.<key> or train.<key>")
+        target = sections[section]
+        for part in path[:-1]:
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"{dotted_key}: unknown setting")
+            target = target[part]
+        if path[-1] not in target:
+            raise ConfigError(f"{dotted_key}: unknown setting")
+        target[path[-1]] = value
+    return sections["model"], sections["train"]
+
+
+def resume_key(paths: Iterable[str | os.PathLike], params: Any) -> str:
+    """Hash of input files (path, size, mtime) and params: names a resume state that fits only this job."""
+    digest = hashlib.sha256(json.dumps(plain(params), sort_keys=True).encode())
+    for path in sorted(map(str, paths)):
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- trainer pieces
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file in the same folder, fsync, then rename over the target.
+
+    Lightning's own "atomic" save goes through an fsspec transaction whose
+    temporary file lives in the system temp folder and is moved (copied when
+    on another file system) at commit, so a kill can still leave a truncated file.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        """Save ``checkpoint`` to ``path`` atomically."""
+        atomic_torch_save(checkpoint, path)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` via a same-folder temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to ``path`` via a same-folder temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class RunStats(Callback):
+    """Sets each rank's torch threads and measures training throughput over all ranks.
+
+    Rank 0 writes the figures to ``path`` (the launcher of spawned / forked
+    ranks does not bring callback state back to the calling process).
+    """
+
+    def __init__(self, path: Path, threads: int | None):
+        self.path = path
+        self.threads = threads
+        self.samples = 0
+        self.started = 0.0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Limit this rank's CPU threads (ranks share the job's cores)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the clock."""
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Count the images this rank trained on."""
+        self.samples += len(batch[1])
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Gather per-rank counts; rank 0 records them with the elapsed time."""
+        seconds = time.perf_counter() - self.started
+        counts = trainer.strategy.all_gather(torch.tensor(self.samples, device=pl_module.device))
+        counts = counts.reshape(-1).cpu().tolist()
+        if trainer.is_global_zero:
+            stats = {
+                "train_seconds": seconds,
+                "samples_per_rank": counts,
+                "world_size": trainer.world_size,
+                "stopped_early": trainer.should_stop,
+            }
+            atomic_write_text(self.path, json.dumps(stats))
+
+
+def gpu_supports_bf16() -> bool:
+    """True when every visible GPU has compute capability >= 8.0 (asks nvidia-smi: CUDA stays uninitialised)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        caps = [float(line) for line in out.stdout.split()] if out.returncode == 0 else []
+    except (OSError, ValueError, subprocess.SubprocessError):
+        caps = []
+    return bool(caps) and min(caps) >= 8.0
+
+
+def resolve_precision(setting: str, on_gpu: bool) -> str:
+    """``auto``: bf16-mixed on GPUs with bf16 support, 32-bit otherwise; other values pass through."""
+    if setting != "auto":
+        return setting
+    return "bf16-mixed" if on_gpu and gpu_supports_bf16() else "32-true"
+
+
+def choose_strategy(world_size: int, on_gpu: bool) -> str:
+    """Strategy name for this many processes (see the module docstring for why fork)."""
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if SLURMEnvironment.detect() and slurm_tasks > 1:
+        return "ddp"
+    if world_size <= 1:
+        return "auto"
+    if on_gpu and torch.cuda.is_initialized():
+        log.warning("CUDA is already initialised in this process: using ddp_spawn, not ddp_fork")
+        return "ddp_spawn"
+    return "ddp_fork"
+
+
+def checkpoint_loads(path: Path) -> bool:
+    """True when ``path`` holds a complete, readable checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure means: do not resume from it
+        log.warning("ignoring unreadable resume state %s: %s", path, err)
+        return False
+    return isinstance(state, dict) and "state_dict" in state and "loops" in state
+
+
+def resume_point(state_dir: Path) -> tuple[Path | None, int | None]:
+    """The last.ckpt to continue from and its epoch, or (None, None) for a fresh start (clearing the state)."""
+    last = state_dir / "checkpoints" / "last.ckpt"
+    if last.is_file() and checkpoint_loads(last):
+        epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+        return last, int(epoch)
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    return None, None
+
+
+def combined_history(log_root: Path) -> pd.DataFrame:
+    """One row per epoch from the CSVLogger files of every attempt; a later attempt's rows win.
+
+    A resumed attempt re-runs every epoch after its checkpoint, so for each
+    epoch the latest attempt that logged it has the rows that count.
+    """
+    frames = []
+    versions = sorted(log_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    for attempt, path in enumerate(versions):
+        frame = pd.read_csv(path)
+        if frame.empty or "epoch" not in frame:
+            continue
+        # LearningRateMonitor's rows carry no epoch: they precede the epoch they belong to.
+        frame["epoch"] = frame["epoch"].bfill()
+        frames.append(frame.dropna(subset=["epoch"]).assign(attempt=attempt))
+    if not frames:
+        return pd.DataFrame(columns=["epoch", "step", "attempt"])
+    rows = pd.concat(frames, ignore_index=True)
+    rows = rows[rows["attempt"] == rows.groupby("epoch")["attempt"].transform("max")]
+    history = rows.groupby("epoch", sort=True).first()
+    history["step"] = rows.groupby("epoch")["step"].max()  # the step count at the epoch's end
+    history = history.reset_index()
+    lr_columns = sorted(c for c in history.columns if c.startswith("lr-"))
+    if lr_columns:
+        history = history.rename(columns={lr_columns[0]: "lr"}).drop(columns=lr_columns[1:])
+    history["epoch"] = history["epoch"].astype(int)
+    first = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr"]
+    ordered = [c for c in first if c in history] + sorted(set(history.columns) - set(first))
+    return history[ordered]
+
+
+# ---------------------------------------------------------------- fit
+
+
+def check_run_ids(labels: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
+    """Raise DataError when the ids cannot support a training run."""
+    if len(train_ids) == 0:
+        raise DataError("no training images in this run")
+    if len(val_ids) == 0:
+        raise DataError("no validation images in this run (the checkpoint is picked on validation)")
+    if np.intersect1d(train_ids, val_ids).size:
+        raise DataError("some images are both in the training and the validation set of this run")
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        if ids.min() < 0 or ids.max() >= len(labels):
+            raise DataError(f"{name} ids outside 0..{len(labels) - 1}")
+    if len(np.unique(labels[train_ids])) < 2:
+        raise DataError("the training images of this run hold a single class")
+
+
+def fit(
+    images: np.ndarray,
+    labels: np.ndarray,
+    train_ids: Sequence[int],
+    val_ids: Sequence[int],
+    aug_images: np.ndarray | None,
+    aug_sources: np.ndarray | None,
+    model_cfg: Mapping,
+    train_cfg: Mapping,
+    out_dir: str | os.PathLike,
+    devices: int | None = None,
+    resume_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Train on ``train_ids``, pick the best epoch on ``val_ids``; write model.ckpt, history.csv, summary.json.
+
+    ``images`` are uint8 (N, S, S, C), ``labels`` integer codes, ids row
+    positions. ``devices``: processes to train on (GPUs when present, else CPU
+    processes; default 1 GPU or ``train.cpu_devices``). ``resume_dir`` keeps
+    Lightning's last.ckpt between attempts: a rerun after a kill continues
+    from it; it is removed after success. ``threads``: the job's CPU threads,
+    used when ``train.threads`` is null. Returns the summary.
+    """
+    started = time.perf_counter()
+    train_ids = np.asarray(train_ids, dtype=np.int64)
+    val_ids = np.asarray(val_ids, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int64)
+    check_run_ids(labels, train_ids, val_ids)
+    model_cfg, train_cfg = plain(model_cfg), plain(train_cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = (
+        Path(resume_dir) if resume_dir else Path(tempfile.mkdtemp(prefix=".fit-", dir=out_dir))
+    )
+    resume_from, resumed_epoch = resume_point(state_dir)
+    if resume_from is not None:
+        log.info("resuming from %s (epoch %d done)", resume_from, resumed_epoch)
+
+    on_gpu = torch.cuda.is_available()
+    n_devices = int(devices or (1 if on_gpu else train_cfg.get("cpu_devices", 1)))
+    num_nodes = int(train_cfg.get("num_nodes", 1))
+    world_size = n_devices * num_nodes
+    strategy = choose_strategy(world_size, on_gpu)
+    precision = resolve_precision(train_cfg.get("precision", "auto"), on_gpu)
+    total_threads = train_cfg.get("threads") or threads or torch.get_num_threads()
+    rank_threads = max(1, total_threads // n_devices) if not on_gpu else total_threads
+    torch.set_num_threads(rank_threads)
+
+    pl.seed_everything(train_cfg.get("seed", 0), workers=True, verbose=False)
+    mean, std = channel_stats(images[train_ids])
+    module = ImageClassifier(
+        model_cfg,
+        train_cfg,
+        num_classes=int(labels.max()) + 1,
+        in_channels=images.shape[3],
+        image_size=images.shape[1],
+        mean=mean,
+        std=std,
+    )
+    data = ImageDataModule(
+        images,
+        labels,
+        train_ids,
+        val_ids,
+        aug_images,
+        aug_sources,
+        batch_size=train_cfg.get("batch_size", 64),
+        num_workers=train_cfg.get("num_workers", 0),
+        seed=train_cfg.get("seed", 0),
+    )
+
+    monitor = train_cfg.get("monitor", "val_acc")
+    mode = "max" if monitor.endswith("acc") else "min"
+    checkpoint = ModelCheckpoint(
+        dirpath=state_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    stats_path = state_dir / "run-stats.json"
+    callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
+    callbacks.append(RunStats(stats_path, rank_threads))
+    patience = train_cfg.get("early_stopping_patience", 8)
+    if patience > 0:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
+    deterministic = bool(train_cfg.get("deterministic", True))
+    trainer = pl.Trainer(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=n_devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_epochs=train_cfg.get("max_epochs", 30),
+        callbacks=callbacks,
+        logger=CSVLogger(state_dir, name="logs", flush_logs_every_n_steps=1),
+        # Some CUDA kernels (e.g. scatter-adds) have no deterministic version: warn there, do not stop.
+        deterministic=("warn" if on_gpu else True) if deterministic else False,
+        benchmark=False if deterministic else None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+        use_distributed_sampler=False,  # the data module shards batches per rank itself
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=state_dir,
+    )
+    log.info(
+        "training %s on %d images (+%d augmented), validating on %d; %s x%d, %s, %s",
+        model_cfg["name"],
+        len(train_ids),
+        data.aug_count,
+        len(val_ids),
+        "gpu" if on_gpu else "cpu",
+        world_size,
+        strategy,
+        precision,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+
+    best = state_dir / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        best = state_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(best, map_location="cpu", weights_only=True)
+    atomic_torch_save({k: saved[k] for k in CHECKPOINT_KEYS if k in saved}, out_dir / "model.ckpt")
+    history = combined_history(state_dir / "logs")
+    atomic_write_text(out_dir / "history.csv", history.to_csv(index=False))
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
+    seconds = time.perf_counter() - started
+    samples = sum(stats.get("samples_per_rank", [0]))
+    summary = {
+        "monitor": monitor,
+        "best_score": _best_score(history, monitor, mode),
+        "best_epoch": int(saved["epoch"]),
+        "epochs": int(history["epoch"].max()) + 1 if len(history) else 0,
+        "stopped_early": bool(stats.get("stopped_early", False)),
+        "seconds": seconds,
+        "train_seconds": stats.get("train_seconds"),
+        "images_per_s": samples / stats["train_seconds"] if stats.get("train_seconds") else None,
+        "accelerator": "gpu" if on_gpu else "cpu",
+        "devices": n_devices,
+        "num_nodes": num_nodes,
+        "world_size": stats.get("world_size", world_size),
+        "samples_per_rank": stats.get("samples_per_rank"),
+        "strategy": strategy,
+        "precision": precision,
+        "threads_per_rank": rank_threads,
+        "train_images": len(train_ids),
+        "augmented_images": data.aug_count,
+        "val_images": len(val_ids),
+        "resumed_from_epoch": resumed_epoch,
+        "attempts": int(history["attempt"].max()) + 1 if len(history) else 1,
+    }
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    log.info(
+        "best %s %.4f at epoch %d; %.1f s",
+        monitor,
+        summary["best_score"],
+        summary["best_epoch"],
+        seconds,
+    )
+    return summary
+
+
+def _best_score(history: pd.DataFrame, monitor: str, mode: str) -> float:
+    values = history[monitor].dropna() if monitor in history else pd.Series(dtype=float)
+    if values.empty:
+        return float("nan")
+    return float(values.max() if mode == "max" else values.min())
+
+
+# ---------------------------------------------------------------- inference
+
+
+def load_classifier(
+    checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> ImageClassifier:
+    """Rebuild the ImageClassifier of a checkpoint (weights-only load: no pickled code runs)."""
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    hparams = dict(state["hyper_parameters"])
+    # The trained weights come from the checkpoint: never look for pretrained files again.
+    hparams["model_cfg"] = {**hparams["model_cfg"], "pretrained": False}
+    module = ImageClassifier(**hparams)
+    module.load_state_dict(state["state_dict"])
+    return module.to(device).eval()
+
+
+def _batched(
+    checkpoint_path: str | os.PathLike, images: np.ndarray, batch_size: int, features: bool
+) -> np.ndarray:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_classifier(checkpoint_path, device)
+    pixels = to_uint8_nchw(images)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            x = module.preprocess(pixels[start : start + batch_size].to(device))
+            out = module.embed(x) if features else torch.softmax(module(x), dim=1)
+            outputs.append(out.float().cpu())
+    if not outputs:
+        width = module.model.head.in_features if features else module.model.head.out_features
+        return np.zeros((0, width), dtype=np.float32)
+    return torch.cat(outputs).numpy()
+
+
+def predict_proba(
+    checkpoint_path: str | os.PathLike, images: np.ndarray, batch_size: int = 512
+) -> np.ndarray:
+    """Class probabilities (N, num_classes) of uint8 (N, S, S, C) images."""
+    return _batched(checkpoint_path, images, batch_size, features=False)
+
+
+def embed(
+    checkpoint_path: str | os.PathLike, images: np.ndarray, batch_size: int = 512
+) -> np.ndarray:
+    """Penultimate-layer features (N, D) of uint8 (N, S, S, C) images."""
+    return _batched(checkpoint_path, images, batch_size, features=True)

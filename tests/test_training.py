@@ -1,0 +1,380 @@
+"""Training with Lightning: outputs, checkpoint round trip, DDP on the CPU, resume after a kill, determinism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from imgpipe.config import ConfigError
+from imgpipe.demo import digits_images
+from imgpipe.errors import DataError
+from imgpipe.lightning import IndexBatches, random_hflip, random_translate
+from imgpipe.training import (
+    apply_overrides,
+    combined_history,
+    embed,
+    fit,
+    predict_proba,
+    resume_key,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+TINY_MODEL = {**CONFIG["model"], "channels": [8, 16], "dropout": 0.0}
+TINY_TRAIN = {
+    **CONFIG["train"],
+    "max_epochs": 3,
+    "batch_size": 32,
+    "lr": 0.01,
+    "early_stopping_patience": 0,
+    "threads": 1,
+}
+TRAIN_IDS = np.arange(0, 400)
+VAL_IDS = np.arange(400, 500)
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    images, labels = digits_images()
+    images = np.stack([cv2.resize(im, (16, 16), interpolation=cv2.INTER_LINEAR) for im in images])
+    return images[:500, :, :, None], labels[:500]
+
+
+def shifted_copies(images, ids):
+    """Augmented views (one pixel shift) of ``ids`` and their source ids."""
+    return np.roll(images[ids], 1, axis=2), np.asarray(ids)
+
+
+def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path):
+    images, labels = digits16
+    # Copies of training AND validation images: only the training ones may be used.
+    aug_images, aug_sources = shifted_copies(images, np.arange(0, 500, 2))
+    summary = fit(
+        images,
+        labels,
+        TRAIN_IDS,
+        VAL_IDS,
+        aug_images,
+        aug_sources,
+        TINY_MODEL,
+        TINY_TRAIN,
+        tmp_path,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "history.csv",
+        "model.ckpt",
+        "summary.json",
+    ]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["augmented_images"] == 200
+    assert summary["train_images"] == 400 and summary["val_images"] == 100
+    assert summary["epochs"] == 3 and summary["world_size"] == 1
+    assert summary["precision"] == "32-true" and summary["accelerator"] == "cpu"
+    assert summary["images_per_s"] > 0
+    # 600 training images in batches of 32, ragged batch dropped: 18 batches x 32 per epoch.
+    assert summary["samples_per_rank"] == [3 * 18 * 32]
+
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    for column in ("train_loss", "val_loss", "val_acc", "lr"):
+        assert history[column].notna().all(), column
+    assert summary["best_score"] == pytest.approx(history["val_acc"].max())
+
+    state = torch.load(tmp_path / "model.ckpt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == summary["best_epoch"]
+    assert "optimizer_states" not in state
+
+    proba = predict_proba(tmp_path / "model.ckpt", images[VAL_IDS], batch_size=33)
+    assert proba.shape == (100, 10)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    # The saved model is the best epoch's: it reproduces that epoch's validation accuracy.
+    accuracy = (proba.argmax(axis=1) == labels[VAL_IDS]).mean()
+    assert accuracy == pytest.approx(summary["best_score"], abs=1e-6)
+    assert accuracy > 0.3  # chance is 0.1
+    features = embed(tmp_path / "model.ckpt", images[:7])
+    assert features.shape == (7, 16)
+    assert embed(tmp_path / "model.ckpt", images[:0]).shape == (0, 16)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"optimizer": "sgd", "schedule": "cosine", "l1": 1e-5},
+        {"schedule": "none", "monitor": "val_loss", "online_augment": {"enabled": False}},
+    ],
+)
+def test_other_optimisers_schedules_and_monitors_train(digits16, tmp_path, changes):
+    images, labels = digits16
+    train_cfg = {**TINY_TRAIN, "max_epochs": 2, **changes}
+    summary = fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, TINY_MODEL, train_cfg, tmp_path)
+    history = pd.read_csv(tmp_path / "history.csv")
+    monitor = train_cfg["monitor"]
+    best = history[monitor].max() if monitor == "val_acc" else history[monitor].min()
+    assert summary["monitor"] == monitor and summary["best_score"] == pytest.approx(best)
+    if changes["schedule"] == "none":
+        assert history["lr"].nunique() == 1
+    else:
+        assert history["lr"].iloc[-1] < history["lr"].iloc[0]
+
+
+def test_ddp_on_two_cpu_processes(digits16, tmp_path):
+    images, labels = digits16
+    summary = fit(
+        images,
+        labels,
+        TRAIN_IDS,
+        VAL_IDS,
+        None,
+        None,
+        TINY_MODEL,
+        {**TINY_TRAIN, "max_epochs": 2, "threads": 2},
+        tmp_path,
+        devices=2,
+    )
+    assert summary["strategy"] == "ddp_fork"
+    assert summary["world_size"] == 2
+    # Both ranks trained, on equal shares: 400 images -> 200 per rank -> 6 batches of 32 per epoch.
+    assert summary["samples_per_rank"] == [2 * 6 * 32, 2 * 6 * 32]
+    proba = predict_proba(tmp_path / "model.ckpt", images[VAL_IDS])
+    accuracy = (proba.argmax(axis=1) == labels[VAL_IDS]).mean()
+    # Validation is sharded over the ranks without padding: the synced metric is exact.
+    assert accuracy == pytest.approx(summary["best_score"], abs=1e-6)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import cv2, numpy as np
+    from imgpipe.demo import digits_images
+    from imgpipe.training import fit
+    images, labels = digits_images()
+    images = np.stack([cv2.resize(im, (16, 16)) for im in images])[:, :, :, None]
+    model_cfg, train_cfg = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    fit(images, labels, np.arange(0, 1400), np.arange(1400, 1797), None, None,
+        model_cfg, train_cfg, sys.argv[3], resume_dir=sys.argv[4])
+    """
+)
+
+
+def run_resume_script(tmp_path, train_cfg, out_dir, resume_dir):
+    script = tmp_path / "train_job.py"
+    script.write_text(RESUME_SCRIPT)
+    args = [json.dumps(TINY_MODEL), json.dumps(train_cfg), str(out_dir), str(resume_dir)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=tmp_path)
+
+
+def test_resume_after_kill_continues_from_last_checkpoint(tmp_path):
+    train_cfg = {**TINY_TRAIN, "max_epochs": 6}
+    out_dir, resume_dir = tmp_path / "out", tmp_path / "resume"
+    last = resume_dir / "checkpoints" / "last.ckpt"
+    job = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir)
+    deadline = time.monotonic() + 240
+    while not last.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=60)
+    assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
+    assert not (out_dir / "summary.json").exists()
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert killed_at < 5
+
+    rerun = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir)
+    assert rerun.wait(timeout=600) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] == killed_at
+    assert summary["attempts"] == 2
+    history = pd.read_csv(out_dir / "history.csv")
+    # Every epoch once; those up to the checkpoint come from the killed attempt (not redone).
+    assert history["epoch"].tolist() == list(range(6))
+    assert (history.loc[history["epoch"] <= killed_at, "attempt"] == 0).all()
+    assert (history.loc[history["epoch"] > killed_at, "attempt"] == 1).all()
+    assert not resume_dir.exists(), "the resume state is removed after success"
+
+
+def test_unreadable_resume_state_starts_over(digits16, tmp_path):
+    images, labels = digits16
+    resume_dir = tmp_path / "resume"
+    (resume_dir / "checkpoints").mkdir(parents=True)
+    (resume_dir / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated by a kill")
+    summary = fit(
+        images,
+        labels,
+        TRAIN_IDS,
+        VAL_IDS,
+        None,
+        None,
+        TINY_MODEL,
+        {**TINY_TRAIN, "max_epochs": 1},
+        tmp_path / "out",
+        resume_dir=resume_dir,
+    )
+    assert summary["resumed_from_epoch"] is None
+    assert summary["epochs"] == 1
+    assert not resume_dir.exists()
+
+
+def test_same_seed_same_metrics(digits16, tmp_path):
+    images, labels = digits16
+    train_cfg = {**TINY_TRAIN, "max_epochs": 2, "deterministic": True}
+    aug_images, aug_sources = shifted_copies(images, TRAIN_IDS[:100])
+    histories = []
+    for run in ("a", "b"):
+        fit(
+            images,
+            labels,
+            TRAIN_IDS,
+            VAL_IDS,
+            aug_images,
+            aug_sources,
+            TINY_MODEL,
+            train_cfg,
+            tmp_path / run,
+        )
+        histories.append(pd.read_csv(tmp_path / run / "history.csv"))
+    columns = ["train_loss", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns], check_exact=True)
+    other_seed = {**train_cfg, "seed": 1}
+    fit(
+        images,
+        labels,
+        TRAIN_IDS,
+        VAL_IDS,
+        aug_images,
+        aug_sources,
+        TINY_MODEL,
+        other_seed,
+        tmp_path / "c",
+    )
+    third = pd.read_csv(tmp_path / "c" / "history.csv")
+    assert not np.array_equal(third["train_loss"], histories[0]["train_loss"])
+
+
+@pytest.mark.parametrize(
+    ("train_ids", "val_ids", "message"),
+    [
+        (np.arange(10), np.arange(0), "no validation images"),
+        (np.arange(0), np.arange(10), "no training images"),
+        (np.arange(20), np.arange(10, 30), "both in the training and the validation"),
+        (np.arange(10), np.arange(10, 20), "single class"),
+        (np.arange(10), np.arange(10, 20) + 10_000, "outside"),
+    ],
+)
+def test_ids_that_cannot_train_raise_data_error(tmp_path, train_ids, val_ids, message):
+    images = np.zeros((40, 8, 8, 1), dtype=np.uint8)
+    labels = np.repeat([0, 1], 20)
+    with pytest.raises(DataError, match=message):
+        fit(images, labels, train_ids, val_ids, None, None, TINY_MODEL, TINY_TRAIN, tmp_path)
+
+
+def test_apply_overrides_sets_values_on_copies():
+    model_cfg, train_cfg = apply_overrides(
+        CONFIG["model"],
+        CONFIG["train"],
+        {"train.lr": 0.01, "model.dropout": 0.1, "train.online_augment.crop_padding": 0},
+    )
+    assert train_cfg["lr"] == 0.01 and model_cfg["dropout"] == 0.1
+    assert train_cfg["online_augment"]["crop_padding"] == 0
+    assert CONFIG["train"]["online_augment"]["crop_padding"] != 0  # the input is untouched
+    assert train_cfg["batch_size"] == CONFIG["train"]["batch_size"]
+    for bad in ("train.lrr", "optim.lr", "train", "train.online_augment.nope"):
+        with pytest.raises(ConfigError, match="train|optim"):
+            apply_overrides(CONFIG["model"], CONFIG["train"], {bad: 1})
+
+
+def test_resume_key_follows_params_and_inputs(tmp_path):
+    data = tmp_path / "index.csv"
+    data.write_text("id\n0\n")
+    key = resume_key([data], {"train": {"lr": 0.01}})
+    assert key == resume_key([data], {"train": {"lr": 0.01}})
+    assert key != resume_key([data], {"train": {"lr": 0.02}})
+    data.write_text("id\n0\n1\n")
+    assert key != resume_key([data], {"train": {"lr": 0.01}})
+
+
+def test_combined_history_takes_each_epoch_from_its_latest_attempt(tmp_path):
+    first = tmp_path / "version_0"
+    second = tmp_path / "version_1"
+    first.mkdir()
+    second.mkdir()
+    # Attempt 0 ran epochs 0-2 (2 only partly) before the kill; attempt 1 resumed after epoch 1.
+    (first / "metrics.csv").write_text(
+        "epoch,lr-AdamW/pg1,lr-AdamW/pg2,step,train_loss,val_acc,val_loss\n"
+        ",0.1,0.1,0,,,\n0,,,9,,0.5,1.5\n0,,,9,2.0,,\n"
+        ",0.2,0.2,10,,,\n1,,,19,,0.6,1.2\n1,,,19,1.5,,\n"
+        ",0.3,0.3,20,,,\n2,,,29,,0.1,9.9\n"
+    )
+    (second / "metrics.csv").write_text(
+        "epoch,lr-AdamW/pg1,lr-AdamW/pg2,step,train_loss,val_acc,val_loss\n"
+        ",0.3,0.3,20,,,\n2,,,29,,0.7,1.0\n2,,,29,1.2,,\n"
+    )
+    history = combined_history(tmp_path)
+    assert history.columns[:6].tolist() == [
+        "epoch",
+        "step",
+        "train_loss",
+        "val_loss",
+        "val_acc",
+        "lr",
+    ]
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history["step"].tolist() == [9, 19, 29]
+    assert history["val_acc"].tolist() == [0.5, 0.6, 0.7]
+    assert history["train_loss"].tolist() == [2.0, 1.5, 1.2]
+    assert history["lr"].tolist() == [0.1, 0.2, 0.3]
+    assert history["attempt"].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_index_batches_shard_and_shuffle(world_size):
+    n, batch = 23, 4
+    train = [
+        IndexBatches(n, batch, True, seed=5, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    shards = [torch.cat(list(s)) for s in train]
+    assert len({len(s) for s in shards}) == 1  # equal steps on every rank
+    assert set(torch.cat(shards).tolist()) == set(range(n))
+    assert [len(list(s)) for s in train] == [len(s) for s in train]
+    evaluation = [
+        IndexBatches(n, batch, False, rank=r, world_size=world_size) for r in range(world_size)
+    ]
+    assert sorted(torch.cat([torch.cat(list(s)) for s in evaluation]).tolist()) == list(range(n))
+    assert [len(list(s)) for s in evaluation] == [len(s) for s in evaluation]
+    sampler = train[0]
+    epoch0 = torch.cat(list(sampler))
+    sampler.set_epoch(1)
+    assert not torch.equal(epoch0, torch.cat(list(sampler)))
+    sampler.set_epoch(0)
+    assert torch.equal(epoch0, torch.cat(list(sampler)))
+    dropping = IndexBatches(n, batch, True, drop_last=True)
+    assert all(len(b) == batch for b in dropping) and len(dropping) == n // batch
+
+
+def test_online_augmentation_shifts_and_flips_each_image_independently():
+    torch.manual_seed(0)
+    x = torch.zeros(200, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0
+    moved = random_translate(x, padding=2)
+    assert moved.shape == x.shape
+    rows, cols = torch.nonzero(moved[:, 0], as_tuple=True)[1:]
+    assert moved.sum().item() == 200  # a dot moved by <= 2 px stays inside the 9x9 frame
+    assert rows.sub(4).abs().max() == 2 and cols.sub(4).abs().max() == 2
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == 25
+    assert torch.equal(random_translate(x, padding=0), x)
+    y = torch.zeros(200, 1, 3, 3)
+    y[:, 0, 1, 0] = 1.0
+    flipped = random_hflip(y)
+    left = flipped[:, 0, 1, 0].sum().item()
+    assert flipped[:, 0, 1, 2].sum().item() + left == 200 and 50 < left < 150
