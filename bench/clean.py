@@ -18,6 +18,7 @@ and the fraction of clean images each flags. No assertions.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import sys
@@ -59,6 +60,9 @@ FONTS = (
     cv2.FONT_HERSHEY_COMPLEX,
     cv2.FONT_HERSHEY_TRIPLEX,
 )
+# Workers start as fresh interpreters, like Snakemake's jobs (a forked child
+# inherits OpenCV's thread pool mid-state and can hang in cv2.setNumThreads).
+FRESH_PROCESSES = multiprocessing.get_context("spawn")
 # Cleanvision issue types that are not defects (every grey image is "grayscale").
 CLEANVISION_IGNORED = {"grayscale"}
 
@@ -228,17 +232,14 @@ def write_tree(root: Path, n: int, seed: int = 0) -> pd.DataFrame:
 
 def _ingest_one(args: tuple) -> None:
     from imgpipe.ingest import index_shard
+    from imgpipe.scan import load_files
 
+    # As scripts/ingest_shard.py: the shards are the parallelism, not OpenCV's threads.
+    cv2.setNumThreads(1)
     files_csv, shard, shards, image_cfg, max_pixels, out = args
-    files = pd.read_csv(files_csv, dtype=str, keep_default_na=False)
+    stats_path, images_path = f"{out}/shard-{shard}/stats.csv", f"{out}/shard-{shard}/images.npy"
     index_shard(
-        files,
-        shard,
-        shards,
-        image_cfg,
-        max_pixels,
-        f"{out}/shard-{shard}/stats.csv",
-        f"{out}/shard-{shard}/images.npy",
+        load_files(files_csv), shard, shards, image_cfg, max_pixels, stats_path, images_path
     )
 
 
@@ -257,7 +258,7 @@ def run_ours(
         (files_csv, s, shards, config["image"], config["clean"]["max_pixels"], work)
         for s in range(shards)
     ]
-    with ProcessPoolExecutor(shards) as pool:
+    with ProcessPoolExecutor(shards, mp_context=FRESH_PROCESSES) as pool:
         list(pool.map(_ingest_one, jobs))
     outputs = {
         name: work / "clean" / f"{name}.{ext}"
@@ -304,6 +305,7 @@ def run_cleanvision(root: Path) -> tuple[float, pd.DataFrame]:
 
 
 def _decode(paths: list[str]) -> int:
+    cv2.setNumThreads(1)
     return sum(cv2.imread(p, cv2.IMREAD_UNCHANGED) is not None for p in paths)
 
 
@@ -311,7 +313,7 @@ def run_decode_only(root: Path, workers: int = 2) -> float:
     """cv2.imread every file (in `workers` processes, like ours); return seconds."""
     start = time.perf_counter()
     paths = sorted(str(p) for p in root.rglob("*.png"))
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, mp_context=FRESH_PROCESSES) as pool:
         list(pool.map(_decode, [paths[k::workers] for k in range(workers)]))
     return time.perf_counter() - start
 
