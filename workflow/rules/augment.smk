@@ -11,6 +11,8 @@ rule augment:
         "logs/augment.log",
     benchmark:
         "benchmarks/augment.tsv"
+    conda:
+        "../../envs/data.yaml"
     params:
         augment=config["augment"],
         code=code("augment", "split", "dataset"),

@@ -34,6 +34,8 @@ rule cluster:
         "benchmarks/cluster/{features}.tsv"
     wildcard_constraints:
         features="pixels|embeddings",
+    conda:
+        "../../envs/train.yaml"
     threads: 4
     params:
         # "features" only picks which jobs run; it does not change any one job.

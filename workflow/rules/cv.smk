@@ -8,6 +8,8 @@ rule cv_folds:
         "logs/cv/folds.log",
     benchmark:
         "benchmarks/cv/folds.tsv"
+    conda:
+        "../../envs/train.yaml"
     params:
         cv=config["cv"],
         seed=config["split"]["seed"],
@@ -32,6 +34,8 @@ rule cv_fold:
         "benchmarks/cv/fold-{fold}.tsv"
     wildcard_constraints:
         fold=r"\d+",
+    conda:
+        "../../envs/train.yaml"
     threads: 1
     resources:
         gpu=GPUS_PER_JOB,
@@ -71,6 +75,8 @@ rule cv_summary:
         "logs/cv/summary.log",
     benchmark:
         "benchmarks/cv/summary.tsv"
+    conda:
+        "../../envs/train.yaml"
     params:
         code=code("cv", "dataset", "plots"),
     script:

@@ -8,6 +8,8 @@ rule demo_data:
         "logs/demo_data.log",
     benchmark:
         "benchmarks/demo_data.tsv"
+    conda:
+        "../../envs/data.yaml"
     params:
         tree=DEMO_ROOT,
         code=code("demo"),

@@ -16,6 +16,8 @@ rule evaluate:
         "logs/evaluate.log",
     benchmark:
         "benchmarks/evaluate.tsv"
+    conda:
+        "../../envs/train.yaml"
     params:
         code=code("evaluate", "split", "dataset", "training", "lightning", "models"),
     script:

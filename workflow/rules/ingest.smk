@@ -7,6 +7,8 @@ rule list_images:
         "logs/ingest/list_images.log",
     benchmark:
         "benchmarks/ingest/list_images.tsv"
+    conda:
+        "../../envs/data.yaml"
     params:
         root=data_root(),
         test_root=config["data"]["test_root"],
@@ -29,6 +31,8 @@ rule ingest_shard:
         "benchmarks/ingest/shard-{shard}.tsv"
     wildcard_constraints:
         shard=r"\d+",
+    conda:
+        "../../envs/data.yaml"
     params:
         shards=config["clean"]["shards"],
         max_pixels=config["clean"]["max_pixels"],

@@ -10,6 +10,8 @@ rule config_snapshot:
     log:
         "logs/config_snapshot.log",
     localrule: True
+    conda:
+        "../../envs/report.yaml"
     params:
         config=config,
         configfiles=[str(path) for path in workflow.configfiles],
@@ -38,6 +40,8 @@ rule report:
     benchmark:
         "benchmarks/report.tsv"
     localrule: True
+    conda:
+        "../../envs/report.yaml"
     params:
         report=config["report"],
         code=code("report"),

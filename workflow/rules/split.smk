@@ -7,6 +7,8 @@ rule split:
         "logs/split.log",
     benchmark:
         "benchmarks/split.tsv"
+    conda:
+        "../../envs/data.yaml"
     params:
         split=config["split"],
         test_root=bool(config["data"]["test_root"]),

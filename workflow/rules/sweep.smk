@@ -17,6 +17,8 @@ if config["sweep"]["enabled"]:
             "logs/sweep/{trial}.log",
         benchmark:
             "benchmarks/sweep/{trial}.tsv"
+        conda:
+            "../../envs/train.yaml"
         threads: 1
         resources:
             gpu=GPUS_PER_JOB,
@@ -46,6 +48,8 @@ if config["sweep"]["enabled"]:
             "logs/sweep/aggregate.log",
         benchmark:
             "benchmarks/sweep/aggregate.tsv"
+        conda:
+            "../../envs/train.yaml"
         params:
             monitor=config["train"]["monitor"],
             code=code("sweep", "plots"),
