@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -543,7 +543,7 @@ def rejected_table(decisions: Decisions) -> pd.DataFrame:
 
 
 def summary(decisions: Decisions, settings: CleanSettings) -> dict:
-    """Counts per class kept, per reason and per class rejected, totals, group sizes, leakage."""
+    """Counts per class kept, per reason and per class rejected, totals, group sizes, leakage, settings."""
     stats, kept = decisions.stats, decisions.kept
     labels = stats["label"].astype(str).to_numpy()
     reasons = decisions.reason[~kept]
@@ -563,6 +563,7 @@ def summary(decisions: Decisions, settings: CleanSettings) -> dict:
             **group_sizes(index["group"].to_numpy()),
         },
         "leakage": {"test_leak": int((reasons == "test_leak").sum())},
+        "settings": asdict(settings),
     }
 
 

@@ -498,6 +498,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
     assert summary["kept_per_class"] == {"a": 8, "b": 3}
     assert summary["near_duplicates"]["max_group_size"] == 3
     assert summary["near_duplicates"]["groups_above_one"] == 2
+    assert summary["settings"]["blur"] == CleanSettings().blur
     figure = cv2.imread(str(outputs["examples"]))
     assert figure is not None and figure.shape[0] > 50
     assert not list((tmp_path / "clean").glob(".*"))  # no temp files left behind
