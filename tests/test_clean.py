@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from imgpipe import clean, imagestats
 from imgpipe.clean import CleanSettings
@@ -334,6 +336,17 @@ def test_digits_keep_over_99_percent_and_groups_stay_small(tmp_path):
     smallest_class = np.bincount(labels).min()
     assert sizes["max_group_size"] <= 5
     assert sizes["max_group_size"] < 0.01 * smallest_class
+
+    # Loose thresholds make chains: their connected components snowball
+    # (~140 images), the leader groups stay an order of magnitude smaller.
+    stats = decisions.stats
+    i, j, _ = clean.hash_pairs(clean.parse_hashes(stats["phash"].to_numpy()), 10)
+    close = clean.pixel_differences(lambda rows: load_images(stats.iloc[rows]), i, j) <= 20
+    i, j = i[close], j[close]
+    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(len(stats), len(stats)))
+    components = np.bincount(connected_components(graph, directed=False)[1]).max()
+    leaders = np.bincount(clean.leader_groups(len(stats), i, j)).max()
+    assert components > 50 and leaders * 5 < components
 
 
 def test_letters_icons_and_line_art_on_plain_backgrounds_keep_over_99_percent(tmp_path):
