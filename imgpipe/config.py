@@ -79,3 +79,8 @@ def source_fingerprint(modules: Iterable[str]) -> str:
         digest.update(name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def local_gpus_present() -> bool:
+    """Whether this machine has NVIDIA devices (checked without importing torch)."""
+    return Path("/dev/nvidiactl").exists()

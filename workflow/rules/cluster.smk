@@ -2,20 +2,6 @@
 # job depends on the model, so retraining never reruns pixel clustering.
 
 
-def cluster_inputs(wildcards):
-    inputs = {"index": "results/clean/index.csv", "arrays": shard_images(wildcards)}
-    if wildcards.features == "embeddings":
-        inputs["model"] = "results/train/final/model.ckpt"
-    return inputs
-
-
-def cluster_code(wildcards):
-    modules = ["cluster", "plots", "dataset"]
-    if wildcards.features == "embeddings":
-        modules += ["training", "lightning", "models"]
-    return code(*modules)
-
-
 rule cluster:
     input:
         unpack(cluster_inputs),

@@ -7,7 +7,12 @@ from snakemake.utils import Paramspace, validate
 
 sys.path.insert(0, workflow.basedir)
 
-from imgpipe.config import check_config, load_schema, source_fingerprint
+from imgpipe.config import (
+    check_config,
+    load_schema,
+    local_gpus_present,
+    source_fingerprint,
+)
 from imgpipe.sweep import overrides, trial_table
 
 ##### config validation #####
@@ -97,7 +102,7 @@ def shard_images(wildcards):
 # A training job asks for one GPU where the machine has NVIDIA devices; on a
 # CPU-only machine it asks for none (so --resources gpu=N never serialises CPU
 # jobs). The SLURM profile sets the gpu resource of the training rules itself.
-GPUS_PER_JOB = 1 if Path("/dev/nvidiactl").exists() else 0
+GPUS_PER_JOB = 1 if local_gpus_present() else 0
 TRAIN_CODE = (
     "models",
     "lightning",
@@ -123,3 +128,20 @@ def best_params_input(wildcards):
 def sweep_overrides(instance):
     """The config overrides of one sweep trial (dotted key -> value)."""
     return overrides(instance, config["sweep"])
+
+
+##### clustering #####
+
+
+def cluster_inputs(wildcards):
+    inputs = {"index": "results/clean/index.csv", "arrays": shard_images(wildcards)}
+    if wildcards.features == "embeddings":
+        inputs["model"] = "results/train/final/model.ckpt"
+    return inputs
+
+
+def cluster_code(wildcards):
+    modules = ["cluster", "plots", "dataset"]
+    if wildcards.features == "embeddings":
+        modules += ["training", "lightning", "models"]
+    return code(*modules)

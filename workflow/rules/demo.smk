@@ -11,7 +11,7 @@ rule demo_data:
     conda:
         "../../envs/data.yaml"
     params:
-        tree=DEMO_ROOT,
+        tree=lambda wildcards, output: os.path.splitext(output[0])[0],
         code=code("demo"),
     script:
         "../../scripts/demo_data.py"
