@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,16 +20,17 @@ from imgpipe.models import build_model
 # Lightning hints that do not apply here: the arrays are decoded in memory (a
 # batch is one tensor gather, workers cannot help); metrics are logged per
 # epoch, not per step; the module's on_after_batch_transfer is meant to win
-# over the data module's; srun is only used when SLURM starts the ranks; a
-# deprecation inside Lightning itself.
+# over the data module's; srun is only used when SLURM starts the ranks;
+# deprecations inside Lightning itself.
 for _hint in (
     "does not have many workers",
     "smaller than the logging interval",
     "overridden `on_after_batch_transfer`",
     "The `srun` command is available",
     "isinstance(treespec, LeafSpec)` is deprecated",
+    "torch.distributed.nn.functional.all_gather is deprecated",
 ):
-    warnings.filterwarnings("ignore", message=f".*{_hint}.*")
+    warnings.filterwarnings("ignore", message=f".*{re.escape(_hint)}")
 
 
 def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
@@ -106,6 +108,11 @@ class ImageClassifier(pl.LightningModule):
         if x.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def on_fit_start(self) -> None:
+        """On GPUs, keep the weights channels-last like the batches (faster convolutions)."""
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Preprocess on the device; augment only while training."""

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from pytorch_lightning.callbacks import (
     Callback,
     EarlyStopping,
@@ -239,6 +239,18 @@ def choose_strategy(world_size: int, on_gpu: bool) -> str:
     return "ddp_fork"
 
 
+def trainer_plugins(strategy: str) -> list:
+    """Atomic checkpoint writes; and when we start the ranks ourselves, a plain local environment.
+
+    Inside a one-task SLURM job holding several GPUs, Lightning would otherwise
+    detect SLURM, expect srun to have started one task per device, and refuse.
+    """
+    plugins: list = [AtomicCheckpointIO()]
+    if strategy in ("ddp_fork", "ddp_spawn"):
+        plugins.append(LightningEnvironment())
+    return plugins
+
+
 def checkpoint_loads(path: Path) -> bool:
     """True when ``path`` holds a complete, readable checkpoint."""
     try:
@@ -415,7 +427,7 @@ def fit(
         num_sanity_val_steps=0,
         log_every_n_steps=50,
         use_distributed_sampler=False,  # the data module shards batches per rank itself
-        plugins=[AtomicCheckpointIO()],
+        plugins=trainer_plugins(strategy),
         default_root_dir=state_dir,
     )
     log.info(

@@ -29,6 +29,10 @@ from imgpipe.training import (
     resume_key,
 )
 
+# Lightning hints that fit's settings make moot (fit filters them outside pytest too).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"
+)
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 TINY_MODEL = {**CONFIG["model"], "channels": [8, 16], "dropout": 0.0}
@@ -128,8 +132,18 @@ def test_other_optimisers_schedules_and_monitors_train(digits16, tmp_path, chang
         assert history["lr"].iloc[-1] < history["lr"].iloc[0]
 
 
-def test_ddp_on_two_cpu_processes(digits16, tmp_path):
+@pytest.mark.parametrize("inside_slurm", [False, True])
+def test_ddp_on_two_cpu_processes(digits16, tmp_path, monkeypatch, inside_slurm):
     images, labels = digits16
+    if inside_slurm:
+        # A one-task SLURM job: fit starts both ranks itself instead of expecting srun to.
+        for key, value in {
+            "SLURM_NTASKS": "1",
+            "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_JOB_NAME": "train",
+            "SLURM_NNODES": "1",
+        }.items():
+            monkeypatch.setenv(key, value)
     summary = fit(
         images,
         labels,
