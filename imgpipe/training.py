@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,94 @@ def check_run_ids(labels: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray
         raise DataError("the training images of this run hold a single class")
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """Where and how a fit runs: accelerator, processes, strategy, precision, threads per rank."""
+
+    on_gpu: bool
+    devices: int
+    num_nodes: int
+    strategy: str
+    precision: str
+    rank_threads: int
+
+    @property
+    def world_size(self) -> int:
+        """Processes over all nodes."""
+        return self.devices * self.num_nodes
+
+
+def plan_run(train_cfg: Mapping, devices: int | None, threads: int | None) -> RunPlan:
+    """Pick devices, strategy, precision and threads from the config and the job."""
+    on_gpu = torch.cuda.is_available()  # NVML-based under Lightning: CUDA stays uninitialised
+    n_devices = int(devices or (1 if on_gpu else train_cfg.get("cpu_devices", 1)))
+    num_nodes = int(train_cfg.get("num_nodes", 1))
+    total_threads = train_cfg.get("threads") or threads or torch.get_num_threads()
+    # CPU ranks share the job's cores; a GPU rank keeps them all for its host work.
+    rank_threads = total_threads if on_gpu else max(1, total_threads // n_devices)
+    return RunPlan(
+        on_gpu=on_gpu,
+        devices=n_devices,
+        num_nodes=num_nodes,
+        strategy=choose_strategy(n_devices * num_nodes, on_gpu),
+        precision=resolve_precision(train_cfg.get("precision", "auto"), on_gpu),
+        rank_threads=rank_threads,
+    )
+
+
+def monitor_mode(train_cfg: Mapping) -> tuple[str, str]:
+    """The monitored metric and whether it is maximised or minimised."""
+    monitor = train_cfg.get("monitor", "val_acc")
+    return monitor, "max" if monitor.endswith("acc") else "min"
+
+
+def make_trainer(train_cfg: Mapping, plan: RunPlan, state_dir: Path) -> pl.Trainer:
+    """A Trainer for ``plan`` keeping its checkpoints, logs and run stats in ``state_dir``.
+
+    Per-step overheads are off (progress bar, model summary, sanity check):
+    they cost ~5% of a small CPU model's step time (bench/train.py).
+    """
+    monitor, mode = monitor_mode(train_cfg)
+    checkpoint = ModelCheckpoint(
+        dirpath=state_dir / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="epoch"),
+        RunStats(state_dir / "run-stats.json", plan.rank_threads),
+    ]
+    patience = train_cfg.get("early_stopping_patience", 5)
+    if patience > 0:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
+    deterministic = bool(train_cfg.get("deterministic", True))
+    return pl.Trainer(
+        accelerator="gpu" if plan.on_gpu else "cpu",
+        devices=plan.devices,
+        num_nodes=plan.num_nodes,
+        strategy=plan.strategy,
+        precision=plan.precision,
+        max_epochs=train_cfg.get("max_epochs", 10),
+        callbacks=callbacks,
+        logger=CSVLogger(state_dir, name="logs", flush_logs_every_n_steps=1),
+        # Some CUDA kernels (e.g. scatter-adds) have no deterministic version: warn there, do not stop.
+        deterministic=("warn" if plan.on_gpu else True) if deterministic else False,
+        benchmark=False if deterministic else None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=50,
+        use_distributed_sampler=False,  # the data module shards batches per rank itself
+        plugins=trainer_plugins(plan.strategy),
+        default_root_dir=state_dir,
+    )
+
+
 def fit(
     images: np.ndarray,
     labels: np.ndarray,
@@ -350,25 +439,8 @@ def fit(
     labels = np.asarray(labels, dtype=np.int64)
     check_run_ids(labels, train_ids, val_ids)
     model_cfg, train_cfg = plain(model_cfg), plain(train_cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_dir = (
-        Path(resume_dir) if resume_dir else Path(tempfile.mkdtemp(prefix=".fit-", dir=out_dir))
-    )
-    resume_from, resumed_epoch = resume_point(state_dir)
-    if resume_from is not None:
-        log.info("resuming from %s (epoch %d done)", resume_from, resumed_epoch)
-
-    on_gpu = torch.cuda.is_available()
-    n_devices = int(devices or (1 if on_gpu else train_cfg.get("cpu_devices", 1)))
-    num_nodes = int(train_cfg.get("num_nodes", 1))
-    world_size = n_devices * num_nodes
-    strategy = choose_strategy(world_size, on_gpu)
-    precision = resolve_precision(train_cfg.get("precision", "auto"), on_gpu)
-    total_threads = train_cfg.get("threads") or threads or torch.get_num_threads()
-    rank_threads = max(1, total_threads // n_devices) if not on_gpu else total_threads
-    torch.set_num_threads(rank_threads)
-
+    plan = plan_run(train_cfg, devices, threads)
+    torch.set_num_threads(plan.rank_threads)
     pl.seed_everything(train_cfg.get("seed", 0), workers=True, verbose=False)
     mean, std = channel_stats(images[train_ids])
     module = ImageClassifier(
@@ -387,62 +459,62 @@ def fit(
         val_ids,
         aug_images,
         aug_sources,
-        batch_size=train_cfg.get("batch_size", 64),
+        batch_size=train_cfg.get("batch_size", 128),
         num_workers=train_cfg.get("num_workers", 0),
         seed=train_cfg.get("seed", 0),
     )
-
-    monitor = train_cfg.get("monitor", "val_acc")
-    mode = "max" if monitor.endswith("acc") else "min"
-    checkpoint = ModelCheckpoint(
-        dirpath=state_dir / "checkpoints",
-        filename="best",
-        monitor=monitor,
-        mode=mode,
-        save_top_k=1,
-        save_last=True,
-        enable_version_counter=False,
-    )
-    stats_path = state_dir / "run-stats.json"
-    callbacks: list[Callback] = [checkpoint, LearningRateMonitor(logging_interval="epoch")]
-    callbacks.append(RunStats(stats_path, rank_threads))
-    patience = train_cfg.get("early_stopping_patience", 8)
-    if patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
-    deterministic = bool(train_cfg.get("deterministic", True))
-    trainer = pl.Trainer(
-        accelerator="gpu" if on_gpu else "cpu",
-        devices=n_devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
-        max_epochs=train_cfg.get("max_epochs", 30),
-        callbacks=callbacks,
-        logger=CSVLogger(state_dir, name="logs", flush_logs_every_n_steps=1),
-        # Some CUDA kernels (e.g. scatter-adds) have no deterministic version: warn there, do not stop.
-        deterministic=("warn" if on_gpu else True) if deterministic else False,
-        benchmark=False if deterministic else None,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=50,
-        use_distributed_sampler=False,  # the data module shards batches per rank itself
-        plugins=trainer_plugins(strategy),
-        default_root_dir=state_dir,
-    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    private = resume_dir is None
+    state_dir = Path(tempfile.mkdtemp(prefix=".fit-", dir=out_dir)) if private else Path(resume_dir)
+    try:
+        resume_from, resumed_epoch = resume_point(state_dir)
+        if resume_from is not None:
+            log.info("resuming from %s (epoch %d done)", resume_from, resumed_epoch)
+        trainer = make_trainer(train_cfg, plan, state_dir)
+        log.info(
+            "training %s on %d images (+%d augmented), validating on %d; %s x%d, %s, %s",
+            model_cfg["name"],
+            len(train_ids),
+            data.aug_count,
+            len(val_ids),
+            "gpu" if plan.on_gpu else "cpu",
+            plan.world_size,
+            plan.strategy,
+            plan.precision,
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    except BaseException:
+        if private:  # nobody can resume from it: do not leave it behind
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+    counts = {
+        "train_images": len(train_ids),
+        "augmented_images": data.aug_count,
+        "val_images": len(val_ids),
+    }
+    summary = write_outputs(state_dir, out_dir, train_cfg, plan, counts, resumed_epoch, started)
+    shutil.rmtree(state_dir, ignore_errors=True)
     log.info(
-        "training %s on %d images (+%d augmented), validating on %d; %s x%d, %s, %s",
-        model_cfg["name"],
-        len(train_ids),
-        data.aug_count,
-        len(val_ids),
-        "gpu" if on_gpu else "cpu",
-        world_size,
-        strategy,
-        precision,
+        "best %s %.4f at epoch %d; %.1f s",
+        summary["monitor"],
+        summary["best_score"],
+        summary["best_epoch"],
+        summary["seconds"],
     )
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    return summary
 
+
+def write_outputs(
+    state_dir: Path,
+    out_dir: Path,
+    train_cfg: Mapping,
+    plan: RunPlan,
+    counts: Mapping[str, int],
+    resumed_epoch: int | None,
+    started: float,
+) -> dict:
+    """Write the best checkpoint (weights + hyper-parameters only), history.csv and summary.json."""
     best = state_dir / "checkpoints" / "best.ckpt"
     if not best.is_file():
         best = state_dir / "checkpoints" / "last.ckpt"
@@ -450,41 +522,33 @@ def fit(
     atomic_torch_save({k: saved[k] for k in CHECKPOINT_KEYS if k in saved}, out_dir / "model.ckpt")
     history = combined_history(state_dir / "logs")
     atomic_write_text(out_dir / "history.csv", history.to_csv(index=False))
+    stats_path = state_dir / "run-stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-    seconds = time.perf_counter() - started
-    samples = sum(stats.get("samples_per_rank", [0]))
+    train_seconds = stats.get("train_seconds")
+    samples = sum(stats.get("samples_per_rank") or [0])
+    monitor, mode = monitor_mode(train_cfg)
     summary = {
         "monitor": monitor,
         "best_score": _best_score(history, monitor, mode),
         "best_epoch": int(saved["epoch"]),
         "epochs": int(history["epoch"].max()) + 1 if len(history) else 0,
         "stopped_early": bool(stats.get("stopped_early", False)),
-        "seconds": seconds,
-        "train_seconds": stats.get("train_seconds"),
-        "images_per_s": samples / stats["train_seconds"] if stats.get("train_seconds") else None,
-        "accelerator": "gpu" if on_gpu else "cpu",
-        "devices": n_devices,
-        "num_nodes": num_nodes,
-        "world_size": stats.get("world_size", world_size),
+        "seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "images_per_s": samples / train_seconds if train_seconds else None,
+        "accelerator": "gpu" if plan.on_gpu else "cpu",
+        "devices": plan.devices,
+        "num_nodes": plan.num_nodes,
+        "world_size": stats.get("world_size", plan.world_size),
         "samples_per_rank": stats.get("samples_per_rank"),
-        "strategy": strategy,
-        "precision": precision,
-        "threads_per_rank": rank_threads,
-        "train_images": len(train_ids),
-        "augmented_images": data.aug_count,
-        "val_images": len(val_ids),
+        "strategy": plan.strategy,
+        "precision": plan.precision,
+        "threads_per_rank": plan.rank_threads,
+        **counts,
         "resumed_from_epoch": resumed_epoch,
         "attempts": int(history["attempt"].max()) + 1 if len(history) else 1,
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(state_dir, ignore_errors=True)
-    log.info(
-        "best %s %.4f at epoch %d; %.1f s",
-        monitor,
-        summary["best_score"],
-        summary["best_epoch"],
-        seconds,
-    )
     return summary
 
 

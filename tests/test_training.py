@@ -19,7 +19,7 @@ import yaml
 from imgpipe.config import ConfigError
 from imgpipe.demo import digits_images
 from imgpipe.errors import DataError
-from imgpipe.lightning import IndexBatches, random_hflip, random_translate
+from imgpipe.lightning import ImageClassifier, IndexBatches, random_hflip, random_translate
 from imgpipe.training import (
     apply_overrides,
     combined_history,
@@ -215,6 +215,18 @@ def test_resume_after_kill_continues_from_last_checkpoint(tmp_path):
     assert (history.loc[history["epoch"] <= killed_at, "attempt"] == 0).all()
     assert (history.loc[history["epoch"] > killed_at, "attempt"] == 1).all()
     assert not resume_dir.exists(), "the resume state is removed after success"
+
+
+def test_failed_fit_leaves_no_private_state(digits16, tmp_path, monkeypatch):
+    images, labels = digits16
+
+    def broken_step(self, batch, batch_idx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ImageClassifier, "training_step", broken_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, TINY_MODEL, TINY_TRAIN, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unreadable_resume_state_starts_over(digits16, tmp_path):
