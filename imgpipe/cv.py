@@ -194,6 +194,10 @@ def summarise_cv(
     suspects.insert(0, "id", oof["id"].to_numpy()[suspects.pop("row").to_numpy()])
     write_csv(suspects, outputs["suspects"])
     shown = suspects.head(24)
+    if shown.empty:  # a good model on clean labels flags nothing
+        image_grid([], outputs["suspects_png"])
+        log.info("cv: %s; no suspect labels", table.to_dict("records"))
+        return table
     images = load_images(index.set_index("id").loc[shown["id"]].reset_index())
     titles = [
         f"{given}->{sug} {score:.2f}"

@@ -311,12 +311,10 @@ def check_run_ids(labels: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray
     """Raise DataError when the ids cannot support a training run."""
     if len(train_ids) == 0:
         raise DataError("no training images in this run")
-    if len(val_ids) == 0:
-        raise DataError("no validation images in this run (the checkpoint is picked on validation)")
     if np.intersect1d(train_ids, val_ids).size:
         raise DataError("some images are both in the training and the validation set of this run")
     for name, ids in (("train", train_ids), ("val", val_ids)):
-        if ids.min() < 0 or ids.max() >= len(labels):
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(labels)):
             raise DataError(f"{name} ids outside 0..{len(labels) - 1}")
     if len(np.unique(labels[train_ids])) < 2:
         raise DataError("the training images of this run hold a single class")
@@ -363,17 +361,21 @@ def monitor_mode(train_cfg: Mapping) -> tuple[str, str]:
     return monitor, "max" if monitor.endswith("acc") else "min"
 
 
-def make_trainer(train_cfg: Mapping, plan: RunPlan, state_dir: Path) -> pl.Trainer:
+def make_trainer(
+    train_cfg: Mapping, plan: RunPlan, state_dir: Path, validate: bool = True
+) -> pl.Trainer:
     """A Trainer for ``plan`` keeping its checkpoints, logs and run stats in ``state_dir``.
 
     Per-step overheads are off (progress bar, model summary, sanity check):
-    they cost ~5% of a small CPU model's step time (bench/train.py).
+    they cost ~5% of a small CPU model's step time (bench/train.py). Without
+    validation (``validate=False``: the final model on the whole training
+    pool for a fixed number of epochs) the last epoch is the model.
     """
     monitor, mode = monitor_mode(train_cfg)
     checkpoint = ModelCheckpoint(
         dirpath=state_dir / "checkpoints",
         filename="best",
-        monitor=monitor,
+        monitor=monitor if validate else None,
         mode=mode,
         save_top_k=1,
         save_last=True,
@@ -385,7 +387,7 @@ def make_trainer(train_cfg: Mapping, plan: RunPlan, state_dir: Path) -> pl.Train
         RunStats(state_dir / "run-stats.json", plan.rank_threads),
     ]
     patience = train_cfg.get("early_stopping_patience", 5)
-    if patience > 0:
+    if patience > 0 and validate:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     deterministic = bool(train_cfg.get("deterministic", True))
     return pl.Trainer(
@@ -403,6 +405,7 @@ def make_trainer(train_cfg: Mapping, plan: RunPlan, state_dir: Path) -> pl.Train
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0,
         log_every_n_steps=50,
         use_distributed_sampler=False,  # the data module shards batches per rank itself
         plugins=trainer_plugins(plan.strategy),
@@ -425,6 +428,8 @@ def fit(
     threads: int | None = None,
 ) -> dict:
     """Train on ``train_ids``, pick the best epoch on ``val_ids``; write model.ckpt, history.csv, summary.json.
+
+    With no ``val_ids`` it trains for ``train.max_epochs`` and keeps the last epoch.
 
     ``images`` are uint8 (N, S, S, C), ``labels`` integer codes, ids row
     positions. ``devices``: processes to train on (GPUs when present, else CPU
@@ -471,7 +476,7 @@ def fit(
         resume_from, resumed_epoch = resume_point(state_dir)
         if resume_from is not None:
             log.info("resuming from %s (epoch %d done)", resume_from, resumed_epoch)
-        trainer = make_trainer(train_cfg, plan, state_dir)
+        trainer = make_trainer(train_cfg, plan, state_dir, validate=len(val_ids) > 0)
         log.info(
             "training %s on %d images (+%d augmented), validating on %d; %s x%d, %s, %s",
             model_cfg["name"],

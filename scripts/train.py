@@ -33,11 +33,18 @@ if __name__ == "__main__":
             snakemake.input.aug_images,
             snakemake.input.aug_index,
         )
+        if best:
+            # The sweep chose the settings and how many epochs they need: train on
+            # the whole training pool (train + val) for that long, keep the last epoch.
+            train_cfg["max_epochs"] = int(best["epochs"])
+            train_ids, val_ids = data.ids("train", "val"), data.ids()
+        else:
+            train_ids, val_ids = data.ids("train"), data.ids("val")
         key = job_key("final", model_cfg, train_cfg, input_stamp(snakemake.input))
         summary = run_training(
             data,
-            data.ids("train"),
-            data.ids("val"),
+            train_ids,
+            val_ids,
             model_cfg,
             train_cfg,
             Path(snakemake.output.model).parent,
@@ -45,9 +52,7 @@ if __name__ == "__main__":
             key,
         )
         log.info(
-            "final model: %s %.4f at epoch %d of %d, %.0f images/s on %d %s device(s)",
-            summary["monitor"],
-            summary["best_score"],
+            "final model: epoch %d of %d, %.0f images/s on %d %s device(s)",
             summary["best_epoch"],
             summary["epochs"],
             summary["images_per_s"] or 0,

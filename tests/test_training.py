@@ -287,10 +287,22 @@ def test_same_seed_same_metrics(digits16, tmp_path):
     assert not np.array_equal(third["train_loss"], histories[0]["train_loss"])
 
 
+def test_fit_without_validation_trains_all_epochs_and_keeps_the_last(digits16, tmp_path):
+    images, labels = digits16
+    # The final model: the whole pool, a fixed number of epochs, no early stopping.
+    train = {**TINY_TRAIN, "max_epochs": 2, "early_stopping_patience": 3}
+    summary = fit(images, labels, np.arange(500), [], None, None, TINY_MODEL, train, tmp_path)
+    assert summary["epochs"] == 2 and summary["best_epoch"] == 1
+    assert summary["val_images"] == 0
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    probs = predict_proba(tmp_path / "model.ckpt", images[:50])
+    assert (probs.argmax(axis=1) == labels[:50]).mean() > 0.5
+
+
 @pytest.mark.parametrize(
     ("train_ids", "val_ids", "message"),
     [
-        (np.arange(10), np.arange(0), "no validation images"),
         (np.arange(0), np.arange(10), "no training images"),
         (np.arange(20), np.arange(10, 30), "both in the training and the validation"),
         (np.arange(10), np.arange(10, 20), "single class"),

@@ -1,6 +1,7 @@
-# The final model: trained on the split's train role, its best epoch picked on
-# the val role, with the sweep winner's settings when there is a sweep. A
-# killed job resumes from .imgpipe/resume/<hash of its config and inputs>.
+# The final model. With a sweep: the winner's settings, trained on the whole
+# training pool (train + val) for the epochs the winner needed. Without: the
+# train section as is, trained on the train role, best epoch picked on val.
+# A killed job resumes from .imgpipe/resume/<hash of its config and inputs>.
 rule train_final:
     input:
         unpack(best_params_input),
