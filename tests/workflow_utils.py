@@ -1,0 +1,117 @@
+"""Helpers for workflow tests: a private copy of the workflow, a tiny image tree, real snakemake runs."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from imgpipe.demo import digits_images
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "imgpipe", "scripts", "profiles", "envs"]
+
+# Small and quick, but every stage runs: 2 sweep trials, 2 folds, both cluster feature spaces.
+TINY_CONFIG = {
+    "image": {"size": 12},
+    "clean": {"shards": 2},
+    "augment": {"copies": 1},
+    "model": {"channels": [8, 16], "dropout": 0.0},
+    "train": {"max_epochs": 2, "batch_size": 32, "early_stopping_patience": 0, "threads": 1},
+    "sweep": {"grid": {"train.lr": [0.01, 0.02]}},
+    "cv": {"k": 2},
+    "cluster": {"n_init": 2, "pca_dim": 10},
+}
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, nested dicts key by key (copies, no mutation)."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the parts of the repository a run needs into ``dest`` (edits there stay there)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in WORKFLOW_PARTS:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def write_config(workdir: Path, changes: dict) -> dict:
+    """Merge ``changes`` into the copy's config/config.yaml; return the new config."""
+    path = workdir / "config" / "config.yaml"
+    config = deep_merge(yaml.safe_load(path.read_text()), changes)
+    path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return config
+
+
+def digits_tree(root: Path, per_class: int = 20, classes: int = 4, size: int = 16) -> Path:
+    """Write ``per_class`` digits of each of the first ``classes`` classes as PNGs under ``root``."""
+    images, labels = digits_images()
+    for label in range(classes):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for n, index in enumerate(np.flatnonzero(labels == label)[:per_class]):
+            image = cv2.resize(images[index], (size, size), interpolation=cv2.INTER_LINEAR)
+            cv2.imwrite(str(folder / f"{n:03d}.png"), image)
+    return root
+
+
+def snakemake(
+    workdir: Path, *args: str, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run snakemake in ``workdir`` (its own copy of the workflow); fail with its output."""
+    proc = subprocess.run(
+        ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> Counter:
+    """Rules (with job counts) a dry run would execute now."""
+    proc = snakemake(workdir, "-n", "--quiet", "rules", *args)
+    text = proc.stdout + proc.stderr
+    jobs: Counter = Counter()
+    for name, count in re.findall(r"^(\w+)\s+(\d+)\s*$", text, re.MULTILINE):
+        if name != "total":
+            jobs[name] = int(count)
+    return jobs
+
+
+def tree_digest(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``root`` with its mode and bytes, to prove a tree unchanged."""
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            digest[str(path.relative_to(root))] = (0, str(path.readlink()).encode())
+        elif path.is_file():
+            digest[str(path.relative_to(root))] = (path.stat().st_mode, path.read_bytes())
+    return digest
