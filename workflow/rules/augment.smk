@@ -6,7 +6,11 @@ rule augment:
     output:
         images="results/augment/images.npy",
         index="results/augment/index.csv",
-        preview="results/augment/preview.png",
+        preview=report(
+            "results/augment/preview.png",
+            caption="../report/augment_preview.rst",
+            category="Augmentation",
+        ),
     log:
         "logs/augment.log",
     benchmark:

@@ -5,8 +5,16 @@ rule clean:
     output:
         index="results/clean/index.csv",
         rejected="results/clean/rejected.csv",
-        summary="results/clean/summary.json",
-        examples="results/clean/rejected_examples.png",
+        summary=report(
+            "results/clean/summary.json",
+            caption="../report/clean_summary.rst",
+            category="Data",
+        ),
+        examples=report(
+            "results/clean/rejected_examples.png",
+            caption="../report/rejected_examples.rst",
+            category="Data",
+        ),
     log:
         "logs/clean.log",
     benchmark:

@@ -7,10 +7,25 @@ rule cluster:
         unpack(cluster_inputs),
     output:
         assignments="results/cluster/{features}/assignments.csv",
-        metrics="results/cluster/{features}/metrics.json",
+        metrics=report(
+            "results/cluster/{features}/metrics.json",
+            caption="../report/cluster_metrics.rst",
+            category="Clustering",
+            subcategory="{features}",
+        ),
         contingency="results/cluster/{features}/contingency.csv",
-        montage="results/cluster/{features}/montage.png",
-        scatter="results/cluster/{features}/scatter.png",
+        montage=report(
+            "results/cluster/{features}/montage.png",
+            caption="../report/cluster_montage.rst",
+            category="Clustering",
+            subcategory="{features}",
+        ),
+        scatter=report(
+            "results/cluster/{features}/scatter.png",
+            caption="../report/cluster_scatter.rst",
+            category="Clustering",
+            subcategory="{features}",
+        ),
         k_scan="results/cluster/{features}/k_scan.csv",
         k_scan_png="results/cluster/{features}/k_scan.png",
         export=directory("results/cluster/{features}/export"),

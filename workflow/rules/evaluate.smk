@@ -6,11 +6,27 @@ rule evaluate:
         model="results/train/final/model.ckpt",
         history="results/train/final/history.csv",
     output:
-        metrics="results/evaluate/metrics.json",
+        metrics=report(
+            "results/evaluate/metrics.json",
+            caption="../report/test_metrics.rst",
+            category="Test",
+        ),
         confusion="results/evaluate/confusion.csv",
-        confusion_png="results/evaluate/confusion.png",
-        per_class="results/evaluate/per_class.csv",
-        curves="results/evaluate/curves.png",
+        confusion_png=report(
+            "results/evaluate/confusion.png",
+            caption="../report/confusion.rst",
+            category="Test",
+        ),
+        per_class=report(
+            "results/evaluate/per_class.csv",
+            caption="../report/per_class.rst",
+            category="Test",
+        ),
+        curves=report(
+            "results/evaluate/curves.png",
+            caption="../report/training_curves.rst",
+            category="Training",
+        ),
         predictions="results/evaluate/predictions.csv",
     log:
         "logs/evaluate.log",

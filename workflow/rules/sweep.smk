@@ -37,7 +37,11 @@ if config["sweep"]["enabled"]:
                 trial=list(TRIALS.instance_patterns),
             ),
         output:
-            trials="results/sweep/trials.csv",
+            trials=report(
+                "results/sweep/trials.csv",
+                caption="../report/sweep.rst",
+                category="Sweep",
+            ),
             best="results/sweep/best.yaml",
             plot=report(
                 "results/sweep/sweep.png",
