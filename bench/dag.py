@@ -112,7 +112,8 @@ def bare(n: int, tmp: Path) -> tuple[float, int]:
     work = tmp / f"bare-{n}"
     work.mkdir()
     (work / "Snakefile").write_text(BARE)
-    return dry_run(["--config", f"n={n}"], work)
+    (work / "n.yaml").write_text(f"n: {n}\n")
+    return dry_run(["--configfile", "n.yaml"], work)
 
 
 def main() -> None:

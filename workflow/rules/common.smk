@@ -125,9 +125,13 @@ def best_params_input(wildcards):
     return {"best": "results/sweep/best.yaml"} if config["sweep"]["enabled"] else {}
 
 
-def sweep_overrides(instance):
-    """The config overrides of one sweep trial (dotted key -> value)."""
-    return overrides(instance, config["sweep"])
+def trial_overrides(space):
+    """Each trial's path name -> its config overrides (dotted key -> value)."""
+    rows = space.dataframe.to_dict("records")
+    return {
+        name: overrides(row, config["sweep"])
+        for name, row in zip(space.instance_patterns, rows)
+    }
 
 
 ##### clustering #####

@@ -5,6 +5,8 @@ if config["sweep"]["enabled"]:
     TRIALS = Paramspace(
         trial_table(config["sweep"]), filename_params="*", single_wildcard="trial"
     )
+    # Built once: a dict lookup per job keeps DAG building fast for big sweeps.
+    TRIAL_OVERRIDES = trial_overrides(TRIALS)
 
     rule sweep_trial:
         input:
@@ -25,7 +27,7 @@ if config["sweep"]["enabled"]:
         params:
             model=config["model"],
             train=config["train"],
-            overrides=lambda wildcards: sweep_overrides(TRIALS.instance(wildcards)),
+            overrides=lambda wildcards: TRIAL_OVERRIDES[wildcards.trial],
             code=code(*TRAIN_CODE, "sweep"),
         script:
             "../../scripts/sweep_trial.py"
