@@ -200,7 +200,7 @@ def stage_augment(
     total = write_augmented(images, ids, cfg, out["images"], out["index"])
     log.info("wrote %d views (%d per image) of %d images", total, cfg["copies"], len(images))
     # The preview shows the written rows themselves: row r is a view of image r // copies.
-    views = np.load(out["images"], mmap_mode="r")
+    views = np.load(out["images"], mmap_mode="r", allow_pickle=False)
     copies = max(int(cfg["copies"]), 1)
     sources = np.arange(len(views)) // copies
     plot_preview(images, views, sources, out["preview"])

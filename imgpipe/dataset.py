@@ -48,7 +48,12 @@ def load_images(index: pd.DataFrame) -> np.ndarray:
     rows = index["row"].to_numpy(dtype=np.int64)
     out: np.ndarray | None = None
     for array_path, positions in index.groupby("array", sort=True).indices.items():
-        shard = np.load(array_path, mmap_mode="r")
+        # Shard arrays are plain uint8: never unpickle, never cast another dtype silently.
+        shard = np.load(array_path, mmap_mode="r", allow_pickle=False)
+        if shard.dtype != np.uint8 or shard.ndim != 4:
+            raise ValueError(
+                f"{array_path}: expected uint8 (N, H, W, C), got {shard.dtype} {shard.shape}"
+            )
         if out is None:
             out = np.empty((len(index), *shard.shape[1:]), dtype=np.uint8)
         elif shard.shape[1:] != out.shape[1:]:

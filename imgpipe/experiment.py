@@ -48,7 +48,7 @@ def load_training_data(
         images=load_images(index),
         labels=label_codes(index),
         roles=split.set_index("id")["role"],
-        aug_images=np.load(aug_images_path),
+        aug_images=np.load(aug_images_path, allow_pickle=False),
         aug_sources=aug_index["source_id"].to_numpy(dtype=np.int64),
     )
 
