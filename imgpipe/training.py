@@ -54,6 +54,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from imgpipe.config import ConfigError
 from imgpipe.errors import DataError
 from imgpipe.lightning import ImageClassifier, ImageDataModule, channel_stats, to_uint8_nchw
+from imgpipe.progress import EpochProgress
 
 log = logging.getLogger("imgpipe")
 
@@ -385,6 +386,7 @@ def make_trainer(
         checkpoint,
         LearningRateMonitor(logging_interval="epoch"),
         RunStats(state_dir / "run-stats.json", plan.rank_threads),
+        EpochProgress(),
     ]
     patience = train_cfg.get("early_stopping_patience", 5)
     if patience > 0 and validate:

@@ -107,6 +107,7 @@ TRAIN_CODE = (
     "models",
     "lightning",
     "training",
+    "progress",
     "gpus",
     "dataset",
     "augment",
