@@ -114,6 +114,21 @@ class ImageClassifier(pl.LightningModule):
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """While training, reseed torch's global RNG from (seed, step, rank) before each batch.
+
+        Dropout and the online augmentation draw from the global RNG, which
+        Lightning's resume does not restore (and the DataLoader iterator draws
+        from it at points that differ between a resumed and an uninterrupted
+        run). Seeding each step from its number makes a run resumed after a
+        kill bit-identical to an uninterrupted one.
+        """
+        if self.trainer.training:
+            seed = int(self.hparams.train_cfg.get("seed", 0))
+            entropy = [seed, self.trainer.global_step, self.global_rank]
+            torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Preprocess on the device; augment only while training."""
         images, *rest = batch

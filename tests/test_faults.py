@@ -129,3 +129,70 @@ def test_uint8_shard_rows_gathered_in_index_order(tmp_path):
     shard = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2, 1)
     np.save(path, shard)
     np.testing.assert_array_equal(load_images(shard_index(path, [2, 0])), shard[[2, 0]])
+
+
+# ---------------------------------------------------------------- resume is bit-identical
+
+
+def fit_digits(out_dir, resume_dir=None, max_epochs=3, random=True):
+    """Fit a tiny CNN on 3 digit classes (dropout and online augmentation on when ``random``)."""
+    from imgpipe.demo import digits_images
+    from imgpipe.training import fit
+
+    images, labels = digits_images()
+    keep = np.flatnonzero(labels < 3)[:90]
+    images, labels = images[keep][..., None], labels[keep]
+    ids = np.arange(len(labels))
+    train_cfg = {
+        "max_epochs": max_epochs,
+        "batch_size": 16,
+        "lr": 0.01,
+        "schedule": "onecycle",
+        "early_stopping_patience": 0,
+        "seed": 3,
+        "deterministic": True,
+        "threads": 1,
+        "online_augment": {"enabled": random, "hflip": True, "crop_padding": 2},
+    }
+    model_cfg = {"name": "smallcnn", "channels": [4, 8], "dropout": 0.3 if random else 0.0}
+    return fit(
+        images,
+        labels,
+        ids,
+        ids[:0],  # no validation: model.ckpt is the last epoch
+        None,
+        None,
+        model_cfg,
+        train_cfg,
+        out_dir,
+        resume_dir=resume_dir,
+    )
+
+
+@pytest.mark.parametrize("random", [False, True])
+def test_resumed_training_is_bit_identical(tmp_path, monkeypatch, random):
+    fit_digits(tmp_path / "straight", random=random)
+    original = ImageClassifier.on_train_epoch_start
+
+    def killed_at_epoch_one(self):
+        if self.current_epoch == 1:
+            raise RuntimeError("killed")  # as a kill after epoch 0's last.ckpt
+        original(self)
+
+    state = tmp_path / "state"
+    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", killed_at_epoch_one)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit_digits(tmp_path / "resumed", resume_dir=state, random=random)
+    assert (state / "checkpoints" / "last.ckpt").is_file()
+    monkeypatch.setattr(ImageClassifier, "on_train_epoch_start", original)
+    summary = fit_digits(tmp_path / "resumed", resume_dir=state, random=random)
+    assert summary["resumed_from_epoch"] == 0 and summary["attempts"] == 2
+    assert not state.exists()
+    straight = torch.load(tmp_path / "straight" / "model.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "model.ckpt", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"]
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    history = [pd.read_csv(tmp_path / d / "history.csv") for d in ("straight", "resumed")]
+    cols = ["epoch", "step", "train_loss"]
+    pd.testing.assert_frame_equal(history[0][cols], history[1][cols])
