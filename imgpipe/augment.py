@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torchvision.transforms import v2
 
-from imgpipe.split import atomic_path
+from imgpipe.atomic import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -17,17 +17,15 @@ rejected image. Order of the checks (the first that applies wins):
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from imgpipe.atomic import write_bytes, write_csv, write_json
 from imgpipe.dataset import INDEX_COLUMNS, load_images
 from imgpipe.errors import DataError
 
@@ -567,35 +565,6 @@ def summary(decisions: Decisions, settings: CleanSettings) -> dict:
     }
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a CSV atomically."""
-    _atomic(path, lambda tmp: table.to_csv(tmp, index=False))
-
-
-def write_json(data: Mapping, path: str | os.PathLike) -> None:
-    """Write JSON atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-
-    _atomic(path, write)
-
-
 def examples_figure(decisions: Decisions, path: str | os.PathLike, per_reason: int = 8) -> None:
     """Save a PNG grid of rejected images, one row per reason with pixels (decode failures have none).
 
@@ -645,7 +614,7 @@ def examples_figure(decisions: Decisions, path: str | os.PathLike, per_reason: i
     ok, encoded = cv2.imencode(".png", canvas)
     if not ok:
         raise OSError(f"could not encode {path}")
-    _atomic(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))
+    write_bytes(encoded.tobytes(), path)
 
 
 def run_clean(

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from imgpipe.atomic import atomic_path
 from imgpipe.errors import DataError
 from imgpipe.plots import image_grid, save_figure
 
@@ -45,20 +46,6 @@ EXPORT_MODES = ("none", "symlink", "copy")
 
 # Marker shapes cycled over classes in the projection plot (colour = cluster).
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden temporary path beside ``path``; move it into place if the block succeeds."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def _pyplot():  # noqa: ANN202

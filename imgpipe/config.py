@@ -71,10 +71,14 @@ def check_config(config: Mapping, schema: Mapping) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+# Modules every script uses (logging, atomic writes, errors): part of every fingerprint.
+SHARED_MODULES = ("atomic", "errors", "logs")
+
+
 def source_fingerprint(modules: Iterable[str]) -> str:
     """Hash the source text of imgpipe modules (content, not mtime) for code-aware caching."""
     digest = hashlib.sha256()
-    for name in sorted(set(modules)):
+    for name in sorted({*modules, *SHARED_MODULES}):
         path = PACKAGE_DIR / f"{name}.py"
         digest.update(name.encode())
         digest.update(path.read_bytes())

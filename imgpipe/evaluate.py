@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from imgpipe.atomic import atomic_path
 from imgpipe.errors import DataError
-from imgpipe.split import atomic_path
 
 log = logging.getLogger("imgpipe")
 

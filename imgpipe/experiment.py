@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from imgpipe.atomic import write_csv, write_json  # noqa: F401 (re-exported for scripts)
 from imgpipe.dataset import label_codes, load_images, load_index
 
 RESUME_ROOT = Path(".imgpipe") / "resume"
@@ -124,27 +125,3 @@ def run_training(
             devices=devices,
             resume_dir=resume_dir_for(key),
         )
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a CSV atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")

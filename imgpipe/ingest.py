@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from imgpipe.atomic import write_csv
 from imgpipe.imageio import MODES, decode_image, fit_square, read_bytes
 from imgpipe.imagestats import gray_stats, phash
-from imgpipe.scan import write_csv_atomic
 
 log = logging.getLogger("imgpipe")
 
@@ -271,7 +271,7 @@ def index_shard(
             images.flush()
         del images, array
         stats = stats_table(records)
-        write_csv_atomic(stats, stats_path)
+        write_csv(stats, stats_path)
         os.replace(tmp_images, images_path)
     finally:
         if os.path.exists(tmp_images):

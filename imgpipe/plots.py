@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+
+from imgpipe.atomic import atomic_path
 
 
 def _pyplot():
@@ -21,12 +22,11 @@ def _pyplot():
 def save_figure(fig: object, path: str | os.PathLike, dpi: int = 100) -> None:
     """Save a matplotlib figure atomically (temp file + rename) and close it."""
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def image_grid(

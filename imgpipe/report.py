@@ -15,13 +15,14 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+
+from imgpipe.atomic import write_text
 
 # (id, heading) of each section, in reading order; the ids are stable anchors.
 SECTIONS = (
@@ -590,25 +591,6 @@ def render_page(
         + '\n<div id="imgcheck"></div>\n'
         f"<script>{IMAGE_CHECK}</script>\n</main>\n</body>\n</html>\n"
     )
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)`` on a temp file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(text: str, path: str | os.PathLike) -> None:
-    """Write UTF-8 text atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_report(

@@ -252,20 +252,6 @@ def list_images(
     return table.sort_values(["source", "relpath"], kind="stable", ignore_index=True)
 
 
-def write_csv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a table as CSV through a temporary file in the same folder, then rename it."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_files(path: str | os.PathLike) -> pd.DataFrame:
     """Read files.csv back with every column as text (empty cells stay empty strings)."""
     return pd.read_csv(path, dtype=str, keep_default_na=False)

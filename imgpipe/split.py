@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import uuid
 import warnings
-from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from imgpipe.atomic import atomic_path
 from imgpipe.errors import DataError
 
 log = logging.getLogger("imgpipe")
 
 ROLES = ("train", "val", "test")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden, unique, same folder (os.replace is atomic within a filesystem); the
-    # suffix is kept for writers that infer the format from the name.
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def fold_plan(fraction: float, n_groups: int, largest_class: int) -> tuple[int, int]:

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from imgpipe.atomic import write_csv as write_csv_atomic
 from imgpipe.errors import DataError
-from imgpipe.scan import COLUMNS, list_images, load_files, write_csv_atomic
+from imgpipe.scan import COLUMNS, list_images, load_files
 
 EXTS = [".png", ".jpg", ".jpeg"]
 IMG = factory.pattern(8, 8)
