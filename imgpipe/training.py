@@ -250,6 +250,9 @@ def trainer_plugins(strategy: str) -> list:
     plugins: list = [AtomicCheckpointIO()]
     if strategy in ("ddp_fork", "ddp_spawn"):
         plugins.append(LightningEnvironment())
+    elif strategy == "ddp" and SLURMEnvironment.detect():
+        # Ranks started by srun (imgpipe.launch); Snakemake resubmits failed jobs, not Lightning.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return plugins
 
 
@@ -270,7 +273,8 @@ def resume_point(state_dir: Path) -> tuple[Path | None, int | None]:
         epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
         return last, int(epoch)
     if state_dir.exists():
-        shutil.rmtree(state_dir)
+        # Every srun-started rank clears a stale state at once: a vanished file is no error.
+        shutil.rmtree(state_dir, ignore_errors=True)
     return None, None
 
 
@@ -495,6 +499,9 @@ def fit(
         if private:  # nobody can resume from it: do not leave it behind
             shutil.rmtree(state_dir, ignore_errors=True)
         raise
+    if trainer.global_rank != 0:
+        # srun started every rank and each returns here: rank 0 alone writes the outputs.
+        return {"global_rank": trainer.global_rank, "world_size": trainer.world_size}
     counts = {
         "train_images": len(train_ids),
         "augmented_images": data.aug_count,

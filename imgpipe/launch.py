@@ -1,0 +1,205 @@
+"""Multi-node / multi-GPU DDP through SLURM's srun: one process per GPU, ranks wired by SLURM.
+
+A ``train_final`` job that asks SLURM for ``num_nodes`` x ``gpus_per_node``
+GPUs (one task per GPU) runs its script once, on the first node. The script
+writes the job description (inputs, split roles, configs, output folder,
+resume key) to a JSON file and starts the ranks with :func:`srun_command`::
+
+    srun --nodes=N --ntasks-per-node=G --kill-on-bad-exit=1 python -m imgpipe.launch job.json
+
+Each rank (``python -m imgpipe.launch job.json``) loads the data and calls
+``imgpipe.training.fit`` with ``devices=G`` and ``num_nodes=N``; Lightning's
+SLURMEnvironment reads the rank from ``SLURM_PROCID`` / ``SLURM_LOCALID`` /
+``SLURM_NODEID`` and rank 0 writes the outputs. srun's flags are explicit
+because Snakemake's job step strips the allocation's SLURM_* variables
+(except the job id) before it runs the script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("imgpipe")
+
+# Set in every rank's environment: a rank never launches ranks itself.
+LAUNCHED_VAR = "IMGPIPE_LAUNCHED_RANK"
+JOB_FILE = ".launch-job.json"
+INPUT_KEYS = ("index", "split", "aug_images", "aug_index")
+
+
+def world_size(num_nodes: int, gpus_per_node: int) -> int:
+    """Processes of a DDP run over ``num_nodes`` nodes with ``gpus_per_node`` GPUs each."""
+    return int(num_nodes) * int(gpus_per_node)
+
+
+def should_launch(num_nodes: int, gpus_per_node: int, env: Mapping[str, str] = os.environ) -> bool:
+    """True inside a SLURM job that must start several ranks with srun (and is not a rank itself)."""
+    return (
+        world_size(num_nodes, gpus_per_node) > 1
+        and bool(env.get("SLURM_JOB_ID"))
+        and not env.get(LAUNCHED_VAR)
+    )
+
+
+def srun_command(
+    job_path: str | os.PathLike,
+    num_nodes: int,
+    gpus_per_node: int,
+    cpus_per_task: int | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The srun command line that starts one ``imgpipe.launch`` rank per GPU on every node."""
+    cmd = [
+        "srun",
+        f"--nodes={int(num_nodes)}",
+        f"--ntasks-per-node={int(gpus_per_node)}",
+        # One failed rank ends the others (they would wait for it in the next collective).
+        "--kill-on-bad-exit=1",
+        "--label",  # prefix every output line with its rank
+    ]
+    if cpus_per_task:
+        cmd.append(f"--cpus-per-task={int(cpus_per_task)}")
+    return [*cmd, python, "-m", "imgpipe.launch", str(job_path)]
+
+
+def tasks_per_node(env: Mapping[str, str] = os.environ) -> int:
+    """Tasks srun started on this node: SLURM_NTASKS_PER_NODE (``"4"``, or ``"4(x2)"`` per node group)."""
+    value = env.get("SLURM_NTASKS_PER_NODE", "")
+    found = re.match(r"\s*(\d+)", value)
+    if not found:
+        raise RuntimeError(
+            "SLURM_NTASKS_PER_NODE is not set: start the ranks with srun --ntasks-per-node=G"
+        )
+    return int(found.group(1))
+
+
+def make_job(
+    inputs: Mapping[str, str],
+    train_roles: Sequence[str],
+    val_roles: Sequence[str],
+    model_cfg: Mapping,
+    train_cfg: Mapping,
+    out_dir: str | os.PathLike,
+    resume_dir: str | os.PathLike,
+) -> dict[str, Any]:
+    """The job description every rank reads (absolute paths: ranks may start elsewhere)."""
+    return {
+        "inputs": {key: str(Path(inputs[key]).resolve()) for key in INPUT_KEYS},
+        "train_roles": list(train_roles),
+        "val_roles": list(val_roles),
+        "model": dict(model_cfg),
+        "train": dict(train_cfg),
+        "out_dir": str(Path(out_dir).resolve()),
+        "resume_dir": str(Path(resume_dir).resolve()),
+    }
+
+
+def write_job(job: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write the job description to ``path`` atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(job, fh, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_job(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a job description written by :func:`write_job`."""
+    job = json.loads(Path(path).read_text(encoding="utf-8"))
+    missing = {"inputs", "train_roles", "val_roles", "model", "train", "out_dir", "resume_dir"}
+    missing -= set(job)
+    if missing:
+        raise ValueError(f"{path}: job description lacks {sorted(missing)}")
+    return job
+
+
+def launch_ranks(
+    job: Mapping[str, Any],
+    cpus_per_task: int | None = None,
+    stdout: Any = None,
+) -> dict:
+    """From inside the SLURM job: write the job file, srun the ranks, return rank 0's summary.
+
+    ``stdout`` receives every rank's output (each line prefixed with its rank).
+    The job file is removed after a successful run and kept after a failure.
+    """
+    train_cfg = job["train"]
+    nodes, gpus = int(train_cfg["num_nodes"]), int(train_cfg["gpus_per_node"])
+    out_dir = Path(job["out_dir"])
+    job_path = write_job(job, out_dir / JOB_FILE)
+    cmd = srun_command(job_path, nodes, gpus, cpus_per_task)
+    log.info("starting %d rank(s) on %d node(s): %s", nodes * gpus, nodes, " ".join(cmd))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    env = {**os.environ, LAUNCHED_VAR: "1"}
+    done = subprocess.run(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"srun exited with {done.returncode} (job file kept: {job_path})")
+    job_path.unlink(missing_ok=True)
+    return json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+
+
+def run_rank(job: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dict:
+    """Train as the rank SLURM made this process; rank 0 writes the outputs and gets the summary."""
+    from imgpipe.experiment import load_training_data
+    from imgpipe.training import fit
+
+    inputs = job["inputs"]
+    data = load_training_data(
+        inputs["index"], inputs["split"], inputs["aug_images"], inputs["aug_index"]
+    )
+    devices = tasks_per_node(env)
+    log.info(
+        "rank %s of %s (node %s, local rank %s): %d device(s) per node",
+        env.get("SLURM_PROCID"),
+        env.get("SLURM_NTASKS"),
+        env.get("SLURM_NODEID"),
+        env.get("SLURM_LOCALID"),
+        devices,
+    )
+    return fit(
+        data.images,
+        data.labels,
+        data.ids(*job["train_roles"]),
+        data.ids(*job["val_roles"]),
+        data.aug_images,
+        data.aug_sources,
+        job["model"],
+        job["train"],
+        job["out_dir"],
+        devices=devices,
+        resume_dir=job["resume_dir"],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m imgpipe.launch job.json``: run one rank; logs go to stderr (srun collects them)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m imgpipe.launch JOB.json", file=sys.stderr)
+        return 2
+    # A handler on the root logger before Lightning is imported: it then adds none of its own.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    run_rank(read_job(args[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

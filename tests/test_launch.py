@@ -1,0 +1,211 @@
+"""imgpipe.launch: the srun command, the job file, and two DDP ranks wired by a (fake) SLURM."""
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from imgpipe.demo import digits_images
+from imgpipe.launch import (
+    JOB_FILE,
+    LAUNCHED_VAR,
+    launch_ranks,
+    make_job,
+    read_job,
+    should_launch,
+    srun_command,
+    tasks_per_node,
+    write_job,
+)
+from imgpipe.training import predict_proba
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+TINY_MODEL = {**CONFIG["model"], "channels": [8, 16], "dropout": 0.0}
+TINY_TRAIN = {
+    **CONFIG["train"],
+    "max_epochs": 1,
+    "batch_size": 32,
+    "early_stopping_patience": 0,
+    "threads": 1,
+    "num_nodes": 1,
+    "gpus_per_node": 2,
+}
+
+# Stands in for srun inside an allocation: starts --ntasks-per-node copies of the
+# command with the variables SLURM gives each task, records its arguments.
+FAKE_SRUN = textwrap.dedent(
+    """\
+    #!{python}
+    import os, subprocess, sys
+    args = sys.argv[1:]
+    with open(os.environ["FAKE_SRUN_ARGS"], "w") as fh:
+        fh.write("\\n".join(args))
+    if os.environ.get("FAKE_SRUN_FAIL"):
+        sys.exit(3)
+    opts = {{}}
+    while args[0].startswith("--"):
+        key, _, value = args.pop(0)[2:].partition("=")
+        opts[key] = value
+    nodes, per_node = int(opts["nodes"]), int(opts["ntasks-per-node"])
+    assert nodes == 1, "the fake runs one node"
+    procs = []
+    for rank in range(per_node):
+        env = dict(os.environ, SLURM_NTASKS=str(per_node), SLURM_PROCID=str(rank),
+                   SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_NNODES="1",
+                   SLURM_NTASKS_PER_NODE=str(per_node), SLURM_NODELIST="127.0.0.1",
+                   SLURM_JOB_NAME="fake")
+        procs.append(subprocess.Popen(args, env=env))
+    sys.exit(max(p.wait() for p in procs))
+    """
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def fake_srun(tmp_path, monkeypatch):
+    """A fake srun first on PATH, inside a fake SLURM job; returns the file its arguments go to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN.format(python=sys.executable))
+    srun.chmod(0o755)
+    args_file = tmp_path / "srun-args.txt"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SRUN_ARGS", str(args_file))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    return args_file
+
+
+@pytest.fixture
+def digit_files(tmp_path):
+    """index.csv, split.csv and augmented views of 300 digits, as the workflow writes them."""
+    images, labels = digits_images()
+    n = 300
+    images = np.stack([cv2.resize(im, (16, 16)) for im in images[:n]])[:, :, :, None]
+    array = tmp_path / "images.npy"
+    np.save(array, images)
+    index = pd.DataFrame(
+        {
+            "id": range(n),
+            "path": [f"/data/{i}.png" for i in range(n)],
+            "relpath": [f"{i}.png" for i in range(n)],
+            "label": labels[:n].astype(str),
+            "source": "train",
+            "sha256": "0",
+            "group": range(n),
+            "shard": 0,
+            "row": range(n),
+            "array": str(array),
+        }
+    )
+    index.to_csv(tmp_path / "index.csv", index=False)
+    roles = np.where(np.arange(n) < 240, "train", "val")
+    pd.DataFrame({"id": range(n), "role": roles}).to_csv(tmp_path / "split.csv", index=False)
+    np.save(tmp_path / "aug.npy", np.roll(images[:240], 1, axis=2))
+    pd.DataFrame({"aug_row": range(240), "source_id": range(240)}).to_csv(
+        tmp_path / "aug.csv", index=False
+    )
+    inputs = {
+        "index": tmp_path / "index.csv",
+        "split": tmp_path / "split.csv",
+        "aug_images": tmp_path / "aug.npy",
+        "aug_index": tmp_path / "aug.csv",
+    }
+    return inputs, images, labels[:n]
+
+
+def test_srun_command_asks_one_task_per_gpu_on_each_node(tmp_path):
+    cmd = srun_command(tmp_path / "job.json", 2, 4, cpus_per_task=8, python="/venv/bin/python")
+    assert cmd[0] == "srun"
+    assert {"--nodes=2", "--ntasks-per-node=4", "--kill-on-bad-exit=1", "--cpus-per-task=8"} <= set(
+        cmd
+    )
+    assert cmd[-4:] == ["/venv/bin/python", "-m", "imgpipe.launch", str(tmp_path / "job.json")]
+    assert not any(a.startswith("--cpus-per-task") for a in srun_command("j", 1, 2))
+
+
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "env", "expected"),
+    [
+        (2, 4, {"SLURM_JOB_ID": "7"}, True),
+        (1, 2, {"SLURM_JOB_ID": "7"}, True),
+        (1, 1, {"SLURM_JOB_ID": "7"}, False),  # the single-GPU default runs in the job itself
+        (2, 4, {}, False),  # a local run: the single-machine path
+        (2, 4, {"SLURM_JOB_ID": "7", LAUNCHED_VAR: "1"}, False),  # a rank never launches again
+    ],
+)
+def test_should_launch_only_in_a_slurm_job_with_several_ranks(nodes, gpus, env, expected):
+    assert should_launch(nodes, gpus, env) is expected
+
+
+def test_tasks_per_node_reads_slurm_forms():
+    assert tasks_per_node({"SLURM_NTASKS_PER_NODE": "4"}) == 4
+    assert tasks_per_node({"SLURM_NTASKS_PER_NODE": "2(x3)"}) == 2
+    with pytest.raises(RuntimeError, match="srun"):
+        tasks_per_node({})
+
+
+def test_job_file_round_trip_with_absolute_paths(tmp_path, digit_files, monkeypatch):
+    inputs, _, _ = digit_files
+    monkeypatch.chdir(tmp_path)
+    relative = {key: os.path.relpath(path, tmp_path) for key, path in inputs.items()}
+    job = make_job(relative, ["train"], ["val"], TINY_MODEL, TINY_TRAIN, "out", "state")
+    path = write_job(job, tmp_path / "out" / JOB_FILE)
+    assert read_job(path) == job
+    assert all(Path(p).is_absolute() and Path(p).exists() for p in job["inputs"].values())
+    assert job["out_dir"] == str(tmp_path / "out")
+    assert [p.name for p in path.parent.iterdir()] == [JOB_FILE]  # no temporary file left
+    del job["train_roles"]
+    path.write_text(json.dumps(job))
+    with pytest.raises(ValueError, match="train_roles"):
+        read_job(path)
+
+
+def test_failed_srun_raises_and_keeps_the_job_file(tmp_path, digit_files, fake_srun, monkeypatch):
+    inputs, _, _ = digit_files
+    monkeypatch.setenv("FAKE_SRUN_FAIL", "1")
+    job = make_job(inputs, ["train"], ["val"], TINY_MODEL, TINY_TRAIN, tmp_path / "out", "s")
+    with pytest.raises(RuntimeError, match="srun exited with 3"):
+        launch_ranks(job)
+    assert (tmp_path / "out" / JOB_FILE).is_file()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun):
+    """launch_ranks -> srun -> 2 x `python -m imgpipe.launch`: Lightning wires the ranks from SLURM_*."""
+    inputs, images, labels = digit_files
+    out_dir = tmp_path / "out"
+    job = make_job(inputs, ["train"], ["val"], TINY_MODEL, TINY_TRAIN, out_dir, tmp_path / "state")
+    log_path = tmp_path / "ranks.log"
+    with open(log_path, "w") as log:
+        summary = launch_ranks(job, cpus_per_task=1, stdout=log)
+    ranks_log = log_path.read_text()
+    args = fake_srun.read_text().splitlines()
+    assert {"--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1"} <= set(args)
+    assert "rank 0 of 2" in ranks_log and "rank 1 of 2" in ranks_log, ranks_log[-3000:]
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp"
+    # Both ranks trained, on equal shares: 240 images + 240 views -> 240 per rank -> 7 full
+    # batches of 32 (the last partial batch is dropped).
+    assert summary["samples_per_rank"] == [7 * 32, 7 * 32]
+    assert summary["train_images"] == 240 and summary["val_images"] == 60
+    assert not (out_dir / JOB_FILE).exists() and not (tmp_path / "state").exists()
+    proba = predict_proba(out_dir / "model.ckpt", images[240:])
+    accuracy = (proba.argmax(axis=1) == labels[240:]).mean()
+    assert accuracy == pytest.approx(summary["best_score"], abs=1e-6)
