@@ -17,14 +17,12 @@ because Snakemake's job step strips the allocation's SLURM_* variables
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,18 +104,10 @@ def make_job(
 
 def write_job(job: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write the job description to ``path`` atomically; return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(job, fh, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    from imgpipe.atomic import write_json
+
+    write_json(dict(job), path)
+    return Path(path)
 
 
 def read_job(path: str | os.PathLike) -> dict[str, Any]:
