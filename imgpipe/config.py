@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,31 @@ def dotted(path: Iterable[Any]) -> str:
     return ".".join(parts) if parts else "<top level>"
 
 
+def _is_integer(checker: Any, instance: Any) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _is_number(checker: Any, instance: Any) -> bool:
+    return (
+        isinstance(instance, int | float)
+        and not isinstance(instance, bool)
+        and math.isfinite(instance)
+    )
+
+
+# JSON schema counts 2.0 as an integer and NaN / inf as numbers (NaN even passes every
+# bound): the code then fails far from the config (range(2.0)) or trains on NaN.
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"integer": _is_integer, "number": _is_number}
+    ),
+)
+
+
 def config_errors(config: Mapping, schema: Mapping) -> list[str]:
     """Return one ``key: problem`` line per schema violation, sorted by key."""
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = StrictValidator(schema)
     lines = []
     for error in validator.iter_errors(config):
         key = dotted(error.absolute_path)
