@@ -115,3 +115,34 @@ def tree_digest(root: Path) -> dict[str, tuple[int, bytes]]:
         elif path.is_file():
             digest[str(path.relative_to(root))] = (path.stat().st_mode, path.read_bytes())
     return digest
+
+
+# ---------------------------------------------------------------- faults: kills and bad input
+
+
+def start_snakemake(workdir: Path, *args: str) -> subprocess.Popen:
+    """Start snakemake in its own process group (so one killpg reaches every job it started)."""
+    return subprocess.Popen(
+        [SNAKEMAKE, "--cores", "2", *args],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def fresh_files(workdir: Path, pattern: str, since_ns: int) -> list[Path]:
+    """Files matching ``pattern`` under ``workdir`` written at or after ``since_ns``."""
+    found = []
+    for path in workdir.glob(pattern):
+        try:
+            if path.stat().st_mtime_ns >= since_ns:
+                found.append(path)
+        except FileNotFoundError:  # renamed or removed while we looked
+            continue
+    return found
+
+
+def tmp_leftovers(root: Path) -> list[Path]:
+    """Temporary files (``*.tmp*``) anywhere under ``root``: none may survive a finished run."""
+    return sorted(p for p in root.rglob("*") if ".tmp" in p.name)
