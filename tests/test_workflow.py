@@ -1,0 +1,372 @@
+"""Workflow tests: real snakemake runs on private copies of the workflow.
+
+Foundation: a tree with planted defects goes through list_images -> ingest -> clean and every
+defect is rejected for its own reason while odd-but-valid files are kept. Rerun scope: on one
+finished tiny run, a single config or code tweak schedules exactly the rules that depend on it.
+Report: `snakemake --report` shows every result category. Dry run: the default config plans the
+whole DAG.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from imagefactory import (
+    write_cmyk_jpeg,
+    write_exif_rotated_jpeg,
+    write_palette_png,
+    write_png,
+    write_rgba_png,
+    write_text_as_png,
+    write_truncated,
+    write_zero_byte,
+)
+from test_report import report_categories
+from workflow_utils import (
+    REPO,
+    TINY_CONFIG,
+    copy_workflow,
+    deep_merge,
+    digits_tree,
+    planned_jobs,
+    snakemake,
+    tree_digest,
+    write_config,
+)
+
+from imgpipe.demo import digits_images
+
+CLEAN_TARGET = "results/clean/index.csv"
+TRAINING_RULES = {"sweep_trial", "cv_fold", "train_final"}
+
+# ----------------------------------------------------------------------------- planted tree
+
+BASE_CLASSES = ("0", "1", "2", "3")
+BASE_PER_CLASS = 8
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    images, labels = digits_images()
+    return images, labels
+
+
+def _digit(label: int, n: int) -> np.ndarray:
+    """The n-th 8x8 digit of a class (native size: sharp, never blurry)."""
+    images, labels = _digits()
+    return images[np.flatnonzero(labels == label)[n]]
+
+
+def _colour(gray: np.ndarray, side: int = 32) -> np.ndarray:
+    """A sharp RGB rendering of a grey digit (nearest-neighbour upscale, distinct channels)."""
+    big = cv2.resize(gray, (side, side), interpolation=cv2.INTER_NEAREST)
+    return np.stack([big, 255 - big, big // 2 + 60], axis=-1).astype(np.uint8)
+
+
+def _noise(low: int, high: int, side: int = 32) -> np.ndarray:
+    return np.random.default_rng(1).integers(low, high, (side, side), dtype=np.uint8)
+
+
+def planted_tree(root: Path) -> tuple[set[tuple[str, str]], set[str]]:
+    """Write a small digits tree with planted defects and odd-but-valid files under ``root``.
+
+    Returns the expected (relpath, reason) rows of rejected.csv and the expected relpaths of
+    index.csv (with ``near_duplicates: group``).
+    """
+    kept: set[str] = set()
+    for label in BASE_CLASSES:
+        for n in range(BASE_PER_CLASS):
+            write_png(root / label / f"{n:03d}.png", _digit(int(label), n))
+            kept.add(f"{label}/{n:03d}.png")
+
+    # Broken files: refused while listing or decoding.
+    write_truncated(root / "0" / "cut.png", "png")
+    write_truncated(root / "0" / "cut.jpg", "jpeg")
+    write_zero_byte(root / "0" / "empty.png")
+    write_text_as_png(root / "0" / "notes.png")
+    write_png(root / "0" / ".hidden.png", _digit(0, 20))
+    (root / "0" / "readme.txt").write_text("not an image\n", encoding="utf-8")
+
+    # Decisions of the clean stage.
+    shutil.copy2(root / "1" / "000.png", root / "1" / "dup.png")
+    shutil.copy2(root / "2" / "005.png", root / "3" / "conflict.png")
+    kept.discard("2/005.png")
+    near = _digit(2, 0).copy()
+    near[3, 3] = min(255, int(near[3, 3]) + 12)
+    write_png(root / "2" / "near.png", near)
+    kept.add("2/near.png")
+    write_png(root / "1" / "constant.png", np.full((16, 16), 128, np.uint8))
+    write_png(root / "1" / "dark.png", _noise(0, 16))
+    write_png(root / "1" / "bright.png", _noise(240, 256))
+    smooth = cv2.resize(_digit(3, 20), (64, 64), interpolation=cv2.INTER_CUBIC)
+    write_png(root / "3" / "blurry.png", cv2.GaussianBlur(smooth, (0, 0), 3))
+    write_png(root / "3" / "small.png", cv2.resize(_digit(3, 21), (6, 6)))
+    write_png(root / "3" / "wide.png", np.tile(_digit(3, 22), (1, 12)))
+    write_png(root / "lonely" / "only.png", _digit(9, 0))
+
+    # Odd but valid: every one kept (distinct digits, so no duplicates among them).
+    write_cmyk_jpeg(root / "0" / "cmyk.jpg", _colour(_digit(5, 0)))
+    write_png(root / "0" / "deep16.png", _digit(5, 1).astype(np.uint16) * 257)
+    write_palette_png(
+        root / "1" / "palette.png",
+        cv2.resize(_digit(6, 0) // 64, (24, 24), interpolation=cv2.INTER_NEAREST),
+        np.array([[0, 0, 0], [200, 30, 30], [30, 200, 30], [250, 250, 250]]),
+    )
+    rgba = np.concatenate([_colour(_digit(6, 1)), np.full((32, 32, 1), 255, np.uint8)], axis=-1)
+    rgba[:4, :4, 3] = 0
+    write_rgba_png(root / "1" / "alpha.png", rgba)
+    upright = cv2.resize(_colour(_digit(7, 0)), (40, 24), interpolation=cv2.INTER_NEAREST)
+    write_exif_rotated_jpeg(root / "2" / "rotated.jpg", 6, upright)
+    write_png(root / "2" / "with space.png", _digit(7, 1))
+    write_png(root / "3" / "ünïcødé 数字.png", _digit(8, 0))
+    kept |= {
+        "0/cmyk.jpg",
+        "0/deep16.png",
+        "1/palette.png",
+        "1/alpha.png",
+        "2/rotated.jpg",
+        "2/with space.png",
+        "3/ünïcødé 数字.png",
+    }
+
+    rejected = {
+        ("0/cut.png", "truncated"),
+        ("0/cut.jpg", "truncated"),
+        ("0/empty.png", "zero_byte"),
+        ("0/notes.png", "not_image"),
+        ("0/.hidden.png", "hidden"),
+        ("0/readme.txt", "unsupported_extension"),
+        ("1/dup.png", "exact_duplicate"),
+        ("2/005.png", "label_conflict"),
+        ("3/conflict.png", "label_conflict"),
+        ("1/constant.png", "low_information"),
+        ("1/dark.png", "too_dark"),
+        ("1/bright.png", "too_bright"),
+        ("3/blurry.png", "blurry"),
+        ("3/small.png", "too_small"),
+        ("3/wide.png", "odd_aspect"),
+        ("lonely/only.png", "small_class"),
+    }
+    return rejected, kept
+
+
+def _rows(csv: Path) -> pd.DataFrame:
+    return pd.read_csv(csv, dtype=str, keep_default_na=False)
+
+
+def _reasons(workdir: Path) -> set[tuple[str, str]]:
+    table = _rows(workdir / "results" / "clean" / "rejected.csv")
+    return set(zip(table["relpath"], table["reason"], strict=True))
+
+
+def _new_workdir(tmp_path: Path, extra: dict | None = None) -> Path:
+    workdir = copy_workflow(tmp_path / "wf")
+    write_config(workdir, deep_merge({"data": {"root": "data"}}, extra or {}))
+    return workdir
+
+
+def _ran_rules(proc) -> set[str]:
+    """Rules snakemake started jobs of (from its log on stderr)."""
+    return set(re.findall(r"^(?:local)?rule (\w+):", proc.stderr, re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_planted_defects_rejected_for_their_reason_and_valid_oddities_kept(tmp_path):
+    workdir = _new_workdir(tmp_path)
+    expected_rejected, expected_kept = planted_tree(workdir / "data")
+    before = tree_digest(workdir / "data")
+
+    snakemake(workdir, CLEAN_TARGET)
+
+    assert _reasons(workdir) == expected_rejected
+    index = _rows(workdir / "results" / "clean" / "index.csv")
+    assert set(index["relpath"]) == expected_kept
+    assert list(index["id"]) == [str(i) for i in range(len(index))]
+    by_path = dict(zip(index["relpath"], index["group"], strict=True))
+    assert by_path["2/near.png"] == by_path["2/000.png"]  # near duplicate: same group, kept
+    assert len(set(by_path.values())) == len(by_path) - 1  # and no other grouping
+    assert tree_digest(workdir / "data") == before
+
+    # Dropping near duplicates reruns only the clean decisions and rejects the planted one.
+    write_config(workdir, {"clean": {"near_duplicates": "drop"}})
+    assert planned_jobs(workdir, "--", CLEAN_TARGET) == Counter({"clean": 1})
+    snakemake(workdir, CLEAN_TARGET)
+    assert _reasons(workdir) == expected_rejected | {("2/near.png", "near_duplicate")}
+    index = _rows(workdir / "results" / "clean" / "index.csv")
+    assert set(index["relpath"]) == expected_kept - {"2/near.png"}
+    assert tree_digest(workdir / "data") == before
+
+
+def test_missing_data_root_stops_before_any_job(tmp_path):
+    workdir = _new_workdir(tmp_path, {"data": {"root": "no/such/folder"}})
+    proc = snakemake(workdir, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert output.count("data.root") == 1, output
+    assert "no/such/folder" in output
+    assert _ran_rules(proc) == set()
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("single_class", "only 1 class ('0') survived cleaning"),
+        ("empty", "no image survived cleaning (0 listed"),
+    ],
+)
+def test_untrainable_tree_stops_at_clean_with_a_clear_message(tmp_path, layout, message):
+    workdir = _new_workdir(tmp_path, deep_merge(TINY_CONFIG, {"data": {"root": "data"}}))
+    (workdir / "data").mkdir()
+    if layout == "single_class":
+        for n in range(6):
+            write_png(workdir / "data" / "0" / f"{n}.png", _digit(0, n))
+    proc = snakemake(workdir, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr or message in (workdir / "logs" / "clean.log").read_text()
+    assert message in (workdir / "logs" / "clean.log").read_text()
+    ran = _ran_rules(proc)
+    assert "clean" in ran
+    assert ran.isdisjoint(TRAINING_RULES | {"split", "augment"}), ran
+    assert not (workdir / "results" / "clean" / "index.csv").exists()
+
+
+# ----------------------------------------------------------------------------- dry run of the default config
+
+
+def _rule_names() -> set[str]:
+    """Every rule the workflow defines (from the Snakefile and the rule files)."""
+    files = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    return {name for f in files for name in re.findall(r"^\s*rule (\w+):", f.read_text(), re.M)}
+
+
+def test_default_config_plans_the_whole_dag(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    trials = int(np.prod([len(values) for values in config["sweep"]["grid"].values()]))
+    planned = planned_jobs(
+        tmp_path,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(REPO / "config" / "config.yaml"),
+    )
+    assert set(planned) == _rule_names()
+    assert planned["sweep_trial"] == trials == 2
+    assert planned["cv_fold"] == config["cv"]["k"] == 5
+    assert planned["ingest_shard"] == config["clean"]["shards"]
+    assert planned["cluster"] == len(config["cluster"]["features"])
+    singles = _rule_names() - {"sweep_trial", "cv_fold", "ingest_shard", "cluster"}
+    assert all(planned[rule] == 1 for rule in singles), planned
+    assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------- rerun scope
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One completed tiny run (every stage) shared by the rerun-scope and report tests."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("finished") / "wf")
+    digits_tree(workdir / "data")
+    write_config(workdir, deep_merge(TINY_CONFIG, {"data": {"root": "data"}}))
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.fixture
+def finished_copy(finished_run, tmp_path) -> Path:
+    """A private copy of the finished run (mtimes kept): nothing is planned in it."""
+    workdir = tmp_path / "wf"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    assert planned_jobs(workdir) == Counter()
+    return workdir
+
+
+# Rules downstream of the final model / of the sweep winner, with their job counts.
+AFTER_TRAINING = Counter(
+    {"train_final": 1, "cv_fold": 2, "cv_summary": 1, "evaluate": 1, "cluster": 1}
+)
+REPORT_ONLY = Counter({"report": 1, "all": 1})
+# Any config change rewrites the config snapshot, which the report shows.
+REPORTING = REPORT_ONLY + Counter({"config_snapshot": 1})
+AFTER_SWEEP = Counter({"sweep_trial": 2, "sweep_aggregate": 1}) + AFTER_TRAINING
+AFTER_AUGMENT = Counter({"augment": 1}) + AFTER_SWEEP
+AFTER_CLEAN = Counter({"clean": 1, "split": 1, "cv_folds": 1, "cluster": 1}) + AFTER_AUGMENT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"train": {"weight_decay": 0.001}}, AFTER_SWEEP + REPORTING),
+        ({"model": {"dropout": 0.1}}, AFTER_SWEEP + REPORTING),
+        ({"clean": {"blur": 0.2}}, AFTER_CLEAN + REPORTING),
+        ({"augment": {"copies": 2}}, AFTER_AUGMENT + REPORTING),
+        ({"cluster": {"n_init": 3}}, Counter({"cluster": 2}) + REPORTING),
+        ({"report": {"title": "another title"}}, REPORTING),
+    ],
+    ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
+)
+def test_one_config_key_reruns_exactly_its_downstream(finished_copy, change, expected):
+    write_config(finished_copy, change)
+    assert planned_jobs(finished_copy) == expected
+
+
+@pytest.mark.slow
+def test_new_grid_value_schedules_only_the_new_trial(finished_copy):
+    grid = yaml.safe_load((finished_copy / "config" / "config.yaml").read_text())["sweep"]["grid"]
+    write_config(finished_copy, {"sweep": {"grid": {"train.lr": [*grid["train.lr"], 0.05]}}})
+    expected = Counter({"sweep_trial": 1, "sweep_aggregate": 1}) + AFTER_TRAINING + REPORTING
+    assert planned_jobs(finished_copy) == expected
+    dry = snakemake(finished_copy, "-n")
+    trial_outputs = re.findall(r"results/sweep/trials/([^/\s,]+)/summary\.json", dry.stdout)
+    new = {t for t in trial_outputs if "0.05" in t}
+    assert new and all(t.endswith("0.05") for t in new), trial_outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        # config_snapshot shares the report's code fingerprint, not the others'.
+        ("clean", AFTER_CLEAN + REPORT_ONLY),
+        ("report", REPORTING),
+        ("cluster", Counter({"cluster": 2}) + REPORT_ONLY),
+    ],
+)
+def test_code_edit_reruns_the_rules_running_that_module(finished_copy, module, expected):
+    with (finished_copy / "imgpipe" / f"{module}.py").open("a", encoding="utf-8") as source:
+        source.write("\n# an edit that changes the code fingerprint\n")
+    assert planned_jobs(finished_copy) == expected
+
+
+# ----------------------------------------------------------------------------- report
+
+REPORT_CATEGORIES = {
+    "Data",
+    "Augmentation",
+    "Training",
+    "Sweep",
+    "Cross-validation",
+    "Test",
+    "Clustering",
+}
+
+
+@pytest.mark.slow
+def test_snakemake_report_shows_every_result_category(finished_run, tmp_path):
+    report = tmp_path / "report.html"
+    snakemake(finished_run, "--report", str(report))
+    missing = REPORT_CATEGORIES - report_categories(report)
+    assert not missing, f"categories missing from the report: {sorted(missing)}"
+    assert planned_jobs(finished_run) == Counter()
