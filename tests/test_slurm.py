@@ -426,3 +426,45 @@ def test_training_job_gets_a_gpu(slurm_run: SlurmRun, cluster: SlurmCluster, tmp
     check_gpu_job(
         slurm_run, cluster, tmp_path / "train.log", TRAIN_RULE, TRAIN_TARGET, TRAIN_CONFIG
     )
+
+
+def test_multi_gpu_training_runs_one_srun_rank_per_gpu(
+    slurm_run: SlurmRun, cluster: SlurmCluster, tmp_path: Path
+):
+    """train.gpus_per_node 2: one job with 2 tasks and 2 GPUs, srun starts 2 DDP ranks (gloo, CPU).
+
+    The profile's ``gpu: 1`` for train_final is deleted, as docs/cluster.md
+    (step 5) tells a user to: the rule then asks for the GPUs through gres.
+    """
+    profile = yaml.safe_load((slurm_run.profile / "config.yaml").read_text())
+    profile["set-resources"][TRAIN_RULE].pop("gpu", None)
+    ddp_profile = slurm_run.workdir / "profiles" / "slurm-ddp"
+    ddp_profile.mkdir(exist_ok=True)
+    (ddp_profile / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    config = deep_merge(TRAIN_CONFIG, {"train": {"num_nodes": 1, "gpus_per_node": 2}})
+    write_config(slurm_run.workdir, slurm_run.data_root, deep_merge(TEST_CONFIG, config))
+    log = tmp_path / "ddp-train.log"
+    args = ["--workflow-profile", str(ddp_profile), "--forcerun", TRAIN_RULE, TRAIN_TARGET]
+    run_snakemake(slurm_run.workdir, args, slurm_run.env, log)
+
+    job_ids = SUBMITTED_RE.findall(log.read_text())
+    queue = cluster.run(["squeue", "-h", "--states=all", "-o", "%i|%T|%k"]).stdout
+    rows = {line.split("|")[0]: line.split("|") for line in queue.splitlines()}
+    train_jobs = [job for job in job_ids if rule_of(rows[job][2]) == TRAIN_RULE]
+    assert len(train_jobs) == 1 and rows[train_jobs[0]][1] == "COMPLETED", rows
+    details = cluster.run(["scontrol", "show", "job", "-d", train_jobs[0]]).stdout
+    assert re.search(r"NumNodes=1\b", details) and re.search(r"NumTasks=2\b", details), details
+    assert allocated_gpus(cluster, train_jobs[0]) == 2
+
+    results = slurm_run.workdir / "results" / "train" / "final"
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp", summary
+    assert len(summary["samples_per_rank"]) == 2 and min(summary["samples_per_rank"]) > 0
+    rule_log = (slurm_run.workdir / "logs" / "train" / "final.log").read_text()
+    assert "srun --nodes=1 --ntasks-per-node=2 --kill-on-bad-exit=1" in rule_log, rule_log[-3000:]
+    # srun --label prefixes each rank's lines with its task id.
+    for rank in (0, 1):
+        assert re.search(rf"^{rank}: .*rank {rank} of 2 \(node 0", rule_log, re.M), rule_log[-3000:]
+    from imgpipe.training import load_classifier
+
+    assert load_classifier(results / "model.ckpt").model is not None
