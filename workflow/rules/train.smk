@@ -39,8 +39,9 @@ rule train_final:
         "benchmarks/train/final.tsv"
     conda:
         "../../envs/train.yaml"
-    # The whole machine: one process trains with every core (or the job's GPU).
-    threads: workflow.cores
+    # One process trains with up to 8 cores (a local run caps this at --cores;
+    # on SLURM the profile's cpus_per_gpu / set-threads decide).
+    threads: 8
     resources:
         **train_final_resources(),
     params:
