@@ -9,6 +9,7 @@ whole DAG.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections import Counter
@@ -192,6 +193,10 @@ def test_planted_defects_rejected_for_their_reason_and_valid_oddities_kept(tmp_p
     by_path = dict(zip(index["relpath"], index["group"], strict=True))
     assert by_path["2/near.png"] == by_path["2/000.png"]  # near duplicate: same group, kept
     assert len(set(by_path.values())) == len(by_path) - 1  # and no other grouping
+    summary = json.loads((workdir / "results" / "clean" / "summary.json").read_text())
+    assert summary["rejected_per_reason"] == Counter(r for _, r in expected_rejected)
+    assert sum(summary["kept_per_class"].values()) == len(expected_kept)
+    assert summary["near_duplicates"]["groups_above_one"] == 1
     assert tree_digest(workdir / "data") == before
 
     # Dropping near duplicates reruns only the clean decisions and rejects the planted one.
