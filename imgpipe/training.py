@@ -270,12 +270,24 @@ def resume_point(state_dir: Path) -> tuple[Path | None, int | None]:
     """The last.ckpt to continue from and its epoch, or (None, None) for a fresh start (clearing the state)."""
     last = state_dir / "checkpoints" / "last.ckpt"
     if last.is_file() and checkpoint_loads(last):
-        epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
-        return last, int(epoch)
+        epoch = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
+        # A kill between the checkpoint and the logger's write loses the epoch's
+        # history rows: start afresh (same result, deterministic) rather than lose them.
+        if set(range(epoch + 1)) <= logged_epochs(state_dir / "logs"):
+            return last, epoch
+        log.warning("resume state %s lacks the history of its epochs: starting afresh", state_dir)
     if state_dir.exists():
         # Every srun-started rank clears a stale state at once: a vanished file is no error.
         shutil.rmtree(state_dir, ignore_errors=True)
     return None, None
+
+
+def logged_epochs(log_root: Path) -> set[int]:
+    """Epochs whose training loss the CSVLogger files of every attempt hold."""
+    history = combined_history(log_root)
+    if "train_loss" not in history:
+        return set()
+    return set(history.dropna(subset=["train_loss"])["epoch"].astype(int))
 
 
 def combined_history(log_root: Path) -> pd.DataFrame:
@@ -287,7 +299,12 @@ def combined_history(log_root: Path) -> pd.DataFrame:
     frames = []
     versions = sorted(log_root.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
     for attempt, path in enumerate(versions):
-        frame = pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as err:
+            # An attempt killed before (or while) its logger wrote: it holds no usable rows.
+            log.warning("ignoring unreadable training log %s: %s", path, err)
+            continue
         if frame.empty or "epoch" not in frame:
             continue
         # LearningRateMonitor's rows carry no epoch: they precede the epoch they belong to.

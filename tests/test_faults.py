@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from workflow_utils import (
+    TINY_CONFIG,
+    copy_workflow,
+    deep_merge,
+    digits_tree,
+    fresh_files,
+    planned_jobs,
+    snakemake,
+    start_snakemake,
+    tmp_leftovers,
+    write_config,
+)
 
 from imgpipe.dataset import load_images
 from imgpipe.lightning import ImageClassifier, state_dict_only
@@ -196,3 +213,135 @@ def test_resumed_training_is_bit_identical(tmp_path, monkeypatch, random):
     history = [pd.read_csv(tmp_path / d / "history.csv") for d in ("straight", "resumed")]
     cols = ["epoch", "step", "train_loss"]
     pd.testing.assert_frame_equal(history[0][cols], history[1][cols])
+
+
+# ---------------------------------------------------------------- crash consistency, end to end
+
+COMPARED = [
+    "results/clean/index.csv",
+    "results/split/split.csv",
+    "results/evaluate/metrics.json",
+    "results/cv/summary.csv",
+    "results/cluster/pixels/assignments.csv",
+    "results/cluster/embeddings/assignments.csv",
+]
+CRASH_CONFIG = {"data": {"root": "data"}, "train": {"max_epochs": 3}}
+
+
+def kill_points(workdir: Path):
+    """(name, rule killed, test) in DAG order; a test says the point is reached since ``t`` ns."""
+
+    def fresh(pattern):
+        return lambda t: bool(fresh_files(workdir, pattern, t))
+
+    def training(log_pattern):
+        # Mid-training: a job of this rule started and a checkpoint was written since.
+        def reached(t):
+            logs = fresh_files(workdir, log_pattern, t)
+            if not logs:
+                return False
+            start = min(p.stat().st_mtime_ns for p in logs)
+            return bool(fresh_files(workdir, ".imgpipe/resume/*/checkpoints/last.ckpt", start))
+
+        return reached
+
+    return [
+        ("during ingest", "ingest_shard", fresh("logs/ingest/shard-*.log")),
+        ("mid-training, a sweep trial", "sweep_trial", training("logs/sweep/lr~*.log")),
+        ("mid-training, the final model", "train_final", training("logs/train/final.log")),
+        ("during clustering", "cluster", fresh("logs/cluster/*.log")),
+        ("during the report", "report", fresh("logs/report.log")),
+    ]
+
+
+def run_until(workdir: Path, reached, timeout: float = 600) -> bool:
+    """Run snakemake --rerun-incomplete; SIGKILL its process group once ``reached``. True if killed."""
+    since = time.time_ns()
+    proc = start_snakemake(workdir, "--rerun-incomplete")
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if reached(since):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+        assert proc.poll() is not None, "snakemake did not finish in time"
+        if proc.returncode != 0:
+            logs = sorted((workdir / ".snakemake" / "log").glob("*.log"))
+            raise AssertionError(f"snakemake failed:\n{logs[-1].read_text()[-3000:]}")
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def comparable(workdir: Path) -> dict[str, bytes]:
+    """The outputs a kill must not change (trials.csv without its timing column).
+
+    Image paths are absolute: the copy's own folder is replaced by a placeholder.
+    """
+    files = {name: (workdir / name).read_bytes() for name in COMPARED}
+    trials = pd.read_csv(workdir / "results/sweep/trials.csv").drop(columns="seconds")
+    files["results/sweep/trials.csv"] = trials.to_csv(index=False).encode()
+    here = str(workdir.resolve()).encode()
+    return {name: data.replace(here, b"<workdir>") for name, data in files.items()}
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_identical_results(tmp_path):
+    reference = copy_workflow(tmp_path / "reference")
+    crashed = copy_workflow(tmp_path / "crashed")
+    for workdir in (reference, crashed):
+        digits_tree(workdir / "data")
+        write_config(workdir, deep_merge(TINY_CONFIG, CRASH_CONFIG))
+    snakemake(reference)
+    expected = comparable(reference)
+
+    survived = []
+    for name, rule, reached in kill_points(crashed):
+        if not run_until(crashed, reached):
+            break  # the run completed before this point (a loaded machine can race past it)
+        survived.append(name)
+        snakemake(crashed, "--unlock")
+        # A killed job's outputs are never taken as complete: the job is planned again.
+        assert planned_jobs(crashed, "--rerun-incomplete")[rule] >= 1, (name, rule)
+    else:
+        assert not run_until(crashed, lambda t: False)
+    assert {"during ingest", "mid-training, the final model"} <= set(survived), survived
+    assert not planned_jobs(crashed), "a complete run leaves nothing to do"
+
+    assert comparable(crashed) == expected
+    final = json.loads((crashed / "results/train/final/summary.json").read_text())
+    assert final["resumed_from_epoch"] is not None, "the final model did not resume"
+    assert not any((crashed / ".imgpipe").rglob("*.ckpt")), "stale resume state"
+    assert list((crashed / ".imgpipe" / "resume").iterdir()) == []
+    assert tmp_leftovers(crashed / "results") == []
+    assert not list((crashed / "results").rglob(".fit-*"))
+
+
+def test_resume_state_without_its_history_starts_afresh(tmp_path):
+    # A kill after last.ckpt but before the CSVLogger wrote leaves an empty metrics.csv.
+    state_dir = tmp_path / "state"
+    last = state_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save(small_checkpoint(), last)
+    metrics = state_dir / "logs" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("")
+    assert resume_point(state_dir) == (None, None)
+    assert not state_dir.exists()
+
+
+def test_resume_state_with_its_history_resumes(tmp_path):
+    state_dir = tmp_path / "state"
+    last = state_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save(small_checkpoint(), last)
+    metrics = state_dir / "logs" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("epoch,step,train_loss\n0,3,1.2\n")
+    (state_dir / "logs" / "version_1").mkdir()
+    (state_dir / "logs" / "version_1" / "metrics.csv").write_text("")  # killed attempt
+    assert resume_point(state_dir) == (last, 0)
