@@ -320,7 +320,14 @@ AFTER_CLEAN = Counter({"clean": 1, "split": 1, "cv_folds": 1, "cluster": 1}) + A
         ({"cluster": {"n_init": 3}}, Counter({"cluster": 2}) + REPORTING),
         ({"report": {"title": "another title"}}, REPORTING),
     ],
-    ids=lambda value: next(iter(value)) if isinstance(value, dict) else "",
+    ids=[
+        "train.weight_decay",
+        "model.dropout",
+        "clean.blur",
+        "augment.copies",
+        "cluster.n_init",
+        "report.title",
+    ],
 )
 def test_one_config_key_reruns_exactly_its_downstream(finished_copy, change, expected):
     write_config(finished_copy, change)
