@@ -87,9 +87,26 @@ def cross_key_errors(config: Mapping) -> list[str]:
     return lines
 
 
+def sweep_key_errors(config: Mapping, schema: Mapping) -> list[str]:
+    """Sweep grid / range keys that name no ``train`` or ``model`` setting of the schema."""
+    sweep = config.get("sweep", {})
+    lines = []
+    for part in ("grid", "ranges"):
+        for key in sweep.get(part) or {}:
+            section, _, name = key.partition(".")
+            known = schema["properties"].get(section, {}).get("properties", {})
+            if section in ("train", "model") and name not in known:
+                lines.append(f"sweep.{part}.{key}: {section} has no setting {name!r}")
+    return lines
+
+
 def check_config(config: Mapping, schema: Mapping) -> None:
     """Raise ConfigError listing every bad key, or return when the config is valid."""
-    problems = config_errors(config, schema) or cross_key_errors(config)
+    problems = (
+        config_errors(config, schema)
+        or cross_key_errors(config)
+        or sweep_key_errors(config, schema)
+    )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -23,7 +23,6 @@ already started one process per rank and plain "ddp" attaches to them.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -51,7 +50,6 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from imgpipe.config import ConfigError
 from imgpipe.errors import DataError
 from imgpipe.lightning import ImageClassifier, ImageDataModule, channel_stats, to_uint8_nchw
 from imgpipe.progress import EpochProgress
@@ -73,30 +71,6 @@ CHECKPOINT_KEYS = (
 def plain(value: Any) -> Any:
     """Deep-copy a config value into plain dicts / lists / scalars (safe for weights-only loading)."""
     return json.loads(json.dumps(value))
-
-
-def apply_overrides(
-    model_cfg: Mapping, train_cfg: Mapping, overrides: Mapping[str, Any]
-) -> tuple[dict, dict]:
-    """Return copies of the model / train configs with dotted overrides such as ``{"train.lr": 0.01}``.
-
-    Keys name an existing setting (``model.<key>`` or ``train.<key>[.<sub>]``);
-    an unknown key raises ConfigError rather than being silently ignored.
-    """
-    sections = {"model": copy.deepcopy(dict(model_cfg)), "train": copy.deepcopy(dict(train_cfg))}
-    for dotted_key, value in overrides.items():
-        section, *path = dotted_key.split(".")
-        if section not in sections or not path:
-            raise ConfigError(f"{dotted_key}: overrides must look like model.<key> or train.<key>")
-        target = sections[section]
-        for part in path[:-1]:
-            if not isinstance(target.get(part), dict):
-                raise ConfigError(f"{dotted_key}: unknown setting")
-            target = target[part]
-        if path[-1] not in target:
-            raise ConfigError(f"{dotted_key}: unknown setting")
-        target[path[-1]] = value
-    return sections["model"], sections["train"]
 
 
 def resume_key(paths: Iterable[str | os.PathLike], params: Any) -> str:

@@ -20,12 +20,14 @@ if __name__ == "__main__":
     with logged(snakemake.log[0]) as log:
         # Imported once logging goes to the log: Lightning only adds its own
         # stderr handler when the root logger has none.
-        from imgpipe.training import apply_overrides
+        from imgpipe.sweep import apply_overrides
 
         best = read_best(snakemake.input.get("best"))
-        model_cfg, train_cfg = apply_overrides(
-            snakemake.params.model, snakemake.params.train, best.get("overrides", {})
+        sections = apply_overrides(
+            {"model": snakemake.params.model, "train": snakemake.params.train},
+            best.get("overrides", {}),
         )
+        model_cfg, train_cfg = sections["model"], sections["train"]
         train_cfg["threads"] = train_cfg["threads"] or snakemake.threads
         if best:
             log.info("sweep winner %s: %s", best.get("trial"), best.get("overrides"))

@@ -75,3 +75,10 @@ def test_check_config_does_not_mutate():
     before = copy.deepcopy(config)
     check_config(config, SCHEMA)
     assert config == before
+
+
+def test_sweep_keys_must_name_a_setting():
+    config = default_config()
+    config["sweep"]["grid"] = {"train.learning_rate": [0.1]}
+    with pytest.raises(ConfigError, match="sweep.grid.train.learning_rate"):
+        check_config(config, SCHEMA)

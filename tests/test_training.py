@@ -16,12 +16,10 @@ import pytest
 import torch
 import yaml
 
-from imgpipe.config import ConfigError
 from imgpipe.demo import digits_images
 from imgpipe.errors import DataError
 from imgpipe.lightning import ImageClassifier, IndexBatches, random_hflip, random_translate
 from imgpipe.training import (
-    apply_overrides,
     combined_history,
     embed,
     fit,
@@ -314,21 +312,6 @@ def test_ids_that_cannot_train_raise_data_error(tmp_path, train_ids, val_ids, me
     labels = np.repeat([0, 1], 20)
     with pytest.raises(DataError, match=message):
         fit(images, labels, train_ids, val_ids, None, None, TINY_MODEL, TINY_TRAIN, tmp_path)
-
-
-def test_apply_overrides_sets_values_on_copies():
-    model_cfg, train_cfg = apply_overrides(
-        CONFIG["model"],
-        CONFIG["train"],
-        {"train.lr": 0.01, "model.dropout": 0.1, "train.online_augment.crop_padding": 0},
-    )
-    assert train_cfg["lr"] == 0.01 and model_cfg["dropout"] == 0.1
-    assert train_cfg["online_augment"]["crop_padding"] == 0
-    assert CONFIG["train"]["online_augment"]["crop_padding"] != 0  # the input is untouched
-    assert train_cfg["batch_size"] == CONFIG["train"]["batch_size"]
-    for bad in ("train.lrr", "optim.lr", "train", "train.online_augment.nope"):
-        with pytest.raises(ConfigError, match="train|optim"):
-            apply_overrides(CONFIG["model"], CONFIG["train"], {bad: 1})
 
 
 def test_resume_key_follows_params_and_inputs(tmp_path):

@@ -201,7 +201,7 @@ def test_planted_defects_rejected_for_their_reason_and_valid_oddities_kept(tmp_p
 
     # Dropping near duplicates reruns only the clean decisions and rejects the planted one.
     write_config(workdir, {"clean": {"near_duplicates": "drop"}})
-    assert planned_jobs(workdir, "--", CLEAN_TARGET) == Counter({"clean": 1})
+    assert planned_jobs(workdir, CLEAN_TARGET) == Counter({"clean": 1})
     snakemake(workdir, CLEAN_TARGET)
     assert _reasons(workdir) == expected_rejected | {("2/near.png", "near_duplicate")}
     index = _rows(workdir / "results" / "clean" / "index.csv")

@@ -72,7 +72,8 @@ def digits_tree(root: Path, per_class: int = 20, classes: int = 4, size: int = 1
         folder = root / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         for n, index in enumerate(np.flatnonzero(labels == label)[:per_class]):
-            image = cv2.resize(images[index], (size, size), interpolation=cv2.INTER_LINEAR)
+            # Nearest neighbour keeps the strokes sharp (a linear upscale is blurry).
+            image = cv2.resize(images[index], (size, size), interpolation=cv2.INTER_NEAREST)
             cv2.imwrite(str(folder / f"{n:03d}.png"), image)
     return root
 
@@ -97,7 +98,7 @@ def snakemake(
 
 def planned_jobs(workdir: Path, *args: str) -> Counter:
     """Rules (with job counts) a dry run would execute now."""
-    proc = snakemake(workdir, "-n", "--quiet", "rules", *args)
+    proc = snakemake(workdir, *args, "-n", "--quiet", "rules")
     text = proc.stdout + proc.stderr
     jobs: Counter = Counter()
     for name, count in re.findall(r"^(\w+)\s+(\d+)\s*$", text, re.MULTILINE):

@@ -121,6 +121,22 @@ TRAIN_INPUTS = {
 }
 
 
+def swept_keys():
+    """Dotted keys the sweep sets (empty without a sweep)."""
+    sweep = config["sweep"]
+    if not sweep["enabled"]:
+        return set()
+    return set(sweep["grid"] if sweep["method"] == "grid" else sweep["ranges"])
+
+
+def unswept(name):
+    """A config section without the keys the sweep sets: a trial takes those from
+    its own values and later jobs from best.yaml, so editing them in the section
+    reruns nothing."""
+    swept = {key.split(".", 1)[1] for key in swept_keys() if key.startswith(f"{name}.")}
+    return {key: value for key, value in config[name].items() if key not in swept}
+
+
 def best_params_input(wildcards):
     """The sweep's winner, when there is a sweep (else the train section is used as is)."""
     return {"best": "results/sweep/best.yaml"} if config["sweep"]["enabled"] else {}

@@ -40,8 +40,8 @@ rule cv_fold:
     resources:
         gpu=GPUS_PER_JOB,
     params:
-        model=config["model"],
-        train=config["train"],
+        model=unswept("model"),
+        train=unswept("train"),
         code=code(*TRAIN_CODE, "cv"),
     script:
         "../../scripts/cv_fold.py"

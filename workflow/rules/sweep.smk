@@ -25,8 +25,8 @@ if config["sweep"]["enabled"]:
         resources:
             gpu=GPUS_PER_JOB,
         params:
-            model=config["model"],
-            train=config["train"],
+            model=unswept("model"),
+            train=unswept("train"),
             overrides=lambda wildcards: TRIAL_OVERRIDES[wildcards.trial],
             code=code(*TRAIN_CODE, "sweep"),
         script:

@@ -45,8 +45,8 @@ rule train_final:
     resources:
         **train_final_resources(),
     params:
-        model=config["model"],
-        train=config["train"],
+        model=unswept("model"),
+        train=unswept("train"),
         code=code(*TRAIN_CODE, "launch"),
     script:
         "../../scripts/train.py"
