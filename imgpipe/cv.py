@@ -115,7 +115,9 @@ def run_fold(
     """Train on every fold but ``fold``, predict ``fold``: write its out-of-fold probabilities.
 
     A fold at or beyond the number of folds actually used (``cv.adapt_k``
-    lowered k) writes an empty table and a summary marked ``skipped``.
+    lowered k) writes an empty table and a summary marked ``skipped``; the
+    fold's model and history (written beside them) are not declared outputs
+    for that reason.
     """
     from imgpipe.experiment import (
         load_training_data,

@@ -26,8 +26,6 @@ rule cv_fold:
     output:
         oof="results/cv/fold-{fold}/oof.csv",
         summary="results/cv/fold-{fold}/summary.json",
-        model="results/cv/fold-{fold}/model.ckpt",
-        history="results/cv/fold-{fold}/history.csv",
     log:
         "logs/cv/fold-{fold}.log",
     benchmark:
