@@ -234,11 +234,11 @@ def kill_points(workdir: Path):
     def fresh(pattern):
         return lambda t: bool(fresh_files(workdir, pattern, t))
 
-    def training(log_pattern):
-        # Mid-training: a job of this rule started and a checkpoint was written since.
+    def training(log_pattern, output_pattern):
+        # Mid-training: a job of this rule started, has not finished, and wrote a checkpoint since.
         def reached(t):
             logs = fresh_files(workdir, log_pattern, t)
-            if not logs:
+            if len(logs) <= len(fresh_files(workdir, output_pattern, t)):
                 return False
             start = min(p.stat().st_mtime_ns for p in logs)
             return bool(fresh_files(workdir, ".imgpipe/resume/*/checkpoints/last.ckpt", start))
@@ -247,8 +247,16 @@ def kill_points(workdir: Path):
 
     return [
         ("during ingest", "ingest_shard", fresh("logs/ingest/shard-*.log")),
-        ("mid-training, a sweep trial", "sweep_trial", training("logs/sweep/lr~*.log")),
-        ("mid-training, the final model", "train_final", training("logs/train/final.log")),
+        (
+            "mid-training, a sweep trial",
+            "sweep_trial",
+            training("logs/sweep/lr~*.log", "results/sweep/trials/*/summary.json"),
+        ),
+        (
+            "mid-training, the final model",
+            "train_final",
+            training("logs/train/final.log", "results/train/final/summary.json"),
+        ),
         ("during clustering", "cluster", fresh("logs/cluster/*.log")),
         ("during the report", "report", fresh("logs/report.log")),
     ]
