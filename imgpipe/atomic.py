@@ -18,11 +18,25 @@ import numpy as np
 import pandas as pd
 
 
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (``.NAME.*.tmp*``) a killed earlier attempt left beside ``path``.
+
+    Safe because one job at a time writes a given output (Snakemake's lock);
+    every writer of this package names its temporary files this way.
+    """
+    target = Path(path)
+    stale = [p for p in target.parent.glob(f".{target.name}.*.tmp*") if p.is_file()]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     # Hidden, unique, same folder (os.replace is atomic within a filesystem); the
     # suffix is kept for writers that infer the format from the name.
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}")

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from imgpipe.atomic import write_csv
+from imgpipe.atomic import remove_stale_temps, write_csv
 from imgpipe.imageio import MODES, decode_image, fit_square, read_bytes
 from imgpipe.imagestats import gray_stats, phash
 
@@ -164,6 +164,7 @@ def ingest_file(
 
 
 def _temp_name(path: str) -> str:
+    remove_stale_temps(path)
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
 

@@ -50,6 +50,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from imgpipe.atomic import remove_stale_temps
 from imgpipe.errors import DataError
 from imgpipe.lightning import ImageClassifier, ImageDataModule, channel_stats, to_uint8_nchw
 from imgpipe.progress import EpochProgress
@@ -104,6 +105,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` via a same-folder temporary file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -120,6 +122,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to ``path`` via a same-folder temporary file and ``os.replace``."""
     path = Path(path)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

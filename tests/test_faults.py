@@ -235,12 +235,15 @@ def kill_points(workdir: Path):
         return lambda t: bool(fresh_files(workdir, pattern, t))
 
     def training(log_pattern, output_pattern):
-        # Mid-training: a job of this rule started, has not finished, and wrote a checkpoint since.
+        # Mid-training: a job of this rule started, has not finished, and wrote a checkpoint
+        # since we first saw its log (the log's mtime moves on with every epoch line).
+        first_seen: dict[int, int] = {}
+
         def reached(t):
             logs = fresh_files(workdir, log_pattern, t)
             if len(logs) <= len(fresh_files(workdir, output_pattern, t)):
                 return False
-            start = min(p.stat().st_mtime_ns for p in logs)
+            start = first_seen.setdefault(t, time.time_ns())
             return bool(fresh_files(workdir, ".imgpipe/resume/*/checkpoints/last.ckpt", start))
 
         return reached
@@ -353,3 +356,18 @@ def test_resume_state_with_its_history_resumes(tmp_path):
     (state_dir / "logs" / "version_1").mkdir()
     (state_dir / "logs" / "version_1" / "metrics.csv").write_text("")  # killed attempt
     assert resume_point(state_dir) == (last, 0)
+
+
+def test_stale_temp_files_of_an_interrupted_attempt_are_removed(tmp_path):
+    from imgpipe.atomic import write_text
+    from imgpipe.training import atomic_torch_save
+
+    stale = [tmp_path / ".a.csv.0123.tmp.csv", tmp_path / ".model.ckpt.x1y2.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    keep = tmp_path / ".other.csv.9.tmp"
+    keep.write_bytes(b"another output's")
+    write_text("x\n", tmp_path / "a.csv")
+    atomic_torch_save({"a": 1}, tmp_path / "model.ckpt")
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert (tmp_path / "a.csv").read_text() == "x\n"
