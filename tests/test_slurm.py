@@ -40,7 +40,7 @@ WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "imgpipe", "scripts", "prof
 
 DAG_TARGETS = ["results/clean/index.csv", "results/clean/summary.json"]
 # Deep-merged into config/config.yaml; data.root is set to the generated tree.
-TEST_CONFIG = {"clean": {"shards": 2, "min_per_class": 2}}
+TEST_CONFIG = {"clean": {"shards": 2, "min_per_class": 2}, "cv": {"k": 2, "adapt_k": True}}
 # Rules that run on the submit host, not as SLURM jobs.
 LOCAL_RULES = {"all"}
 TRAIN_RULE = "train_final"
@@ -444,7 +444,8 @@ def test_multi_gpu_training_runs_one_srun_rank_per_gpu(
     config = deep_merge(TRAIN_CONFIG, {"train": {"num_nodes": 1, "gpus_per_node": 2}})
     write_config(slurm_run.workdir, slurm_run.data_root, deep_merge(TEST_CONFIG, config))
     log = tmp_path / "ddp-train.log"
-    args = ["--workflow-profile", str(ddp_profile), "--forcerun", TRAIN_RULE, TRAIN_TARGET]
+    # The target first: --forcerun takes every word after it as a rule or file to force.
+    args = ["--workflow-profile", str(ddp_profile), TRAIN_TARGET, "--forcerun", TRAIN_RULE]
     run_snakemake(slurm_run.workdir, args, slurm_run.env, log)
 
     job_ids = SUBMITTED_RE.findall(log.read_text())
