@@ -35,7 +35,7 @@ format: $(STAMP)
 	$(BIN)/snakefmt .
 
 test: $(STAMP) lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -ra
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -ra --durations=15
 
 clean-results:
 	rm -rf results logs benchmarks .snakemake/metadata

@@ -484,6 +484,7 @@ def workflow_copy(tmp_path):
     (root / "workflow" / "rules").mkdir(parents=True)
     (root / "scripts").mkdir()
     shutil.copytree(REPO / "config", root / "config")
+    shutil.copytree(REPO / "envs", root / "envs")  # the rule names its conda env
     config_path = root / "config" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config["cluster"].update(n_init=1, export="symlink")

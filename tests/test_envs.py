@@ -33,6 +33,7 @@ ENV_OF_SCRIPT = {
     "augment": "data",
     "cluster": "train",  # embeddings come from the trained model
     "train_final": "train",
+    "train": "train",  # scripts/train.py, run by train_final
     "sweep_trial": "train",
     "sweep_aggregate": "train",
     "cv_folds": "train",
