@@ -23,6 +23,7 @@ from imgpipe.training import (
     combined_history,
     embed,
     fit,
+    logged_epochs,
     predict_proba,
     resume_key,
 )
@@ -187,14 +188,28 @@ def run_resume_script(tmp_path, train_cfg, out_dir, resume_dir):
     return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=tmp_path)
 
 
+def resumable(resume_dir):
+    """Whether resume_dir holds a last.ckpt whose epochs are all in the logged history."""
+    last = resume_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return False
+    try:
+        epoch = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
+        return set(range(epoch + 1)) <= logged_epochs(resume_dir / "logs")
+    except Exception:  # being written: try again
+        return False
+
+
 def test_resume_after_kill_continues_from_last_checkpoint(tmp_path):
     train_cfg = {**TINY_TRAIN, "max_epochs": 6}
     out_dir, resume_dir = tmp_path / "out", tmp_path / "resume"
     last = resume_dir / "checkpoints" / "last.ckpt"
     job = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir)
     deadline = time.monotonic() + 240
-    while not last.exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # Kill once a checkpoint AND its epochs' history are on disk: a state whose
+    # history the kill cut short is (rightly) discarded, not resumed.
+    while not resumable(resume_dir) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     job.send_signal(signal.SIGKILL)
     job.wait(timeout=60)
     assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
