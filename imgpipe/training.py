@@ -23,7 +23,6 @@ already started one process per rank and plain "ddp" attaches to them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,15 +71,6 @@ CHECKPOINT_KEYS = (
 def plain(value: Any) -> Any:
     """Deep-copy a config value into plain dicts / lists / scalars (safe for weights-only loading)."""
     return json.loads(json.dumps(value))
-
-
-def resume_key(paths: Iterable[str | os.PathLike], params: Any) -> str:
-    """Hash of input files (path, size, mtime) and params: names a resume state that fits only this job."""
-    digest = hashlib.sha256(json.dumps(plain(params), sort_keys=True).encode())
-    for path in sorted(map(str, paths)):
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- trainer pieces

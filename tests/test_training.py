@@ -18,6 +18,7 @@ import yaml
 
 from imgpipe.demo import digits_images
 from imgpipe.errors import DataError
+from imgpipe.experiment import input_stamp, job_key
 from imgpipe.lightning import ImageClassifier, IndexBatches, random_hflip, random_translate
 from imgpipe.training import (
     combined_history,
@@ -25,7 +26,6 @@ from imgpipe.training import (
     fit,
     logged_epochs,
     predict_proba,
-    resume_key,
 )
 
 # Lightning hints that fit's settings make moot (fit filters them outside pytest too).
@@ -331,13 +331,18 @@ def test_ids_that_cannot_train_raise_data_error(tmp_path, train_ids, val_ids, me
 
 
 def test_resume_key_follows_params_and_inputs(tmp_path):
+    # The key that names a job's resume state (imgpipe.experiment, used by every training rule).
     data = tmp_path / "index.csv"
     data.write_text("id\n0\n")
-    key = resume_key([data], {"train": {"lr": 0.01}})
-    assert key == resume_key([data], {"train": {"lr": 0.01}})
-    assert key != resume_key([data], {"train": {"lr": 0.02}})
+
+    def key(lr):
+        return job_key("final", {"train": {"lr": lr}}, input_stamp([str(data)]))
+
+    first = key(0.01)
+    assert first == key(0.01)
+    assert first != key(0.02)
     data.write_text("id\n0\n1\n")
-    assert key != resume_key([data], {"train": {"lr": 0.01}})
+    assert first != key(0.01)
 
 
 def test_combined_history_takes_each_epoch_from_its_latest_attempt(tmp_path):
