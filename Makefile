@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint --cores 1 2>&1 | tee /dev/stderr | (! grep -qiE "lints? for (rule|snakefile)")
+	$(BIN)/snakemake --lint --cores 1 --configfile .test/config/config.yaml 2>&1 | tee /dev/stderr | (! grep -qiE "lints? for (rule|snakefile)")
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

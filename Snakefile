@@ -1,6 +1,11 @@
 # imgpipe: clean -> augment -> train -> sweep / k-fold -> evaluate -> cluster -> report.
 # Every stage writes files under results/; each rule's params hold only the
-# config it depends on plus a fingerprint of the imgpipe code it runs.
+# config it depends on plus a fingerprint of the code its script runs.
+# Usable as it is (snakemake --cores N) or as a module of your own workflow
+# (README, "Use imgpipe as a module").
+from snakemake.utils import min_version
+
+min_version("9.0")
 
 
 configfile: "config/config.yaml"

@@ -232,7 +232,7 @@ def write_tree(root: Path, n: int, seed: int = 0) -> pd.DataFrame:
 
 def _ingest_one(args: tuple) -> None:
     from imgpipe.ingest import index_shard
-    from imgpipe.scan import load_files
+    from imgpipe.listing import load_files
 
     # As scripts/ingest_shard.py: the shards are the parallelism, not OpenCV's threads.
     cv2.setNumThreads(1)
@@ -247,8 +247,8 @@ def run_ours(
     root: Path, work: Path, config: dict, shards: int = 2
 ) -> tuple[float, pd.DataFrame, pd.DataFrame]:
     """Index + clean like the workflow; return (seconds, rejected table, index table)."""
-    from imgpipe.clean import CleanSettings, run_clean
-    from imgpipe.scan import list_images
+    from imgpipe.clean import CleanSettings, clean_shards
+    from imgpipe.listing import list_images
 
     start = time.perf_counter()
     files = list_images(root, config["data"]["extensions"])
@@ -269,7 +269,7 @@ def run_ours(
             ("examples", "png"),
         )
     }
-    run_clean(
+    clean_shards(
         [work / f"shard-{s}" / "stats.csv" for s in range(shards)],
         [work / f"shard-{s}" / "images.npy" for s in range(shards)],
         outputs,

@@ -10,12 +10,13 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
+import yaml
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
@@ -47,6 +48,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``path``, renamed to ``path`` only if the block succeeds.
+
+    ``path`` must be missing or empty, unless ``replace`` (its old content is
+    then removed just before the rename). On failure the temporary folder goes.
+    """
+    import shutil
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists() and any(target.iterdir()) and not replace:
+        raise FileExistsError(f"{target} exists and is not empty; not writing over it")
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(text: str, path: str | os.PathLike) -> None:
     """Write UTF-8 text atomically."""
     with atomic_path(path) as tmp:
@@ -64,10 +91,29 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", path)
 
 
-def write_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a DataFrame as CSV (no index) atomically."""
+def write_csv(table: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> None:
+    """Write a DataFrame as CSV atomically (its index too when ``index``)."""
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+        table.to_csv(tmp, index=index)
+
+
+def write_yaml(obj: Any, path: str | os.PathLike) -> None:
+    """Write YAML atomically (keys in insertion order, unicode kept)."""
+    write_text(yaml.safe_dump(obj, sort_keys=False, allow_unicode=True), path)
+
+
+def write_stream(write: Callable[[BinaryIO], Any], path: str | os.PathLike) -> None:
+    """Write a file atomically through ``write(binary file)``, flushed to disk before the rename.
+
+    For writers that take an open file, e.g. checkpoints:
+    ``write_stream(lambda fh: torch.save(state, fh), path)``; the fsync makes a
+    renamed checkpoint survive a power cut, not only a killed process.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def _json_default(value: Any) -> Any:

@@ -1,27 +1,26 @@
-"""Offline augmentation: materialise seeded torchvision views of the training pool."""
+"""Offline augmentation: materialise seeded torchvision views of the training pool, and preview them."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torchvision.transforms import v2
 
-from imgpipe.atomic import atomic_path
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
+from imgpipe.atomic import atomic_path, write_csv
+from imgpipe.errors import DataError
+from imgpipe.plots import image_grid
+from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
 
-# Roles whose images get augmented views: the whole training pool, so that
-# k-fold cross-validation can filter the views per fold.
-POOL_ROLES = ("train", "val")
+# Views are made for the whole training pool (imgpipe.split.POOL_ROLES), so that
+# k-fold cross-validation can pick each fold's own views.
 CHUNK = 1024  # source images per chunk written to the output array
 
 
@@ -52,7 +51,7 @@ def build_transform(cfg: Mapping) -> v2.Compose:
 
 
 def iter_views(
-    images: np.ndarray, cfg: Mapping, copies: int, seed: int, chunk: int = CHUNK
+    images: Any, cfg: Mapping, copies: int, seed: int, chunk: int = CHUNK
 ) -> Iterator[np.ndarray]:
     """Yield the views of ``chunk`` images at a time: uint8 NHWC, ``copies`` rows per image.
 
@@ -82,32 +81,14 @@ def augment_images(
     return np.concatenate(list(iter_views(images, cfg, copies, seed))), sources
 
 
-def check_images(images: np.ndarray) -> None:
+def check_images(images: Any) -> None:
     """Refuse anything but a uint8 NHWC array with 1 or 3 channels."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
         raise ValueError(f"expected uint8 (N, H, W, 1|3) images, got {images.dtype} {images.shape}")
 
 
-def pool_ids(roles: pd.DataFrame) -> np.ndarray:
-    """Sorted ids of the images whose views are materialised (roles train and val)."""
-    return np.sort(roles.loc[roles["role"].isin(POOL_ROLES), "id"].to_numpy())
-
-
-def training_augment_rows(aug_source_ids: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
-    """Indices of the augmented rows whose source image is one of this run's training ids."""
-    return np.flatnonzero(np.isin(np.asarray(aug_source_ids), np.asarray(train_ids)))
-
-
-def leaked_sources(
-    aug_source_ids: np.ndarray, rows: np.ndarray, train_ids: np.ndarray
-) -> np.ndarray:
-    """Source ids of selected augmented rows that are not training ids (empty when no leak)."""
-    selected = np.asarray(aug_source_ids)[np.asarray(rows, dtype=np.int64)]
-    return np.unique(selected[~np.isin(selected, np.asarray(train_ids))])
-
-
 def write_augmented(
-    images: np.ndarray,
+    images: Any,
     source_ids: np.ndarray,
     cfg: Mapping,
     images_path: str | os.PathLike,
@@ -135,73 +116,55 @@ def write_augmented(
     index = pd.DataFrame(
         {"aug_row": np.arange(total), "source_id": np.repeat(np.asarray(source_ids), copies)}
     )
-    with atomic_path(index_path) as tmp:
-        index.to_csv(tmp, index=False)
+    write_csv(index, index_path)
     return total
 
 
 def plot_preview(
-    images: np.ndarray,
+    images: Any,
     views: np.ndarray,
     view_sources: np.ndarray,
     path: str | os.PathLike,
     examples: int = 12,
     max_views: int = 6,
 ) -> None:
-    """Save a grid of examples, each an original followed by its views (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Save a grid of examples: each row an original image followed by its views."""
     sources = np.unique(view_sources)
     # Evenly spaced examples: the pool is in index (class folder) order, so they span the classes.
-    shown = sources[
-        np.unique(np.linspace(0, len(sources) - 1, min(examples, len(sources))).round().astype(int))
-    ]
-    per_example = [np.flatnonzero(view_sources == s)[:max_views] for s in shown]
-    block = 1 + max((len(rows) for rows in per_example), default=0)
-    # Several examples side by side when each has few views, so the grid stays compact.
-    across = max(1, min(4, 12 // block))
-    n_rows = max(1, -(-len(shown) // across))
-    fig, axes = plt.subplots(
-        n_rows, block * across, figsize=(1.1 * block * across, 1.2 * n_rows), squeeze=False
+    picks = np.linspace(0, len(sources) - 1, min(examples, len(sources))).round().astype(int)
+    shown = sources[np.unique(picks)] if len(sources) else sources
+    rows = []
+    for source in shown:
+        members = np.flatnonzero(view_sources == source)[:max_views]
+        rows.append([images[[source]][0], *(views[row] for row in members)])
+    width = max((len(row) for row in rows), default=0)
+    titles = [["original", *(f"view {c}" for c in range(1, width))]] + [[""] * width] * (
+        len(rows) - 1
     )
-    for ax in axes.ravel():
-        ax.axis("off")
-    if not len(shown):
-        axes[0, 0].text(0.5, 0.5, "no augmented views", ha="center", va="center")
-    for n, (source, rows) in enumerate(zip(shown, per_example, strict=True)):
-        r, c0 = divmod(n, across)
-        c0 *= block
-        show_image(axes[r, c0], images[source], "original" if r == 0 else None)
-        for c, row in enumerate(rows, start=1):
-            show_image(axes[r, c0 + c], views[row], f"view {c}" if r == 0 else None)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    image_grid(rows, path, cell_titles=titles if rows else None, empty_text="no augmented views")
 
 
-def show_image(ax: Axes, image: np.ndarray, title: str | None) -> None:
-    """Draw one uint8 HWC image (grey or RGB) on a matplotlib axis."""
-    if image.shape[2] == 1:
-        ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    else:
-        ax.imshow(image, interpolation="nearest")
-    if title:
-        ax.set_title(title, fontsize=8)
+def run_augment(job: StageJob) -> int:
+    """The augment stage: views of the training pool (images.npy, index.csv) and their preview."""
+    from imgpipe.dataset import load_index, open_images
+    from imgpipe.split import load_split, training_pool
+
+    pool = training_pool(load_index(job.input["index"]), load_split(job.input["split"]))
+    if pool.empty:
+        raise DataError("the split has no train or val image to augment")
+    images = open_images(pool)
+    log.info("augmenting %d training-pool images of shape %s", len(pool), images.shape[1:])
+    return augment_pool(images, pool["id"].to_numpy(), job.params["augment"], job.output)
 
 
-def stage_augment(
-    images: np.ndarray, ids: np.ndarray, cfg: Mapping, out: Mapping[str, str | os.PathLike]
+def augment_pool(
+    images: Any, ids: np.ndarray, cfg: Mapping, outputs: Mapping[str, str | os.PathLike]
 ) -> int:
-    """Write images.npy, index.csv and preview.png for the pool ``images`` (ids in ``ids``)."""
-    total = write_augmented(images, ids, cfg, out["images"], out["index"])
+    """Write the views of the pool ``images`` (ids ``ids``): images.npy, index.csv and preview.png."""
+    total = write_augmented(images, ids, cfg, outputs["images"], outputs["index"])
     log.info("wrote %d views (%d per image) of %d images", total, cfg["copies"], len(images))
     # The preview shows the written rows themselves: row r is a view of image r // copies.
-    views = np.load(out["images"], mmap_mode="r", allow_pickle=False)
-    copies = max(int(cfg["copies"]), 1)
-    sources = np.arange(len(views)) // copies
-    plot_preview(images, views, sources, out["preview"])
+    views = np.load(outputs["images"], mmap_mode="r", allow_pickle=False)
+    sources = np.arange(len(views)) // max(int(cfg["copies"]), 1)
+    plot_preview(images, views, sources, outputs["preview"])
     return total

@@ -17,34 +17,24 @@ rejected image. Order of the checks (the first that applies wins):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
-import cv2
 import numpy as np
 import pandas as pd
 
-from imgpipe.atomic import write_bytes, write_csv, write_json
+from imgpipe.atomic import write_csv, write_json
 from imgpipe.dataset import INDEX_COLUMNS, load_images
 from imgpipe.errors import DataError
+from imgpipe.ingest import load_stats
+from imgpipe.plots import image_grid
+from imgpipe.stage import StageJob
+
+log = logging.getLogger("imgpipe")
 
 REJECTED_COLUMNS = ["path", "relpath", "label", "source", "reason", "detail"]
-_TEXT_COLUMNS = ["path", "relpath", "label", "source", "sha256", "status", "reason", "detail"]
-_HASH_COLUMNS = ["pixel_hash", "phash"]
-_NUMERIC_COLUMNS = [
-    "row",
-    "bytes",
-    "width",
-    "height",
-    "channels",
-    "bit_depth",
-    "mean",
-    "std",
-    "p01",
-    "p99",
-    "blur",
-]
 # Pairs whose pixels are compared at once (bounds memory on huge candidate sets).
 _PAIR_CHUNK = 8192
 # Earlier rows of a hash bucket each row is compared with (see hash_pairs).
@@ -106,20 +96,11 @@ def read_stats(
         raise ValueError("one images.npy per stats.csv expected")
     frames = []
     for shard, (stats_path, array_path) in enumerate(zip(stats_paths, image_paths, strict=True)):
-        frame = pd.read_csv(
-            stats_path,
-            dtype={name: str for name in _TEXT_COLUMNS + _HASH_COLUMNS},
-            keep_default_na=False,
-        )
+        frame = load_stats(stats_path)
         frame["shard"] = shard
         frame["array"] = str(array_path)
         frames.append(frame)
-    stats = pd.concat(frames, ignore_index=True)
-    # Rejected rows leave measurements empty: read those as NaN, not as text.
-    for name in _NUMERIC_COLUMNS:
-        if name in stats.columns:
-            stats[name] = pd.to_numeric(stats[name], errors="coerce")
-    return sort_rows(stats)
+    return sort_rows(pd.concat(frames, ignore_index=True))
 
 
 def sort_rows(stats: pd.DataFrame) -> pd.DataFrame:
@@ -131,7 +112,7 @@ def sort_rows(stats: pd.DataFrame) -> pd.DataFrame:
 
 
 def _numeric(stats: pd.DataFrame, column: str) -> np.ndarray:
-    return pd.to_numeric(stats[column], errors="coerce").to_numpy(dtype=np.float64)
+    return pd.to_numeric(stats[column], errors="coerce").astype("float64").to_numpy()
 
 
 def quality_reasons(stats: pd.DataFrame, settings: CleanSettings) -> tuple[np.ndarray, np.ndarray]:
@@ -566,58 +547,34 @@ def summary(decisions: Decisions, settings: CleanSettings) -> dict:
 
 
 def examples_figure(decisions: Decisions, path: str | os.PathLike, per_reason: int = 8) -> None:
-    """Save a PNG grid of rejected images, one row per reason with pixels (decode failures have none).
-
-    Assembled with numpy and OpenCV rather than matplotlib: a grid of many
-    small axes costs seconds, a montage milliseconds.
-    """
+    """Save a PNG grid of rejected images, one row per reason with pixels (decode failures have none)."""
     ingest_rejected = (decisions.stats["status"].astype(str) == "rejected").to_numpy()
     shown = ~decisions.kept & ~ingest_rejected
-    reasons = sorted(set(decisions.reason[shown]))
-    tile, gap, label_width = 48, 4, 170
-    height = max(len(reasons), 1) * (tile + gap) + gap
-    canvas = np.full((height, label_width + per_reason * (tile + gap), 3), 255, np.uint8)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    if not reasons:
-        cv2.putText(
-            canvas,
-            "no image rejected by the clean checks",
-            (gap, tile // 2 + gap),
-            font,
-            0.45,
-            0,
-            1,
-            cv2.LINE_AA,
-        )
-    for r, reason in enumerate(reasons):
-        top = gap + r * (tile + gap)
-        rows = np.flatnonzero(shown & (decisions.reason == reason))
-        cv2.putText(
-            canvas, reason, (gap, top + tile // 2 - 4), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA
-        )
-        cv2.putText(
-            canvas,
-            f"{len(rows)} image(s)",
-            (gap, top + tile // 2 + 14),
-            font,
-            0.4,
-            (90, 90, 90),
-            1,
-            cv2.LINE_AA,
-        )
-        for c, array in enumerate(load_images(decisions.stats.iloc[rows[:per_reason]])):
-            image = cv2.resize(array, (tile, tile), interpolation=cv2.INTER_NEAREST)
-            # Arrays are grey or RGB; the PNG encoder wants BGR.
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image[..., ::-1]
-            left = label_width + c * (tile + gap)
-            canvas[top : top + tile, left : left + tile] = image
-    ok, encoded = cv2.imencode(".png", canvas)
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    write_bytes(encoded.tobytes(), path)
+    rows, titles = [], []
+    for reason in sorted(set(decisions.reason[shown])):
+        members = np.flatnonzero(shown & (decisions.reason == reason))
+        rows.append(list(load_images(decisions.stats.iloc[members[:per_reason]])))
+        titles.append(f"{reason}\n{len(members)} image(s)")
+    image_grid(rows, path, row_titles=titles, empty_text="no image rejected by the clean checks")
 
 
-def run_clean(
+def run_clean(job: StageJob) -> dict:
+    """The clean stage: decide on every listed file of every shard; write index, rejections, summary."""
+    settings = CleanSettings.from_config(job.params["clean"])
+    result = clean_shards(
+        job.input["stats"],
+        job.input["images"],
+        job.output,
+        settings,
+        job.params["examples_per_reason"],
+    )
+    log.info("clean: %s", result["total"])
+    log.info("rejected per reason: %s", result["rejected_per_reason"])
+    log.info("near duplicates: %s", result["near_duplicates"])
+    return result
+
+
+def clean_shards(
     stats_paths: Sequence[str | os.PathLike],
     image_paths: Sequence[str | os.PathLike],
     outputs: Mapping[str, str | os.PathLike],

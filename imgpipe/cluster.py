@@ -8,21 +8,20 @@ their file atomically.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from imgpipe.atomic import atomic_path
+from imgpipe.atomic import atomic_directory, write_csv, write_json
 from imgpipe.errors import DataError
-from imgpipe.plots import image_grid, save_figure
+from imgpipe.plots import image_grid, pyplot, save_figure
+from imgpipe.stage import StageJob
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +45,6 @@ EXPORT_MODES = ("none", "symlink", "copy")
 
 # Marker shapes cycled over classes in the projection plot (colour = cluster).
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
-
-
-def _pyplot():  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ----------------------------------------------------------------------------- features
@@ -311,7 +301,7 @@ def k_scan(
 
 def plot_k_scan(table: pd.DataFrame, path: str | os.PathLike, chosen: int | None = None) -> None:
     """Elbow (inertia) and silhouette against k side by side, the ``chosen`` k marked, as one PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
     for ax, column in ((left, "inertia"), (right, "silhouette")):
         values = pd.to_numeric(table[column], errors="coerce")
@@ -350,7 +340,7 @@ def plot_montages(
         chosen = np.sort(rng.choice(members, size=min(per_cluster, len(members)), replace=False))
         rows.append([images[i] for i in chosen])
         titles.append(f"cluster {cluster}\n(n={len(members)})")
-    image_grid(rows, path, row_titles=titles, cell_inches=0.6)
+    image_grid(rows, path, row_titles=titles)
 
 
 def _projection_axes(X: np.ndarray, tsne: bool, seed: int) -> list[tuple[str, np.ndarray]]:
@@ -386,7 +376,7 @@ def plot_projection(
     seed: int = 0,
 ) -> None:
     """2-D PCA (and optionally t-SNE) scatter: colour = cluster, marker shape = class."""
-    plt = _pyplot()
+    plt = pyplot()
     clusters = np.asarray(clusters)
     labels = np.asarray(labels)
     if len(clusters) > max_points:  # keeps the figure legible and t-SNE affordable
@@ -494,34 +484,15 @@ def export_atomically(
     overwritten); with mode ``none`` it is left as an empty folder.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; not exporting over it")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_directory(out) as tmp:
         table = export_clusters(paths, clusters, tmp, mode)
         table["exported"] = [
             str(out / Path(p).relative_to(tmp)) if p else "" for p in table["exported"]
         ]
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return table
 
 
 # ----------------------------------------------------------------------------- stage
-
-
-def _write_json(obj: dict, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _write_csv(table: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=index)
 
 
 def feature_matrix(
@@ -533,7 +504,7 @@ def feature_matrix(
 ) -> np.ndarray:
     """The (N, D) rows to cluster: scaled pixels (+PCA) or the model's embeddings.
 
-    ``embed(model_path, images)`` defaults to ``imgpipe.training.embed`` (the
+    ``embed(model_path, images)`` defaults to ``imgpipe.predict.embed`` (the
     final model's penultimate layer).
     """
     if features == "pixels":
@@ -542,7 +513,7 @@ def feature_matrix(
         if model_path is None:
             raise ValueError("embeddings need the trained model's checkpoint")
         if embed is None:
-            from imgpipe.training import embed
+            from imgpipe.predict import embed
         X = np.asarray(embed(model_path, images), dtype=np.float32)
         if X.ndim != 2 or len(X) != len(images):
             raise DataError(f"embeddings of shape {X.shape} for {len(images)} images")
@@ -562,7 +533,24 @@ def check_k_values(k_values: Sequence[int], n_samples: int) -> list[int]:
     return sorted(set(int(k) for k in k_values))
 
 
-def run_clustering(
+def run_cluster(job: StageJob, embed: Callable[..., np.ndarray] | None = None) -> dict:
+    """The cluster stage (one feature space): K-means with BLAS / faiss kept to the job's threads."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(job.threads)
+    with threadpool_limits(limits=job.threads):
+        return cluster_images(
+            job.input["index"],
+            job.output,
+            job.params["settings"],
+            job.wildcards["features"],
+            model_path=job.input.get("model"),
+            embed=embed,
+        )
+
+
+def cluster_images(
     index_path: str | os.PathLike,
     outputs: Mapping[str, str],
     settings: Mapping,
@@ -570,7 +558,7 @@ def run_clustering(
     model_path: str | os.PathLike | None = None,
     embed: Callable[[str | os.PathLike, np.ndarray], np.ndarray] | None = None,
 ) -> dict:
-    """The cluster stage: features, K-means, metrics, tables, figures and export; returns metrics.
+    """Features, K-means, metrics, tables, figures and export of one feature space; returns metrics.
 
     ``outputs`` names the files: assignments, metrics, contingency, montage,
     scatter, k_scan, k_scan_png and export (a folder). ``embed`` as in
@@ -618,9 +606,9 @@ def run_clustering(
     assignments = pd.DataFrame(
         {"id": index["id"], "path": index["path"], "label": index["label"], "cluster": clusters}
     )
-    _write_csv(assignments, outputs["assignments"])
-    _write_json(metrics, outputs["metrics"])
-    _write_csv(contingency_table(labels, clusters, names), outputs["contingency"], index=True)
+    write_csv(assignments, outputs["assignments"])
+    write_json(metrics, outputs["metrics"])
+    write_csv(contingency_table(labels, clusters, names), outputs["contingency"], index=True)
     plot_montages(images, clusters, outputs["montage"], seed=seed)
     plot_projection(
         X, clusters, labels, outputs["scatter"], settings.get("tsne", False), names, seed=seed
@@ -635,7 +623,7 @@ def run_clustering(
         scan = pd.concat([scan, chosen], ignore_index=True).sort_values("k", ignore_index=True)
     else:
         scan = chosen
-    _write_csv(scan, outputs["k_scan"])
+    write_csv(scan, outputs["k_scan"])
     plot_k_scan(scan, outputs["k_scan_png"], chosen=n_clusters)
 
     mode = settings.get("export", "none")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -111,17 +112,68 @@ def check_config(config: Mapping, schema: Mapping) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-# Modules every script uses (logging, atomic writes, errors): part of every fingerprint.
-SHARED_MODULES = ("atomic", "errors", "logs")
+def plain(value: Any) -> Any:
+    """A plain-Python copy of a config or result value, safe for JSON / YAML / weights-only loading.
+
+    Mappings become dicts (string keys), lists and tuples lists, numpy scalars
+    and arrays Python values and lists, and NaN / infinity None.
+    """
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
+        return plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
-def source_fingerprint(modules: Iterable[str]) -> str:
-    """Hash the source text of imgpipe modules (content, not mtime) for code-aware caching."""
+# ----------------------------------------------------------------------------- code fingerprints
+
+
+def imported_modules(path: str | Path) -> set[str]:
+    """imgpipe modules a Python file imports anywhere (top level or inside functions), by AST."""
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "imgpipe" and len(parts) >= 2:
+                found.add(parts[1])
+    return {name for name in found if (PACKAGE_DIR / f"{name}.py").is_file()}
+
+
+def import_closure(path: str | Path) -> list[str]:
+    """Every imgpipe module ``path`` runs: its imports, their imports, and so on (sorted)."""
+    seen: set[str] = set()
+    todo = sorted(imported_modules(path))
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(imported_modules(PACKAGE_DIR / f"{name}.py") - seen)
+    return sorted(seen)
+
+
+def code_fingerprint(script: str | Path) -> str:
+    """Hash of a rule's script and the source of every imgpipe module it imports, transitively.
+
+    A rule whose params hold this reruns after any edit of code it runs (and
+    only then): the import closure is computed from the source, never kept by hand.
+    """
     digest = hashlib.sha256()
-    for name in sorted({*modules, *SHARED_MODULES}):
-        path = PACKAGE_DIR / f"{name}.py"
+    digest.update(Path(script).read_bytes())
+    for name in ["__init__", *import_closure(script)]:
         digest.update(name.encode())
-        digest.update(path.read_bytes())
+        digest.update((PACKAGE_DIR / f"{name}.py").read_bytes())
     return digest.hexdigest()[:16]
 
 

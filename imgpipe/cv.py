@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold
 
+from imgpipe.atomic import write_csv
 from imgpipe.errors import DataError
+from imgpipe.stage import StageJob
 
 log = logging.getLogger(__name__)
 
@@ -101,66 +102,29 @@ def suspect_labels(
     )
 
 
-def run_fold(
-    fold: int,
-    inputs: Mapping[str, str],
-    model_cfg: Mapping,
-    train_cfg: Mapping,
-    best: Mapping,
-    oof_path: str,
-    summary_path: str,
-    gpu_resource: int,
-    key: str,
-) -> dict:
-    """Train on every fold but ``fold``, predict ``fold``: write its out-of-fold probabilities.
+def run_cv_assign(job: StageJob) -> pd.DataFrame:
+    """The cv_assign stage: a fold for every image of the training pool (folds.csv)."""
+    from imgpipe.dataset import load_index
+    from imgpipe.split import load_split, training_pool
 
-    A fold at or beyond the number of folds actually used (``cv.adapt_k``
-    lowered k) writes an empty table and a summary marked ``skipped``; the
-    fold's model and history (written beside them) are not declared outputs
-    for that reason.
-    """
-    from imgpipe.experiment import (
-        load_training_data,
-        run_training,
-        write_csv,
-        write_json,
+    pool = training_pool(load_index(job.input["index"]), load_split(job.input["split"]))
+    cv = job.params["cv"]
+    folds = assign_folds(pool, cv["k"], cv["adapt_k"], job.params["seed"])
+    log.info(
+        "%d images in %d folds: %s",
+        len(folds),
+        folds["fold"].nunique(),
+        folds["fold"].value_counts().sort_index().to_dict(),
     )
-    from imgpipe.sweep import apply_overrides
-    from imgpipe.training import predict_proba
+    write_csv(folds, job.output["folds"])
+    return folds
 
-    folds = pd.read_csv(inputs["folds"])
-    if fold >= folds["fold"].nunique():
-        log.info("fold %d skipped: only %d folds are used", fold, folds["fold"].nunique())
-        write_csv(pd.DataFrame(columns=["id", "fold", "label"]), oof_path)
-        write_json({"fold": fold, "skipped": True}, summary_path)
-        return {"skipped": True}
-    sections = apply_overrides({"model": model_cfg, "train": train_cfg}, best.get("overrides", {}))
-    data = load_training_data(
-        inputs["index"], inputs["split"], inputs["aug_images"], inputs["aug_index"]
+
+def run_cv_summary(job: StageJob) -> pd.DataFrame:
+    """The cv_summary stage: gather the folds into summary.csv, oof.csv and the suspect labels."""
+    return summarise_cv(
+        job.input["index"], job.input["folds"], job.input["fold_summaries"], job.output
     )
-    held_out = np.sort(folds.loc[folds["fold"] == fold, "id"].to_numpy())
-    train_ids = np.sort(folds.loc[folds["fold"] != fold, "id"].to_numpy())
-    out_dir = Path(summary_path).parent
-    result = run_training(
-        data,
-        train_ids,
-        held_out,
-        sections["model"],
-        sections["train"],
-        out_dir,
-        gpu_resource,
-        key,
-    )
-    probs = predict_proba(out_dir / "model.ckpt", data.images[held_out])
-    oof = pd.DataFrame(probs, columns=[f"p{c}" for c in range(probs.shape[1])])
-    oof.insert(0, "label", data.labels[held_out])
-    oof.insert(0, "fold", fold)
-    oof.insert(0, "id", held_out)
-    write_csv(oof, oof_path)
-    metrics = fold_metrics(data.labels[held_out], probs.argmax(axis=1))
-    summary = {**result, **metrics, "fold": fold, "n_train": len(train_ids), "n_val": len(held_out)}
-    write_json(summary, summary_path)
-    return summary
 
 
 def summarise_cv(
@@ -173,7 +137,6 @@ def summarise_cv(
     import json
 
     from imgpipe.dataset import class_names, load_images, load_index
-    from imgpipe.experiment import write_csv
     from imgpipe.plots import image_grid
 
     index = load_index(index_path)
@@ -197,7 +160,7 @@ def summarise_cv(
     write_csv(suspects, outputs["suspects"])
     shown = suspects.head(24)
     if shown.empty:  # a good model on clean labels flags nothing
-        image_grid([], outputs["suspects_png"])
+        image_grid([], outputs["suspects_png"], empty_text="no suspect label")
         log.info("cv: %s; no suspect labels", table.to_dict("records"))
         return table
     images = load_images(index.set_index("id").loc[shown["id"]].reset_index())

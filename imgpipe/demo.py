@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
+
+from imgpipe.atomic import atomic_directory, write_text
+from imgpipe.stage import StageJob
+
+log = logging.getLogger("imgpipe")
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -27,20 +32,21 @@ def write_digits_tree(out_dir: str | os.PathLike, list_path: str | os.PathLike) 
     import cv2
 
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     images, labels = digits_images()
     written = []
-    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        class_dir = tmp / str(label)
-        class_dir.mkdir(parents=True, exist_ok=True)
-        name = f"{label}/{index:04d}.png"
-        if not cv2.imwrite(str(tmp / name), image):
-            raise OSError(f"could not write {tmp / name}")
-        written.append(f"{out / name},{label}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    list_tmp = Path(f"{list_path}.tmp")
-    list_tmp.write_text("path,label\n" + "".join(written), encoding="utf-8")
-    os.replace(list_tmp, list_path)
+    with atomic_directory(out, replace=True) as tmp:
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            (tmp / str(label)).mkdir(exist_ok=True)
+            name = f"{label}/{index:04d}.png"
+            if not cv2.imwrite(str(tmp / name), image):
+                raise OSError(f"could not write {tmp / name}")
+            written.append(f"{out / name},{label}\n")
+    write_text("path,label\n" + "".join(written), list_path)
     return len(images)
+
+
+def run_demo_data(job: StageJob) -> int:
+    """The demo_data stage: write the digits tree and its file list."""
+    count = write_digits_tree(job.params["tree"], job.output["listing"])
+    log.info("wrote %d demo images to %s", count, job.params["tree"])
+    return count

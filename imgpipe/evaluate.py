@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -11,8 +10,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from imgpipe.atomic import atomic_path
+from imgpipe.atomic import write_csv, write_json
 from imgpipe.errors import DataError
+from imgpipe.plots import pyplot, save_figure
+from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -98,25 +99,9 @@ def predictions_table(
 # ----------------------------------------------------------------- plots
 
 
-def _pyplot():  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: object, path: str | os.PathLike) -> None:
-    plt = _pyplot()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_confusion(cm_df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Save the confusion matrix as a heatmap coloured by row share (recall), with the counts."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = cm_df.to_numpy()
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape, float), where=totals > 0)
@@ -135,7 +120,7 @@ def plot_confusion(cm_df: pd.DataFrame, path: str | os.PathLike) -> None:
                 colour = "white" if shares[i, j] > 0.5 else "black"
                 ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=8)
     ax.set_title(f"confusion matrix ({int(counts.sum())} test images)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def epoch_metrics(history: pd.DataFrame) -> pd.DataFrame:
@@ -161,7 +146,7 @@ def epoch_metrics(history: pd.DataFrame) -> pd.DataFrame:
 
 def plot_training_curves(history_csv: str | os.PathLike, path: str | os.PathLike) -> None:
     """Save loss and accuracy per epoch from a CSVLogger metrics / history CSV."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     table = epoch_metrics(pd.read_csv(history_csv))
@@ -189,25 +174,15 @@ def plot_training_curves(history_csv: str | os.PathLike, path: str | os.PathLike
         )
         axes[1].legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------- the stage
 
 
-def _write_csv(table: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=index)
-
-
-def _write_json(obj: Mapping, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def rows_of_test_set(index: pd.DataFrame, roles: pd.DataFrame) -> pd.DataFrame:
+def rows_of_test_set(index: pd.DataFrame, roles: pd.Series) -> pd.DataFrame:
     """The index rows whose role is ``test``, in id order."""
-    test_ids = roles.loc[roles["role"] == "test", "id"]
+    test_ids = roles.index[roles == "test"]
     rows = index[index["id"].isin(test_ids)].sort_values("id").reset_index(drop=True)
     if rows.empty:
         raise DataError("the split has no test image: nothing to evaluate")
@@ -228,12 +203,12 @@ def evaluate_predictions(
     y_pred = probs.argmax(axis=1)
     metrics = classification_metrics(y_true, y_pred, names)
     metrics = {"n_test": metrics.pop("n"), **metrics, "classes": names}
-    _write_json(metrics, outputs["metrics"])
+    write_json(metrics, outputs["metrics"])
     cm = confusion_matrix_table(y_true, y_pred, names)
-    _write_csv(cm, outputs["confusion"], index=True)
+    write_csv(cm, outputs["confusion"], index=True)
     plot_confusion(cm, outputs["confusion_png"])
-    _write_csv(per_class_table(y_true, y_pred, names), outputs["per_class"])
-    _write_csv(predictions_table(rows, probs, names), outputs["predictions"])
+    write_csv(per_class_table(y_true, y_pred, names), outputs["per_class"])
+    write_csv(predictions_table(rows, probs, names), outputs["predictions"])
     log.info(
         "test: %d images, accuracy %.4f, macro F1 %.4f",
         metrics["n_test"],
@@ -243,23 +218,22 @@ def evaluate_predictions(
     return metrics
 
 
-def run_evaluation(
-    inputs: Mapping[str, str],
-    outputs: Mapping[str, str],
-    predict: Callable[[str, np.ndarray], np.ndarray] | None = None,
-) -> dict:
+def run_evaluate(job: StageJob, predict: Callable[..., np.ndarray] | None = None) -> dict:
     """The evaluate stage: predict the test images with the final model and write every output.
 
-    ``predict(checkpoint, images) -> probabilities`` defaults to
-    ``imgpipe.training.predict_proba``.
+    ``predict(checkpoint, images, ids=...) -> probabilities`` defaults to
+    ``imgpipe.predict.predict_proba`` (images are read from the shards batch by batch).
     """
-    from imgpipe.dataset import class_names, load_images, load_index
+    from imgpipe.dataset import class_names, load_index, open_images
+    from imgpipe.split import load_split
 
     if predict is None:
-        from imgpipe.training import predict_proba as predict
-    index = load_index(inputs["index"])
-    rows = rows_of_test_set(index, pd.read_csv(inputs["split"]))
-    probs = np.asarray(predict(inputs["model"], load_images(rows)), dtype=np.float64)
-    metrics = evaluate_predictions(rows, probs, class_names(index), outputs)
-    plot_training_curves(inputs["history"], outputs["curves"])
+        from imgpipe.predict import predict_proba as predict
+    index = load_index(job.input["index"])
+    rows = rows_of_test_set(index, load_split(job.input["split"]))
+    probs = predict(job.input["model"], open_images(index), ids=rows["id"].to_numpy())
+    metrics = evaluate_predictions(
+        rows, np.asarray(probs, dtype=np.float64), class_names(index), job.output
+    )
+    plot_training_curves(job.input["history"], job.output["curves"])
     return metrics

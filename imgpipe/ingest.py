@@ -23,9 +23,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from imgpipe.atomic import remove_stale_temps, write_csv
+from imgpipe.atomic import atomic_path, write_csv
 from imgpipe.imageio import MODES, decode_image, fit_square, read_bytes
 from imgpipe.imagestats import gray_stats, phash
+from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -163,12 +164,6 @@ def ingest_file(
     return (*head, *measure_images([image])[0]), fit_square(image, size, fit)
 
 
-def _temp_name(path: str) -> str:
-    remove_stale_temps(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-
-
 def _open_array(path: str, shape: tuple[int, ...]) -> np.ndarray:
     """A zero-filled uint8 .npy file of ``shape`` opened for writing (memory-mapped)."""
     if 0 in shape:  # numpy cannot memory-map an empty array
@@ -243,19 +238,15 @@ def index_shard(
         raise ValueError(f"image.mode {mode!r}: expected one of {sorted(MODES)}")
     part = files_df.iloc[shard_positions(len(files_df), shard, shards)]
     n = len(part)
-    stats_path, images_path = os.fspath(stats_path), os.fspath(images_path)
-    os.makedirs(os.path.dirname(os.path.abspath(images_path)), exist_ok=True)
-    tmp_images = _temp_name(images_path)
-    images = _open_array(tmp_images, (n, size, size, MODES[mode]))
-    records: list[tuple | None] = [None] * n
-    # Plain ndarray view: the memmap subclass adds overhead to every assignment.
-    array = images.view(np.ndarray)
     progress = _Progress(n, f"shard {shard}")
     listed = zip(
         *(part[c].tolist() for c in [*PASSED_COLUMNS, "status", "reason", "detail"]), strict=True
     )
-    batch = _Batch(records, array, size, fit)
-    try:
+    records: list[tuple | None] = [None] * n
+    with atomic_path(images_path) as tmp_images:
+        images = _open_array(str(tmp_images), (n, size, size, MODES[mode]))
+        # Plain ndarray view: the memmap subclass adds overhead to every assignment.
+        batch = _Batch(records, images.view(np.ndarray), size, fit)
         for row, (path, relpath, label, source, status, reason, detail) in enumerate(listed):
             passed = (path, relpath, label, source, row)
             if status != "ok":  # refused by the listing: not opened
@@ -270,13 +261,9 @@ def index_shard(
         batch.flush()
         if isinstance(images, np.memmap):
             images.flush()
-        del images, array
+        del images, batch
         stats = stats_table(records)
         write_csv(stats, stats_path)
-        os.replace(tmp_images, images_path)
-    finally:
-        if os.path.exists(tmp_images):
-            os.remove(tmp_images)
     return stats
 
 
@@ -289,3 +276,24 @@ def load_stats(path: str | os.PathLike) -> pd.DataFrame:
         keep_default_na=False,
         na_values={c: [""] for c in [*INT_COLUMNS, *MEASURES]},
     )
+
+
+def run_ingest_shard(job: StageJob) -> pd.DataFrame:
+    """The ingest_shard stage: decode, measure and resize this shard's share of the listing."""
+    from imgpipe.listing import load_files
+
+    # One job per core: the shards are the parallelism, not OpenCV's threads.
+    cv2.setNumThreads(1)
+    shard = int(job.wildcards["shard"])
+    stats = index_shard(
+        load_files(job.input["listing"]),
+        shard,
+        job.params["shards"],
+        job.params["image"],
+        job.params["max_pixels"],
+        job.output["stats"],
+        job.output["images"],
+    )
+    counts = stats["reason"].where(stats["status"] == "rejected").value_counts().to_dict()
+    log.info("shard %d: %d kept, rejected %s", shard, int((stats["status"] == "ok").sum()), counts)
+    return stats

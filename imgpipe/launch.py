@@ -32,7 +32,6 @@ log = logging.getLogger("imgpipe")
 # Set in every rank's environment: a rank never launches ranks itself.
 LAUNCHED_VAR = "IMGPIPE_LAUNCHED_RANK"
 JOB_FILE = ".launch-job.json"
-INPUT_KEYS = ("index", "split", "aug_images", "aug_index")
 
 
 def world_size(num_nodes: int, gpus_per_node: int) -> int:
@@ -89,14 +88,16 @@ def make_job(
     train_cfg: Mapping,
     out_dir: str | os.PathLike,
     resume_dir: str | os.PathLike,
+    augment_cfg: Mapping | None = None,
 ) -> dict[str, Any]:
     """The job description every rank reads (absolute paths: ranks may start elsewhere)."""
     return {
-        "inputs": {key: str(Path(inputs[key]).resolve()) for key in INPUT_KEYS},
+        "inputs": {key: str(Path(path).resolve()) for key, path in inputs.items()},
         "train_roles": list(train_roles),
         "val_roles": list(val_roles),
         "model": dict(model_cfg),
         "train": dict(train_cfg),
+        "augment": dict(augment_cfg or {}),
         "out_dir": str(Path(out_dir).resolve()),
         "resume_dir": str(Path(resume_dir).resolve()),
     }
@@ -151,10 +152,7 @@ def run_rank(job: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dic
     from imgpipe.experiment import load_training_data
     from imgpipe.training import fit
 
-    inputs = job["inputs"]
-    data = load_training_data(
-        inputs["index"], inputs["split"], inputs["aug_images"], inputs["aug_index"]
-    )
+    data = load_training_data(job["inputs"])
     devices = tasks_per_node(env)
     log.info(
         "rank %s of %s (node %s, local rank %s): %d device(s) per node",
@@ -176,6 +174,7 @@ def run_rank(job: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dic
         job["out_dir"],
         devices=devices,
         resume_dir=job["resume_dir"],
+        augment_cfg=job.get("augment"),
     )
 
 

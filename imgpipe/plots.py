@@ -1,16 +1,31 @@
-"""Shared figure helpers (matplotlib, Agg backend): image grids for the report."""
+"""Every figure's set-up and saving (matplotlib, Agg backend), and the one image-grid renderer.
+
+Image grids (rejected examples, augmentation preview, suspect labels, cluster
+montages, prediction montages) are composed as one numpy canvas and drawn with
+a single ``imshow``: a grid of many small matplotlib axes costs seconds, one
+canvas milliseconds, and matplotlib still renders any label text (non-ASCII
+class names included).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
+import cv2
 import numpy as np
 
 from imgpipe.atomic import atomic_path
 
+# Pixels of one grid cell, of the gap between cells, and the figure resolution.
+TILE = 64
+GAP = 6
+DPI = 100
 
-def _pyplot():
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,14 +34,35 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig: object, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Save a matplotlib figure atomically (temp file + rename) and close it."""
-    plt = _pyplot()
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = DPI) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file + rename) and close it."""
+    plt = pyplot()
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
+
+
+def to_rgb_tile(image: np.ndarray, tile: int = TILE) -> np.ndarray:
+    """A uint8 HxW, HxWx1 or HxWx3 image as a ``tile`` x ``tile`` RGB cell (aspect kept, padded white)."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    height, width = image.shape[:2]
+    scale = tile / max(height, width, 1)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Small images are enlarged with hard pixel edges, large ones shrunk smoothly.
+    interpolation = cv2.INTER_NEAREST if scale >= 1 else cv2.INTER_AREA
+    resized = cv2.resize(
+        np.ascontiguousarray(image, dtype=np.uint8), size, interpolation=interpolation
+    )
+    cell = np.full((tile, tile, 3), 255, np.uint8)
+    top, left = (tile - size[1]) // 2, (tile - size[0]) // 2
+    cell[top : top + size[1], left : left + size[0]] = resized
+    return cell
 
 
 def image_grid(
@@ -34,34 +70,37 @@ def image_grid(
     path: str | os.PathLike,
     row_titles: Sequence[str] | None = None,
     cell_titles: Sequence[Sequence[str]] | None = None,
-    cell_inches: float = 0.9,
+    title: str | None = None,
+    empty_text: str = "none",
+    tile: int = TILE,
 ) -> None:
-    """Write a PNG grid: one row per entry of ``rows`` (uint8 HxW, HxWx1 or HxWx3 images)."""
-    plt = _pyplot()
+    """Write a PNG grid: one row of cells per entry of ``rows``, titles beside rows and above cells."""
+    plt = pyplot()
     n_rows = max(1, len(rows))
     n_cols = max([1, *(len(row) for row in rows)])
-    fig, axes = plt.subplots(
-        n_rows,
-        n_cols,
-        figsize=(cell_inches * n_cols + (1.6 if row_titles else 0), cell_inches * n_rows + 0.3),
-        squeeze=False,
-    )
-    for r in range(n_rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if r < len(rows) and c < len(rows[r]):
-                image = np.asarray(rows[r][c])
-                if image.ndim == 3 and image.shape[2] == 1:
-                    image = image[:, :, 0]
-                ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
-                if cell_titles is not None:
-                    ax.set_title(cell_titles[r][c], fontsize=6)
+    caption = 14 if cell_titles is not None else 0
+    step_x, step_y = tile + GAP, tile + GAP + caption
+    canvas = np.full((GAP + n_rows * step_y, GAP + n_cols * step_x, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            top, left = GAP + r * step_y + caption, GAP + c * step_x
+            canvas[top : top + tile, left : left + tile] = to_rgb_tile(image, tile)
+    label_px = 150 if row_titles else 0
+    height, width = canvas.shape[:2]
+    fig = plt.figure(figsize=((width + label_px) / DPI, (height + (24 if title else 0)) / DPI))
+    ax = fig.add_axes((label_px / (width + label_px), 0, width / (width + label_px), 1))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    for r in range(len(rows)):
         if row_titles is not None and r < len(row_titles):
-            axes[r][0].set_ylabel(row_titles[r], rotation=0, ha="right", va="center", fontsize=8)
+            y = GAP + r * step_y + caption + tile / 2
+            ax.text(-8, y, row_titles[r], ha="right", va="center", fontsize=8)
+        if cell_titles is not None and r < len(cell_titles):
+            for c, text in enumerate(cell_titles[r][: len(rows[r])]):
+                x, y = GAP + c * step_x + tile / 2, GAP + r * step_y + caption - 2
+                ax.text(x, y, text, ha="center", va="bottom", fontsize=6, clip_on=False)
     if not rows:
-        axes[0][0].text(0.5, 0.5, "none", ha="center", va="center")
+        ax.text(width / 2, height / 2, empty_text, ha="center", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     save_figure(fig, path)

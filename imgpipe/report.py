@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -23,6 +23,10 @@ import pandas as pd
 import yaml
 
 from imgpipe.atomic import write_text
+from imgpipe.config import plain
+from imgpipe.stage import StageJob
+
+log = logging.getLogger("imgpipe")
 
 # (id, heading) of each section, in reading order; the ids are stable anchors.
 SECTIONS = (
@@ -156,15 +160,6 @@ def cluster_features(inputs: Mapping[str, str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def plain(value: Any) -> Any:
-    """A JSON-safe Python value: numpy scalars unwrapped, NaN and infinities as None."""
-    if hasattr(value, "item") and not isinstance(value, str | bytes):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -620,14 +615,20 @@ def write_config_snapshot(
     header = "# Effective configuration of this run (defaults filled in)"
     if configfiles:
         header += "\n# from: " + ", ".join(str(f) for f in configfiles)
-    text = header + "\n" + yaml.safe_dump(_plain_tree(config), sort_keys=False, allow_unicode=True)
+    text = header + "\n" + yaml.safe_dump(plain(config), sort_keys=False, allow_unicode=True)
     write_text(text, path)
 
 
-def _plain_tree(value: Any) -> Any:
-    # Snakemake's config may hold its own Mapping subclasses; YAML wants plain types.
-    if isinstance(value, Mapping):
-        return {str(k): _plain_tree(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain_tree(v) for v in value]
-    return value
+def run_report(job: StageJob) -> dict[str, Any]:
+    """The report stage: index.html and summary.json from every result file."""
+    inputs = {name: str(path) for name, path in job.input.items()}
+    numbers = write_report(inputs, job.output["html"], job.output["summary"], job.params["report"])
+    log.info("wrote %s and %s", job.output["html"], job.output["summary"])
+    log.info("headline numbers: %s", numbers)
+    return numbers
+
+
+def run_config_snapshot(job: StageJob) -> None:
+    """The config_snapshot stage: the effective configuration as results/config.yaml."""
+    write_config_snapshot(job.params["config"], job.output["config"], job.params["configfiles"])
+    log.info("wrote the effective configuration to %s", job.output["config"])

@@ -11,12 +11,15 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from imgpipe.atomic import atomic_path
+from imgpipe.atomic import write_csv
 from imgpipe.errors import DataError
+from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
 
 ROLES = ("train", "val", "test")
+# The training pool: the images a final model may learn from (everything but the test set).
+POOL_ROLES = ("train", "val")
 
 
 def fold_plan(fraction: float, n_groups: int, largest_class: int) -> tuple[int, int]:
@@ -187,7 +190,32 @@ def check_test_source(index_df: pd.DataFrame, test_root_set: bool) -> None:
         )
 
 
-def write_split(roles: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write ``id, role`` atomically."""
-    with atomic_path(path) as tmp:
-        roles.to_csv(tmp, index=False)
+def load_split(path: str | os.PathLike) -> pd.Series:
+    """split.csv as a Series: role (train / val / test) by image id."""
+    split = pd.read_csv(path)
+    unknown = sorted(set(split["role"]) - set(ROLES))
+    if unknown:
+        raise ValueError(f"{path}: unknown role(s) {unknown}")
+    return split.set_index("id")["role"]
+
+
+def role_ids(roles: pd.Series, *names: str) -> np.ndarray:
+    """Sorted ids of the images whose role is one of ``names``."""
+    return np.sort(roles.index[roles.isin(names)].to_numpy(dtype=np.int64))
+
+
+def training_pool(index: pd.DataFrame, roles: pd.Series) -> pd.DataFrame:
+    """The index rows of the training pool (roles train and val), in id order."""
+    return index.set_index("id").loc[role_ids(roles, *POOL_ROLES)].reset_index()
+
+
+def run_split(job: StageJob) -> None:
+    """The split stage: assign roles to the clean index and write split.csv."""
+    from imgpipe.dataset import load_index
+
+    index = load_index(job.input["index"])
+    check_test_source(index, job.params["test_root"])
+    cfg = job.params["split"]
+    roles = assign_roles(index, cfg["test_fraction"], cfg["val_fraction"], cfg["seed"])
+    write_csv(roles, job.output["split"])
+    log.info("wrote %d roles to %s", len(roles), job.output["split"])

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from imgpipe.atomic import write_csv, write_yaml
+from imgpipe.config import plain
+from imgpipe.stage import StageJob
+
+log = logging.getLogger("imgpipe")
 
 # Keys sampled log-uniformly by ``method: random`` (scale parameters spanning decades).
 LOG_SCALE_KEYS = {"train.lr", "train.weight_decay", "train.l1"}
@@ -83,13 +92,7 @@ def dotted_keys(sweep_cfg: Mapping) -> dict[str, str]:
 def overrides(instance: Mapping[str, Any], sweep_cfg: Mapping) -> dict[str, Any]:
     """Turn one trial (column -> value) into config overrides (dotted key -> plain Python value)."""
     keys = dotted_keys(sweep_cfg)
-    return {keys[name]: _plain(value) for name, value in instance.items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+    return {keys[name]: plain(value) for name, value in instance.items()}
 
 
 def apply_overrides(sections: Mapping[str, Mapping], changes: Mapping[str, Any]) -> dict:
@@ -131,7 +134,7 @@ def best_config(trials: pd.DataFrame, monitor: str) -> dict[str, Any]:
     swept = [c for c in trials.columns if "." in c]
     return {
         "trial": str(best["trial"]),
-        "overrides": {key: _plain(best[key]) for key in swept},
+        "overrides": {key: plain(best[key]) for key in swept},
         "metric": monitor,
         "score": float(best[monitor]),
         # The final model trains on the whole pool for as many epochs as the
@@ -142,9 +145,9 @@ def best_config(trials: pd.DataFrame, monitor: str) -> dict[str, Any]:
 
 def plot_trials(trials: pd.DataFrame, monitor: str, path: str) -> None:
     """Bar chart of the monitored metric per trial, best first."""
-    from imgpipe.plots import _pyplot, save_figure
+    from imgpipe.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(trials) + 2), 3.2))
     ax.bar(range(len(trials)), trials[monitor], color="#4c72b0")
     ax.set_xticks(range(len(trials)))
@@ -155,3 +158,16 @@ def plot_trials(trials: pd.DataFrame, monitor: str, path: str) -> None:
         ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_title("sweep: validation metric per trial")
     save_figure(fig, path)
+
+
+def run_sweep_aggregate(job: StageJob) -> dict[str, Any]:
+    """The sweep_aggregate stage: every trial in trials.csv, the winner in best.yaml, a bar chart."""
+    monitor = job.params["monitor"]
+    summaries = [json.loads(Path(path).read_text(encoding="utf-8")) for path in job.input["trials"]]
+    trials = collect_trials(summaries, monitor)
+    write_csv(trials, job.output["trials"])
+    best = best_config(trials, monitor)
+    write_yaml(best, job.output["best"])
+    plot_trials(trials, monitor, job.output["plot"])
+    log.info("best trial %s: %s = %.4f", best["trial"], monitor, best["score"])
+    return best

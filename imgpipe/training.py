@@ -1,8 +1,9 @@
-"""Train a classifier from the ``model:`` / ``train:`` config with Lightning; predict and embed with it.
+"""Train a classifier from the ``model:`` / ``train:`` config with Lightning's Trainer.
 
 ``fit`` is the one entry point of the final training, the sweep trials and the
-k-fold jobs: arrays in, files out (``model.ckpt``, ``history.csv``,
-``summary.json``).
+k-fold jobs: images (an array or the shards on disk) and ids in, files out
+(``model.ckpt``, ``history.csv``, ``summary.json``). Inference lives in
+``imgpipe.predict``.
 
 Multi-device runs (``devices > 1``) use DDP with the *fork* launcher
 (``ddp_fork``; gloo on the CPU, NCCL on GPUs). Tested alternatives:
@@ -22,7 +23,6 @@ already started one process per rank and plain "ddp" attaches to them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -49,10 +49,13 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from imgpipe.atomic import remove_stale_temps
+from imgpipe.atomic import write_stream, write_text
+from imgpipe.classifier_module import ImageClassifier
+from imgpipe.config import plain
+from imgpipe.dataset import channel_stats
 from imgpipe.errors import DataError
-from imgpipe.lightning import ImageClassifier, ImageDataModule, channel_stats, to_uint8_nchw
-from imgpipe.progress import EpochProgress
+from imgpipe.image_datamodule import ImageDataModule, Images
+from imgpipe.progress import TrainingProgress
 
 log = logging.getLogger("imgpipe")
 
@@ -65,15 +68,12 @@ CHECKPOINT_KEYS = (
 )
 
 
-# ---------------------------------------------------------------- config helpers
-
-
-def plain(value: Any) -> Any:
-    """Deep-copy a config value into plain dicts / lists / scalars (safe for weights-only loading)."""
-    return json.loads(json.dumps(value))
-
-
 # ---------------------------------------------------------------- trainer pieces
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically (same-folder temp file, fsync, rename)."""
+    write_stream(lambda fh: torch.save(obj, fh), path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -88,89 +88,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
         """Save ``checkpoint`` to ``path`` atomically."""
-        atomic_torch_save(checkpoint, path)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` via a same-folder temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to ``path`` via a same-folder temporary file and ``os.replace``."""
-    path = Path(path)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-class RunStats(Callback):
-    """Sets each rank's torch threads and measures training throughput over all ranks.
-
-    Rank 0 writes the figures to ``path`` (the launcher of spawned / forked
-    ranks does not bring callback state back to the calling process).
-    """
-
-    def __init__(self, path: Path, threads: int | None):
-        self.path = path
-        self.threads = threads
-        self.samples = 0
-        self.started = 0.0
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Limit this rank's CPU threads (ranks share the job's cores)."""
-        if self.threads:
-            torch.set_num_threads(self.threads)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Start the clock."""
-        self.samples = 0
-        self.started = time.perf_counter()
-
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """Count the images this rank trained on."""
-        self.samples += len(batch[1])
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Gather per-rank counts; rank 0 records them with the elapsed time."""
-        seconds = time.perf_counter() - self.started
-        counts = trainer.strategy.all_gather(torch.tensor(self.samples, device=pl_module.device))
-        counts = counts.reshape(-1).cpu().tolist()
-        if trainer.is_global_zero:
-            stats = {
-                "train_seconds": seconds,
-                "samples_per_rank": counts,
-                "world_size": trainer.world_size,
-                "stopped_early": trainer.should_stop,
-            }
-            atomic_write_text(self.path, json.dumps(stats))
+        save_torch(checkpoint, path)
 
 
 def gpu_supports_bf16() -> bool:
@@ -373,8 +291,7 @@ def make_trainer(
     callbacks: list[Callback] = [
         checkpoint,
         LearningRateMonitor(logging_interval="epoch"),
-        RunStats(state_dir / "run-stats.json", plan.rank_threads),
-        EpochProgress(),
+        TrainingProgress(state_dir / "run-stats.json", plan.rank_threads),
     ]
     patience = train_cfg.get("early_stopping_patience", 5)
     if patience > 0 and validate:
@@ -404,11 +321,11 @@ def make_trainer(
 
 
 def fit(
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     train_ids: Sequence[int],
     val_ids: Sequence[int],
-    aug_images: np.ndarray | None,
+    aug_images: Images | None,
     aug_sources: np.ndarray | None,
     model_cfg: Mapping,
     train_cfg: Mapping,
@@ -416,17 +333,20 @@ def fit(
     devices: int | None = None,
     resume_dir: str | os.PathLike | None = None,
     threads: int | None = None,
+    augment_cfg: Mapping | None = None,
 ) -> dict:
     """Train on ``train_ids``, pick the best epoch on ``val_ids``; write model.ckpt, history.csv, summary.json.
 
     With no ``val_ids`` it trains for ``train.max_epochs`` and keeps the last epoch.
 
-    ``images`` are uint8 (N, S, S, C), ``labels`` integer codes, ids row
-    positions. ``devices``: processes to train on (GPUs when present, else CPU
+    ``images`` are uint8 (N, S, S, C) (a numpy array, or the shards on disk as
+    ``imgpipe.dataset.ShardImages``: read batch by batch), ``labels`` integer
+    codes, ids row positions. ``devices``: processes to train on (GPUs when present, else CPU
     processes; default 1 GPU or ``train.cpu_devices``). ``resume_dir`` keeps
     Lightning's last.ckpt between attempts: a rerun after a kill continues
     from it; it is removed after success. ``threads``: the job's CPU threads,
-    used when ``train.threads`` is null. Returns the summary.
+    used when ``train.threads`` is null. ``augment_cfg``: the ``augment``
+    section (its flips apply on the device too). Returns the summary.
     """
     started = time.perf_counter()
     train_ids = np.asarray(train_ids, dtype=np.int64)
@@ -437,7 +357,7 @@ def fit(
     plan = plan_run(train_cfg, devices, threads)
     torch.set_num_threads(plan.rank_threads)
     pl.seed_everything(train_cfg.get("seed", 0), workers=True, verbose=False)
-    mean, std = channel_stats(images[train_ids])
+    mean, std = channel_stats(images, train_ids)
     module = ImageClassifier(
         model_cfg,
         train_cfg,
@@ -446,6 +366,7 @@ def fit(
         image_size=images.shape[1],
         mean=mean,
         std=std,
+        augment_cfg=plain(augment_cfg or {}),
     )
     data = ImageDataModule(
         images,
@@ -517,9 +438,9 @@ def write_outputs(
     if not best.is_file():
         best = state_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(best, map_location="cpu", weights_only=True)
-    atomic_torch_save({k: saved[k] for k in CHECKPOINT_KEYS if k in saved}, out_dir / "model.ckpt")
+    save_torch({k: saved[k] for k in CHECKPOINT_KEYS if k in saved}, out_dir / "model.ckpt")
     history = combined_history(state_dir / "logs")
-    atomic_write_text(out_dir / "history.csv", history.to_csv(index=False))
+    write_text(history.to_csv(index=False), out_dir / "history.csv")
     stats_path = state_dir / "run-stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     train_seconds = stats.get("train_seconds")
@@ -546,7 +467,7 @@ def write_outputs(
         "resumed_from_epoch": resumed_epoch,
         "attempts": int(history["attempt"].max()) + 1 if len(history) else 1,
     }
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
     return summary
 
 
@@ -555,51 +476,3 @@ def _best_score(history: pd.DataFrame, monitor: str, mode: str) -> float:
     if values.empty:
         return float("nan")
     return float(values.max() if mode == "max" else values.min())
-
-
-# ---------------------------------------------------------------- inference
-
-
-def load_classifier(
-    checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> ImageClassifier:
-    """Rebuild the ImageClassifier of a checkpoint (weights-only load: no pickled code runs)."""
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    hparams = dict(state["hyper_parameters"])
-    # The trained weights come from the checkpoint: never look for pretrained files again.
-    hparams["model_cfg"] = {**hparams["model_cfg"], "pretrained": False}
-    module = ImageClassifier(**hparams)
-    module.load_state_dict(state["state_dict"])
-    return module.to(device).eval()
-
-
-def _batched(
-    checkpoint_path: str | os.PathLike, images: np.ndarray, batch_size: int, features: bool
-) -> np.ndarray:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = load_classifier(checkpoint_path, device)
-    pixels = to_uint8_nchw(images)
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch_size):
-            x = module.preprocess(pixels[start : start + batch_size].to(device))
-            out = module.embed(x) if features else torch.softmax(module(x), dim=1)
-            outputs.append(out.float().cpu())
-    if not outputs:
-        width = module.model.head.in_features if features else module.model.head.out_features
-        return np.zeros((0, width), dtype=np.float32)
-    return torch.cat(outputs).numpy()
-
-
-def predict_proba(
-    checkpoint_path: str | os.PathLike, images: np.ndarray, batch_size: int = 512
-) -> np.ndarray:
-    """Class probabilities (N, num_classes) of uint8 (N, S, S, C) images."""
-    return _batched(checkpoint_path, images, batch_size, features=False)
-
-
-def embed(
-    checkpoint_path: str | os.PathLike, images: np.ndarray, batch_size: int = 512
-) -> np.ndarray:
-    """Penultimate-layer features (N, D) of uint8 (N, S, S, C) images."""
-    return _batched(checkpoint_path, images, batch_size, features=True)

@@ -1,7 +1,7 @@
 rule augment:
     input:
-        index="results/clean/index.csv",
-        split="results/split/split.csv",
+        index=rules.clean.output.index,
+        split=rules.split.output.split,
         arrays=shard_images,
     output:
         images="results/augment/images.npy",
@@ -19,6 +19,6 @@ rule augment:
         "../../envs/data.yaml"
     params:
         augment=config["augment"],
-        code=code("augment", "split", "dataset"),
+        code=code("augment"),
     script:
         "../../scripts/augment.py"

@@ -22,13 +22,8 @@ rule clean:
     conda:
         "../../envs/data.yaml"
     params:
-        # Only the decision keys: shards and max_pixels act at ingest.
-        clean={
-            k: v
-            for k, v in config["clean"].items()
-            if k not in ("shards", "max_pixels")
-        },
+        clean=config["clean"],
         examples_per_reason=8,
-        code=code("clean", "dataset"),
+        code=code("clean"),
     script:
         "../../scripts/clean.py"

@@ -41,6 +41,6 @@ rule cluster:
     params:
         # "features" only picks which jobs run; it does not change any one job.
         settings={k: v for k, v in config["cluster"].items() if k != "features"},
-        code=cluster_code,
+        code=code("cluster"),
     script:
         "../../scripts/cluster.py"

@@ -5,19 +5,24 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
-sys.path.insert(0, workflow.basedir)
+# Everything the workflow ships (schema, scripts, the imgpipe package) is found
+# from this file's own location, so the workflow also runs as a Snakemake
+# module from a user's folder; results, logs and data paths stay relative to
+# the working directory (the user's folder).
+WORKFLOW_DIR = Path(workflow.current_basedir).parents[1]
+sys.path.insert(0, str(WORKFLOW_DIR))
 
 from imgpipe.config import (
     check_config,
+    code_fingerprint,
     load_schema,
     local_gpus_present,
-    source_fingerprint,
 )
 from imgpipe.sweep import overrides, trial_table
 
 ##### config validation #####
 
-SCHEMA_PATH = Path(workflow.basedir) / "config" / "schema.yaml"
+SCHEMA_PATH = WORKFLOW_DIR / "config" / "schema.yaml"
 check_config(config, load_schema(SCHEMA_PATH))
 # Fills in the schema's defaults for keys a user's config leaves out.
 validate(config, schema=str(SCHEMA_PATH))
@@ -27,7 +32,7 @@ validate(config, schema=str(SCHEMA_PATH))
 
 DEMO_ROOT = "results/demo/digits"
 DEMO_LIST = "results/demo/digits.csv"
-SHARDS = list(range(config["clean"]["shards"]))
+SHARDS = list(range(config["ingest"]["shards"]))
 
 
 def is_demo():
@@ -54,7 +59,7 @@ check_data_root()
 
 
 def listing_inputs(wildcards):
-    return [DEMO_LIST] if is_demo() else []
+    return {"demo": DEMO_LIST} if is_demo() else {}
 
 
 def tree_stamp():
@@ -79,14 +84,9 @@ def tree_stamp():
     return sorted(stamp)
 
 
-def section(*names):
-    """The config sections a rule depends on, as one params value."""
-    return {name: config[name] for name in names}
-
-
-def code(*modules):
-    """Fingerprint of the imgpipe modules a rule's script runs (reruns on edits)."""
-    return source_fingerprint(modules)
+def code(script):
+    """Fingerprint of scripts/<script>.py and every imgpipe module it imports (reruns on edits)."""
+    return code_fingerprint(WORKFLOW_DIR / "scripts" / f"{script}.py")
 
 
 def shard_stats(wildcards):
@@ -103,19 +103,12 @@ def shard_images(wildcards):
 # CPU-only machine it asks for none (so --resources gpu=N never serialises CPU
 # jobs). The SLURM profile sets the gpu resource of the training rules itself.
 GPUS_PER_JOB = 1 if local_gpus_present() else 0
-TRAIN_CODE = (
-    "models",
-    "lightning",
-    "training",
-    "progress",
-    "gpus",
-    "dataset",
-    "augment",
-    "experiment",
-)
+# Every file a training job reads: the clean index, the roles, the shard
+# arrays the index points into, and the materialised augmented views.
 TRAIN_INPUTS = {
     "index": "results/clean/index.csv",
     "split": "results/split/split.csv",
+    "arrays": shard_images,
     "aug_images": "results/augment/images.npy",
     "aug_index": "results/augment/index.csv",
 }
@@ -151,23 +144,6 @@ def trial_overrides(space):
     }
 
 
-##### clustering #####
-
-
-def cluster_inputs(wildcards):
-    inputs = {"index": "results/clean/index.csv", "arrays": shard_images(wildcards)}
-    if wildcards.features == "embeddings":
-        inputs["model"] = "results/train/final/model.ckpt"
-    return inputs
-
-
-def cluster_code(wildcards):
-    modules = ["cluster", "plots", "dataset"]
-    if wildcards.features == "embeddings":
-        modules += ["training", "lightning", "models"]
-    return code(*modules)
-
-
 def train_final_resources():
     """The final training's resources: one GPU, or a DDP layout of nodes x GPUs (docs/cluster.md, step 5).
 
@@ -189,3 +165,13 @@ def train_final_resources():
         "tasks": nodes * gpus,
         "mpi": "srun",
     }
+
+
+##### clustering #####
+
+
+def cluster_inputs(wildcards):
+    inputs = {"index": "results/clean/index.csv", "arrays": shard_images(wildcards)}
+    if wildcards.features == "embeddings":
+        inputs["model"] = "results/train/final/model.ckpt"
+    return inputs

@@ -1,28 +1,28 @@
-rule cv_folds:
+rule cv_assign:
     input:
-        index="results/clean/index.csv",
-        split="results/split/split.csv",
+        index=rules.clean.output.index,
+        split=rules.split.output.split,
     output:
-        "results/cv/folds.csv",
+        folds="results/cv/folds.csv",
     log:
-        "logs/cv/folds.log",
+        "logs/cv/assign.log",
     benchmark:
-        "benchmarks/cv/folds.tsv"
+        "benchmarks/cv/assign.tsv"
     conda:
         "../../envs/train.yaml"
     params:
         cv=config["cv"],
         seed=config["split"]["seed"],
-        code=code("cv", "dataset"),
+        code=code("cv_assign"),
     script:
-        "../../scripts/cv_folds.py"
+        "../../scripts/cv_assign.py"
 
 
 rule cv_fold:
     input:
         unpack(best_params_input),
         **TRAIN_INPUTS,
-        folds="results/cv/folds.csv",
+        folds=rules.cv_assign.output.folds,
     output:
         oof="results/cv/fold-{fold}/oof.csv",
         summary="results/cv/fold-{fold}/summary.json",
@@ -40,14 +40,15 @@ rule cv_fold:
     params:
         model=unswept("model"),
         train=unswept("train"),
-        code=code(*TRAIN_CODE, "cv"),
+        augment=config["augment"],
+        code=code("cv_fold"),
     script:
         "../../scripts/cv_fold.py"
 
 
 rule cv_summary:
     input:
-        index="results/clean/index.csv",
+        index=rules.clean.output.index,
         folds=expand("results/cv/fold-{fold}/oof.csv", fold=range(config["cv"]["k"])),
         fold_summaries=expand(
             "results/cv/fold-{fold}/summary.json", fold=range(config["cv"]["k"])
@@ -76,6 +77,6 @@ rule cv_summary:
     conda:
         "../../envs/train.yaml"
     params:
-        code=code("cv", "dataset", "plots"),
+        code=code("cv_summary"),
     script:
         "../../scripts/cv_summary.py"

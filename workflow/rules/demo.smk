@@ -3,7 +3,7 @@
 # marker never lands inside the tree the listing then reads like a user's.
 rule demo_data:
     output:
-        DEMO_LIST,
+        listing=DEMO_LIST,
     log:
         "logs/demo_data.log",
     benchmark:
@@ -11,7 +11,7 @@ rule demo_data:
     conda:
         "../../envs/data.yaml"
     params:
-        tree=lambda wildcards, output: os.path.splitext(output[0])[0],
-        code=code("demo"),
+        tree=lambda wildcards, output: os.path.splitext(output.listing)[0],
+        code=code("demo_data"),
     script:
         "../../scripts/demo_data.py"

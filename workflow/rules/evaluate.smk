@@ -1,10 +1,10 @@
 rule evaluate:
     input:
-        index="results/clean/index.csv",
-        split="results/split/split.csv",
+        index=rules.clean.output.index,
+        split=rules.split.output.split,
         arrays=shard_images,
-        model="results/train/final/model.ckpt",
-        history="results/train/final/history.csv",
+        model=rules.train_final.output.model,
+        history=rules.train_final.output.history,
     output:
         metrics=report(
             "results/evaluate/metrics.json",
@@ -35,6 +35,6 @@ rule evaluate:
     conda:
         "../../envs/train.yaml"
     params:
-        code=code("evaluate", "split", "dataset", "training", "lightning", "models"),
+        code=code("evaluate"),
     script:
         "../../scripts/evaluate.py"

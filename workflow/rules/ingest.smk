@@ -1,8 +1,8 @@
 rule list_images:
     input:
-        listing_inputs,
+        unpack(listing_inputs),
     output:
-        "results/ingest/files.csv",
+        listing="results/ingest/files.csv",
     log:
         "logs/ingest/list_images.log",
     benchmark:
@@ -14,14 +14,16 @@ rule list_images:
         test_root=config["data"]["test_root"],
         extensions=config["data"]["extensions"],
         tree=tree_stamp(),
-        code=code("scan"),
+        code=code("list_images"),
     script:
         "../../scripts/list_images.py"
 
 
+# Scatter: ingest.shards jobs each decode, measure and resize every
+# ingest.shards-th file of the listing; clean gathers them.
 rule ingest_shard:
     input:
-        "results/ingest/files.csv",
+        listing=rules.list_images.output.listing,
     output:
         stats="results/ingest/shard-{shard}/stats.csv",
         images="results/ingest/shard-{shard}/images.npy",
@@ -34,9 +36,9 @@ rule ingest_shard:
     conda:
         "../../envs/data.yaml"
     params:
-        shards=config["clean"]["shards"],
-        max_pixels=config["clean"]["max_pixels"],
+        shards=config["ingest"]["shards"],
+        max_pixels=config["ingest"]["max_pixels"],
         image=config["image"],
-        code=code("imageio", "imagestats", "ingest", "scan"),
+        code=code("ingest_shard"),
     script:
         "../../scripts/ingest_shard.py"

@@ -6,7 +6,7 @@ from imgpipe.report import input_paths
 # report's own params (the report section) rerun nothing else.
 rule config_snapshot:
     output:
-        "results/config.yaml",
+        config="results/config.yaml",
     log:
         "logs/config_snapshot.log",
     localrule: True
@@ -15,9 +15,9 @@ rule config_snapshot:
     params:
         config=config,
         configfiles=[str(path) for path in workflow.configfiles],
-        code=code("report"),
+        code=code("config_snapshot"),
     script:
-        "../../scripts/report.py"
+        "../../scripts/config_snapshot.py"
 
 
 rule report:

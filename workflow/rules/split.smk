@@ -1,6 +1,6 @@
 rule split:
     input:
-        index="results/clean/index.csv",
+        index=rules.clean.output.index,
     output:
         split="results/split/split.csv",
     log:
@@ -12,6 +12,6 @@ rule split:
     params:
         split=config["split"],
         test_root=bool(config["data"]["test_root"]),
-        code=code("split", "dataset"),
+        code=code("split"),
     script:
         "../../scripts/split.py"

@@ -27,14 +27,15 @@ if config["sweep"]["enabled"]:
         params:
             model=unswept("model"),
             train=unswept("train"),
+            augment=config["augment"],
             overrides=lambda wildcards: TRIAL_OVERRIDES[wildcards.trial],
-            code=code(*TRAIN_CODE, "sweep"),
+            code=code("sweep_trial"),
         script:
             "../../scripts/sweep_trial.py"
 
     rule sweep_aggregate:
         input:
-            expand(
+            trials=expand(
                 "results/sweep/trials/{trial}/summary.json",
                 trial=list(TRIALS.instance_patterns),
             ),
@@ -58,6 +59,6 @@ if config["sweep"]["enabled"]:
             "../../envs/train.yaml"
         params:
             monitor=config["train"]["monitor"],
-            code=code("sweep", "plots"),
+            code=code("sweep_aggregate"),
         script:
             "../../scripts/sweep_aggregate.py"

@@ -24,6 +24,7 @@ rule train_final:
     params:
         model=unswept("model"),
         train=unswept("train"),
-        code=code(*TRAIN_CODE, "launch"),
+        augment=config["augment"],
+        code=code("train_final"),
     script:
-        "../../scripts/train.py"
+        "../../scripts/train_final.py"

@@ -1,19 +1,16 @@
-"""Lightning module (model, loss, optimiser, on-device augmentation) and in-memory data module."""
+"""The LightningModule: the classifier, its loss, optimiser and schedule, and on-device batch preprocessing."""
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imgpipe.models import build_model
 
@@ -78,6 +75,7 @@ class ImageClassifier(pl.LightningModule):
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        augment_cfg: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -92,10 +90,10 @@ class ImageClassifier(pl.LightningModule):
         )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        augment = train_cfg.get("online_augment", {})
-        self.augment_enabled = bool(augment.get("enabled", True))
-        self.augment_hflip = bool(augment.get("hflip", False))
-        self.augment_padding = int(augment.get("crop_padding", 2))
+        online = train_cfg.get("online_augment", {})
+        self.augment_enabled = bool(online.get("enabled", True))
+        self.augment_hflip = bool((augment_cfg or {}).get("hflip", False))
+        self.augment_padding = int(online.get("crop_padding", 2))
 
     def preprocess(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
         """uint8 NCHW batch -> normalised float batch, optionally randomly flipped / shifted."""
@@ -210,158 +208,3 @@ class ImageClassifier(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-class TensorPairs(Dataset):
-    """Images and labels held as tensors; indexing with a batch of indices gathers the whole batch."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
-
-
-class IndexBatches(Sampler):
-    """Yields index batches for one rank: a seeded per-epoch shuffle, strided over the ranks.
-
-    Training batches pad the permutation so every rank runs the same number of
-    steps (DDP needs it); evaluation batches do not pad, so metrics count each
-    image once.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-    ):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for ``epoch`` (Lightning calls this at each epoch start)."""
-        self.epoch = epoch
-
-    def _indices(self) -> torch.Tensor:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=generator)
-        else:
-            order = torch.arange(self.n)
-        if self.shuffle and self.world_size > 1:
-            total = math.ceil(self.n / self.world_size) * self.world_size
-            order = torch.cat([order, order[: total - self.n]])
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        indices = self._indices()
-        stop = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
-        for start in range(0, stop, self.batch_size):
-            yield indices[start : start + self.batch_size]
-
-    def __len__(self) -> int:
-        per_rank = (
-            math.ceil(self.n / self.world_size)
-            if self.shuffle
-            else len(range(self.rank, self.n, self.world_size))
-        )
-        if self.drop_last:
-            return per_rank // self.batch_size
-        return math.ceil(per_rank / self.batch_size)
-
-
-class ImageDataModule(pl.LightningDataModule):
-    """In-memory uint8 images of one run: its training ids (+ their augmented copies) and validation ids.
-
-    ``train_ids`` / ``val_ids`` are row positions in ``images`` (the clean
-    index's ``id``). Augmented rows are picked with
-    ``imgpipe.augment.training_augment_rows`` so a run only sees copies of its
-    own training images.
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        train_ids: Sequence[int],
-        val_ids: Sequence[int],
-        aug_images: np.ndarray | None = None,
-        aug_sources: np.ndarray | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-    ):
-        super().__init__()
-        train_ids = np.asarray(train_ids, dtype=np.int64)
-        val_ids = np.asarray(val_ids, dtype=np.int64)
-        labels = np.asarray(labels, dtype=np.int64)
-        train_images, train_labels = images[train_ids], labels[train_ids]
-        self.aug_count = 0
-        if aug_images is not None and len(aug_images):
-            from imgpipe.augment import training_augment_rows
-
-            aug_sources = np.asarray(aug_sources, dtype=np.int64)
-            rows = np.asarray(training_augment_rows(aug_sources, train_ids), dtype=np.int64)
-            self.aug_count = len(rows)
-            train_images = np.concatenate([train_images, aug_images[rows]])
-            train_labels = np.concatenate([train_labels, labels[aug_sources[rows]]])
-        self.train_set = TensorPairs(to_uint8_nchw(train_images), torch.from_numpy(train_labels))
-        self.val_set = TensorPairs(
-            to_uint8_nchw(images[val_ids]), torch.from_numpy(labels[val_ids])
-        )
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-
-    def _loader(self, dataset: TensorPairs, train: bool) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        # Drop a ragged last batch in training: a batch of one breaks batch norm.
-        drop_last = train and len(dataset) >= self.batch_size * world
-        batches = IndexBatches(
-            len(dataset),
-            self.batch_size,
-            shuffle=train,
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-            drop_last=drop_last,
-        )
-        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        return DataLoader(
-            dataset,
-            sampler=batches,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=on_gpu,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled index batches of the training images and their augmented copies."""
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation images in order (each counted once across ranks)."""
-        return self._loader(self.val_set, train=False)
-
-
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0-1 scale) of uint8 NHWC images, std floored to avoid /0."""
-    flat = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1]) / 255.0
-    return flat.mean(axis=0).tolist(), np.maximum(flat.std(axis=0), 1e-3).tolist()
-
-
-def state_dict_only(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's tensors moved to the CPU (what a slim checkpoint keeps)."""
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -9,13 +9,18 @@ the clean stage's decision, not the listing's.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import unicodedata
 from collections.abc import Iterable, Iterator
 
 import pandas as pd
 
+from imgpipe.atomic import write_csv
 from imgpipe.errors import DataError
+from imgpipe.stage import StageJob
+
+log = logging.getLogger("imgpipe")
 
 COLUMNS = ["path", "relpath", "label", "source", "status", "reason", "detail"]
 HIDDEN_FOLDERS = frozenset({"__MACOSX"})
@@ -255,3 +260,14 @@ def list_images(
 def load_files(path: str | os.PathLike) -> pd.DataFrame:
     """Read files.csv back with every column as text (empty cells stay empty strings)."""
     return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def run_list_images(job: StageJob) -> pd.DataFrame:
+    """The list_images stage: one row per file under data.root (and data.test_root) in files.csv."""
+    files = list_images(job.params["root"], job.params["extensions"], job.params["test_root"])
+    write_csv(files, job.output["listing"])
+    counts = files.groupby(["source", "status"]).size().to_dict()
+    log.info("listed %d files: %s", len(files), counts)
+    for reason, count in files.loc[files["status"] == "rejected", "reason"].value_counts().items():
+        log.info("listing rejected %d file(s) as %s", count, reason)
+    return files

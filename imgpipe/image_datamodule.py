@@ -1,0 +1,199 @@
+"""The LightningDataModule: one run's training and validation images, read batch by batch from disk.
+
+Images stay in the ingest shards (``imgpipe.dataset.ShardImages``) and in the
+optional materialised views of the augment stage; a batch is read when the
+loader reaches it, as uint8, and becomes float on the training device (see
+``ImageClassifier.preprocess``). Memory therefore follows the batch size, not
+the number of images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+# Anything indexable by an array of positions returning uint8 NHWC: a numpy
+# array, imgpipe.dataset.ShardImages or imgpipe.dataset.NpyRows.
+Images = Any
+
+
+def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 array -> contiguous (N, C, H, W) uint8 tensor."""
+    array = np.asarray(images)
+    if array.ndim != 4 or array.dtype != np.uint8:
+        raise ValueError(f"expected uint8 (N, H, W, C) images, got {array.dtype} {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+
+
+def training_augment_rows(aug_source_ids: np.ndarray, train_ids: np.ndarray) -> np.ndarray:
+    """Indices of the augmented rows whose source image is one of this run's training ids."""
+    return np.flatnonzero(np.isin(np.asarray(aug_source_ids), np.asarray(train_ids)))
+
+
+class ImageBatches(Dataset):
+    """Item ``k`` is image ``ids[k]`` of ``images``, then (k >= len(ids)) the augmented views ``aug_rows``.
+
+    Indexed with a whole batch of positions at once (see IndexBatches): one
+    read per batch, returning (uint8 NCHW tensor, int64 labels).
+    """
+
+    def __init__(
+        self,
+        images: Images,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        aug_images: Images | None = None,
+        aug_rows: np.ndarray | None = None,
+        aug_labels: np.ndarray | None = None,
+    ):
+        self.images, self.ids = images, np.asarray(ids, dtype=np.int64)
+        self.aug_images = aug_images
+        self.aug_rows = np.zeros(0, np.int64) if aug_rows is None else np.asarray(aug_rows)
+        aug_labels = np.zeros(0, np.int64) if aug_labels is None else np.asarray(aug_labels)
+        self.labels = torch.from_numpy(np.concatenate([labels, aug_labels]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = np.asarray(positions, dtype=np.int64)
+        n = len(self.ids)
+        own = positions < n
+        first = self.images[self.ids[positions[own]]]
+        batch = np.empty((len(positions), *first.shape[1:]), dtype=np.uint8)
+        batch[own] = first
+        if not own.all():
+            batch[~own] = self.aug_images[self.aug_rows[positions[~own] - n]]
+        return to_uint8_nchw(batch), self.labels[positions]
+
+
+class IndexBatches(Sampler):
+    """Yields index batches for one rank: a seeded per-epoch shuffle, strided over the ranks.
+
+    Training batches pad the permutation so every rank runs the same number of
+    steps (DDP needs it); evaluation batches do not pad, so metrics count each
+    image once.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (Lightning calls this at each epoch start)."""
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        if self.shuffle and self.world_size > 1:
+            total = math.ceil(self.n / self.world_size) * self.world_size
+            order = torch.cat([order, order[: total - self.n]])
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        indices = self._indices()
+        stop = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
+        for start in range(0, stop, self.batch_size):
+            yield indices[start : start + self.batch_size]
+
+    def __len__(self) -> int:
+        per_rank = (
+            math.ceil(self.n / self.world_size)
+            if self.shuffle
+            else len(range(self.rank, self.n, self.world_size))
+        )
+        if self.drop_last:
+            return per_rank // self.batch_size
+        return math.ceil(per_rank / self.batch_size)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """One run's images: its training ids (+ their augmented views) and its validation ids.
+
+    ``train_ids`` / ``val_ids`` are positions in ``images`` (the clean index's
+    ``id``). Augmented views are picked with ``training_augment_rows`` so a run
+    only sees views of its own training images.
+    """
+
+    def __init__(
+        self,
+        images: Images,
+        labels: np.ndarray,
+        train_ids: Sequence[int],
+        val_ids: Sequence[int],
+        aug_images: Images | None = None,
+        aug_sources: np.ndarray | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        train_ids = np.asarray(train_ids, dtype=np.int64)
+        val_ids = np.asarray(val_ids, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        rows, aug_labels = None, None
+        self.aug_count = 0
+        if aug_images is not None and len(aug_images):
+            aug_sources = np.asarray(aug_sources, dtype=np.int64)
+            rows = training_augment_rows(aug_sources, train_ids).astype(np.int64)
+            aug_labels = labels[aug_sources[rows]]
+            self.aug_count = len(rows)
+        self.train_set = ImageBatches(
+            images, train_ids, labels[train_ids], aug_images, rows, aug_labels
+        )
+        self.val_set = ImageBatches(images, val_ids, labels[val_ids])
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def _loader(self, dataset: ImageBatches, train: bool) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        # Drop a ragged last batch in training: a batch of one breaks batch norm.
+        drop_last = train and len(dataset) >= self.batch_size * world
+        batches = IndexBatches(
+            len(dataset),
+            self.batch_size,
+            shuffle=train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            drop_last=drop_last,
+        )
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            sampler=batches,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=on_gpu,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled index batches of the training images and their augmented views."""
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation images in order (each counted once across ranks)."""
+        return self._loader(self.val_set, train=False)
