@@ -5,17 +5,10 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from torchvision.transforms import v2
 
-from imgpipe.augment import (
-    augment_images,
-    build_transform,
-    iter_views,
-    leaked_sources,
-    pool_ids,
-    stage_augment,
-    training_augment_rows,
-)
+from imgpipe.augment import augment_images, augment_pool, build_transform, iter_views
 from imgpipe.demo import digits_images
-from imgpipe.split import assign_roles
+from imgpipe.image_datamodule import training_augment_rows
+from imgpipe.split import POOL_ROLES, assign_roles, role_ids
 
 OFF = {
     "rotation": 0.0,
@@ -65,7 +58,7 @@ def test_zero_copies_gives_empty_arrays_with_the_image_shape(tmp_path):
     views, sources = augment_images(images, DEFAULT, copies=0, seed=0)
     assert views.shape == (0, 16, 16, 1) and views.dtype == np.uint8 and len(sources) == 0
     out = outputs(tmp_path)
-    assert stage_augment(images, np.arange(5), {**DEFAULT, "copies": 0}, out) == 0
+    assert augment_pool(images, np.arange(5), {**DEFAULT, "copies": 0}, out) == 0
     assert np.load(out["images"]).shape == (0, 16, 16, 1)
     assert list(pd.read_csv(out["index"]).columns) == ["aug_row", "source_id"]
     assert out["preview"].stat().st_size > 0
@@ -178,7 +171,7 @@ def test_stage_writes_views_with_their_sources(tmp_path):
     ids = np.arange(100, 115)
     out = outputs(tmp_path)
     cfg = {**only(hflip=True), "copies": 3, "seed": 1}
-    assert stage_augment(images, ids, cfg, out) == 45
+    assert augment_pool(images, ids, cfg, out) == 45
     views = np.load(out["images"])
     index = pd.read_csv(out["index"])
     assert list(index.columns) == ["aug_row", "source_id"]
@@ -207,6 +200,12 @@ def test_chunking_does_not_change_views():
 # ----- leakage: no view of a val / test / held-out image may reach training -----
 
 
+def leaked_sources(aug_source_ids, rows, train_ids):
+    """Source ids of selected augmented rows that are not training ids (empty when no leak)."""
+    selected = np.asarray(aug_source_ids)[np.asarray(rows, dtype=np.int64)]
+    return np.unique(selected[~np.isin(selected, np.asarray(train_ids))])
+
+
 def assert_no_leak(aug_source_ids, rows, train_ids, forbidden_ids):
     """Every selected view comes from a training image and none from a forbidden one."""
     leaked = leaked_sources(aug_source_ids, rows, train_ids)
@@ -222,9 +221,9 @@ def split_and_augment(tmp_path_factory):
     ids = np.arange(len(labels))
     index = pd.DataFrame({"id": ids, "label": labels.astype(str), "group": ids // 2})
     roles = assign_roles(index, 0.2, 0.15, seed=0)
-    pool = pool_ids(roles)
+    pool = role_ids(roles.set_index("id")["role"], *POOL_ROLES)
     out = outputs(tmp_path_factory.mktemp("augment"))
-    stage_augment(images[pool], pool, {**DEFAULT, "copies": 2}, out)
+    augment_pool(images[pool], pool, {**DEFAULT, "copies": 2}, out)
     return index, roles, pd.read_csv(out["index"])
 
 
@@ -248,7 +247,7 @@ def test_final_run_trains_on_views_of_train_images_only(split_and_augment):
 
 def test_each_fold_trains_on_views_of_its_own_training_images(split_and_augment):
     index, roles, aug = split_and_augment
-    pool = index[index["id"].isin(pool_ids(roles))]
+    pool = index[index["id"].isin(role_ids(roles.set_index("id")["role"], *POOL_ROLES))]
     test_ids = roles.loc[roles["role"] == "test", "id"].to_numpy()
     folds = StratifiedGroupKFold(n_splits=4, shuffle=True, random_state=0)
     for train_pos, held_pos in folds.split(pool, pool["label"], pool["group"]):

@@ -471,7 +471,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
         name: tmp_path / "clean" / f"{name}.out"
         for name in ("index", "rejected", "summary", "examples")
     }
-    result = clean.run_clean(
+    result = clean.clean_shards(
         stats_paths, image_paths, outputs, CleanSettings(), examples_per_reason=3
     )
 
@@ -538,10 +538,8 @@ def test_decisions_do_not_depend_on_shard_count_or_listing_order(tmp_path):
 
 
 def test_end_to_end_from_png_files_through_ingest(tmp_path):
-    ingest = pytest.importorskip("imgpipe.ingest")
-    scan = pytest.importorskip("imgpipe.scan")
-    if not hasattr(ingest, "index_shard") or not hasattr(scan, "list_images"):
-        pytest.skip("ingest has not landed yet")
+    from imgpipe import ingest, listing
+
     root = tmp_path / "tree"
     images, labels = digits_images()
     for k in range(120):
@@ -555,7 +553,7 @@ def test_end_to_end_from_png_files_through_ingest(tmp_path):
     cv2.imwrite(str(root / "3" / "blank.png"), np.full((8, 8), 255, np.uint8))
     (root / "3" / "empty.png").write_bytes(b"")
 
-    files = scan.list_images(root, [".png"])
+    files = listing.list_images(root, [".png"])
     work = tmp_path / "ingest"
     for shard in range(2):
         ingest.index_shard(
@@ -573,7 +571,7 @@ def test_end_to_end_from_png_files_through_ingest(tmp_path):
     }
     stats_paths = [work / f"shard-{s}" / "stats.csv" for s in range(2)]
     image_paths = [work / f"shard-{s}" / "images.npy" for s in range(2)]
-    result = clean.run_clean(stats_paths, image_paths, outputs, CleanSettings())
+    result = clean.clean_shards(stats_paths, image_paths, outputs, CleanSettings())
 
     rejected = pd.read_csv(outputs["rejected"], keep_default_na=False).set_index("relpath")
     assert rejected.loc[f"{labels[0]}/0000_copy.png", "reason"] == "exact_duplicate"

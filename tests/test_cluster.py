@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from imgpipe import cluster
 from imgpipe.cluster import (
+    cluster_images,
     cluster_metrics,
     contingency_table,
     export_atomically,
@@ -40,7 +41,6 @@ from imgpipe.cluster import (
     plot_montages,
     plot_projection,
     purity,
-    run_clustering,
 )
 from imgpipe.demo import digits_images
 from imgpipe.errors import DataError
@@ -420,7 +420,7 @@ SETTINGS = {
 def test_pixel_stage_writes_consistent_outputs(tmp_path, clean_stage):
     index_path, images, labels = clean_stage
     out = outputs_in(tmp_path / "pixels")
-    metrics = run_clustering(index_path, out, {**SETTINGS, "export": "symlink"}, "pixels")
+    metrics = cluster_images(index_path, out, {**SETTINGS, "export": "symlink"}, "pixels")
 
     assignments = pd.read_csv(out["assignments"])
     assert list(assignments.columns) == ["id", "path", "label", "cluster"]
@@ -454,7 +454,7 @@ def test_embedding_stage_uses_the_model_and_scans_k(tmp_path, clean_stage):
 
     out = outputs_in(tmp_path / "embeddings")
     settings = {**SETTINGS, "k_values": [12, 5, 10]}
-    metrics = run_clustering(index_path, out, settings, "embeddings", "m.ckpt", fake_embed)
+    metrics = cluster_images(index_path, out, settings, "embeddings", "m.ckpt", fake_embed)
     assert seen == [("m.ckpt", images.shape)]
     assert metrics["hungarian_accuracy"] == 1.0 and metrics["n_features"] == 10
     assert list(pd.read_csv(out["k_scan"])["k"]) == [5, 10, 12]
@@ -471,7 +471,7 @@ def test_embedding_stage_uses_the_model_and_scans_k(tmp_path, clean_stage):
 def test_impossible_k_is_a_data_error(tmp_path, clean_stage, settings, message):
     out = outputs_in(tmp_path / "pixels")
     with pytest.raises(DataError, match=message):
-        run_clustering(clean_stage[0], out, {**SETTINGS, **settings}, "pixels")
+        cluster_images(clean_stage[0], out, {**SETTINGS, **settings}, "pixels")
     assert not (tmp_path / "pixels").exists()
 
 

@@ -161,7 +161,7 @@ def workflow(tmp_path_factory):
         (["--config", "cv={'k': 1}"], "cv.k"),
         (["--config", "image={'size': 'big', 'mode': 'gray'}"], "image.size"),
         (["--config", "train={'lr': .nan}"], "train.lr"),
-        (["--config", "clean={'shards': 2.0}"], "clean.shards"),
+        (["--config", "ingest={'shards': 2.0}"], "ingest.shards"),
         (["--config", "model={'name': 'smallcnn', 'dropout': 1.5}"], "model.dropout"),
     ],
 )

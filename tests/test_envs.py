@@ -33,14 +33,14 @@ ENV_OF_SCRIPT = {
     "augment": "data",
     "cluster": "train",  # embeddings come from the trained model
     "train_final": "train",
-    "train": "train",  # scripts/train.py, run by train_final
     "sweep_trial": "train",
     "sweep_aggregate": "train",
-    "cv_folds": "train",
+    "cv_assign": "train",
     "cv_fold": "train",
     "cv_summary": "train",
     "evaluate": "train",
     "report": "report",
+    "config_snapshot": "report",
 }
 # Run by Snakemake itself (outside the envs), so no env needs it.
 HOST_ONLY = {"snakemake"}

@@ -16,9 +16,10 @@ from imgpipe.evaluate import (
     per_class_table,
     plot_confusion,
     plot_training_curves,
-    run_evaluation,
+    run_evaluate,
 )
 from imgpipe.split import assign_roles
+from imgpipe.stage import StageJob
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NAMES = ["cat", "dog", "emu", "yak"]
@@ -221,12 +222,13 @@ def test_stage_writes_consistent_outputs(tmp_path, clean_stage):
     inputs, model, roles = clean_stage
     seen = []
 
-    def predict(checkpoint, images):
+    def predict(checkpoint, images, ids):
         seen.append(checkpoint)
-        return model.predict_proba(images.reshape(len(images), -1))
+        batch = images[ids]
+        return model.predict_proba(batch.reshape(len(batch), -1))
 
     out = outputs_in(tmp_path / "evaluate")
-    metrics = run_evaluation(inputs, out, predict=predict)
+    metrics = run_evaluate(StageJob(input=inputs, output=out), predict=predict)
     assert seen == ["unused.ckpt"]
     test_ids = np.sort(roles.loc[roles["role"] == "test", "id"].to_numpy())
     predictions = pd.read_csv(out["predictions"], dtype={"label": str, "predicted": str})
@@ -269,4 +271,5 @@ def test_no_test_image_stops_the_stage(tmp_path, clean_stage):
     inputs, model, roles = clean_stage
     roles.assign(role="train").to_csv(inputs["split"], index=False)
     with pytest.raises(DataError, match="no test image"):
-        run_evaluation(inputs, outputs_in(tmp_path / "out"), predict=lambda c, x: None)
+        job = StageJob(input=inputs, output=outputs_in(tmp_path / "out"))
+        run_evaluate(job, predict=lambda c, x, ids: None)

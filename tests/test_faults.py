@@ -26,9 +26,10 @@ from workflow_utils import (
     write_config,
 )
 
+from imgpipe.classifier_module import ImageClassifier
 from imgpipe.dataset import load_images
-from imgpipe.lightning import ImageClassifier, state_dict_only
-from imgpipe.training import checkpoint_loads, load_classifier, resume_point
+from imgpipe.predict import load_classifier
+from imgpipe.training import checkpoint_loads, resume_point
 
 
 class Payload:
@@ -57,7 +58,7 @@ def small_checkpoint(extra: object | None = None) -> dict:
         std=[0.25],
     )
     state = {
-        "state_dict": state_dict_only(module),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "hyper_parameters": dict(module.hparams),
         "epoch": 0,
         "loops": {},
@@ -169,7 +170,7 @@ def fit_digits(out_dir, resume_dir=None, max_epochs=3, random=True):
         "seed": 3,
         "deterministic": True,
         "threads": 1,
-        "online_augment": {"enabled": random, "hflip": True, "crop_padding": 2},
+        "online_augment": {"enabled": random, "crop_padding": 2},
     }
     model_cfg = {"name": "smallcnn", "channels": [4, 8], "dropout": 0.3 if random else 0.0}
     return fit(
@@ -183,6 +184,7 @@ def fit_digits(out_dir, resume_dir=None, max_epochs=3, random=True):
         train_cfg,
         out_dir,
         resume_dir=resume_dir,
+        augment_cfg={"hflip": True},
     )
 
 
@@ -360,7 +362,7 @@ def test_resume_state_with_its_history_resumes(tmp_path):
 
 def test_stale_temp_files_of_an_interrupted_attempt_are_removed(tmp_path):
     from imgpipe.atomic import write_text
-    from imgpipe.training import atomic_torch_save
+    from imgpipe.training import save_torch
 
     stale = [tmp_path / ".a.csv.0123.tmp.csv", tmp_path / ".model.ckpt.x1y2.tmp"]
     for path in stale:
@@ -368,6 +370,6 @@ def test_stale_temp_files_of_an_interrupted_attempt_are_removed(tmp_path):
     keep = tmp_path / ".other.csv.9.tmp"
     keep.write_bytes(b"another output's")
     write_text("x\n", tmp_path / "a.csv")
-    atomic_torch_save({"a": 1}, tmp_path / "model.ckpt")
+    save_torch({"a": 1}, tmp_path / "model.ckpt")
     assert not any(p.exists() for p in stale) and keep.exists()
     assert (tmp_path / "a.csv").read_text() == "x\n"

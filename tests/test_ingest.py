@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from imgpipe import imagestats, ingest
 from imgpipe.imageio import decode_image, fit_square
 from imgpipe.ingest import STATS_COLUMNS, index_shard, load_stats, phash_values, shard_positions
-from imgpipe.scan import list_images
+from imgpipe.listing import list_images
 
 EXTS = [".png", ".jpg", ".bmp", ".tif", ".gif", ".webp"]
 GRAY16 = {"size": 16, "mode": "gray", "fit": "pad"}

@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from imgpipe.demo import digits_images
 from imgpipe.launch import (
@@ -24,20 +23,16 @@ from imgpipe.launch import (
     tasks_per_node,
     write_job,
 )
-from imgpipe.training import predict_proba
+from imgpipe.predict import predict_proba
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-TINY_MODEL = {**CONFIG["model"], "channels": [8, 16], "dropout": 0.0}
-TINY_TRAIN = {
-    **CONFIG["train"],
-    "max_epochs": 1,
-    "batch_size": 32,
-    "early_stopping_patience": 0,
-    "threads": 1,
-    "num_nodes": 1,
-    "gpus_per_node": 2,
-}
+
+
+@pytest.fixture
+def ddp_train(tiny_train):
+    """The tiny train section for one epoch of two ranks."""
+    return {**tiny_train, "max_epochs": 1, "num_nodes": 1, "gpus_per_node": 2}
+
 
 # Stands in for srun inside an allocation: starts --ntasks-per-node copies of the
 # command with the variables SLURM gives each task, records its arguments.
@@ -162,11 +157,13 @@ def test_tasks_per_node_reads_slurm_forms():
         tasks_per_node({})
 
 
-def test_job_file_round_trip_with_absolute_paths(tmp_path, digit_files, monkeypatch):
+def test_job_file_round_trip_with_absolute_paths(
+    tmp_path, digit_files, monkeypatch, tiny_model, ddp_train
+):
     inputs, _, _ = digit_files
     monkeypatch.chdir(tmp_path)
     relative = {key: os.path.relpath(path, tmp_path) for key, path in inputs.items()}
-    job = make_job(relative, ["train"], ["val"], TINY_MODEL, TINY_TRAIN, "out", "state")
+    job = make_job(relative, ["train"], ["val"], tiny_model, ddp_train, "out", "state")
     path = write_job(job, tmp_path / "out" / JOB_FILE)
     assert read_job(path) == job
     assert all(Path(p).is_absolute() and Path(p).exists() for p in job["inputs"].values())
@@ -178,21 +175,23 @@ def test_job_file_round_trip_with_absolute_paths(tmp_path, digit_files, monkeypa
         read_job(path)
 
 
-def test_failed_srun_raises_and_keeps_the_job_file(tmp_path, digit_files, fake_srun, monkeypatch):
+def test_failed_srun_raises_and_keeps_the_job_file(
+    tmp_path, digit_files, fake_srun, monkeypatch, tiny_model, ddp_train
+):
     inputs, _, _ = digit_files
     monkeypatch.setenv("FAKE_SRUN_FAIL", "1")
-    job = make_job(inputs, ["train"], ["val"], TINY_MODEL, TINY_TRAIN, tmp_path / "out", "s")
+    job = make_job(inputs, ["train"], ["val"], tiny_model, ddp_train, tmp_path / "out", "s")
     with pytest.raises(RuntimeError, match="srun exited with 3"):
         launch_ranks(job)
     assert (tmp_path / "out" / JOB_FILE).is_file()
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun):
+def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun, tiny_model, ddp_train):
     """launch_ranks -> srun -> 2 x `python -m imgpipe.launch`: Lightning wires the ranks from SLURM_*."""
     inputs, images, labels = digit_files
     out_dir = tmp_path / "out"
-    job = make_job(inputs, ["train"], ["val"], TINY_MODEL, TINY_TRAIN, out_dir, tmp_path / "state")
+    job = make_job(inputs, ["train"], ["val"], tiny_model, ddp_train, out_dir, tmp_path / "state")
     log_path = tmp_path / "ranks.log"
     with open(log_path, "w") as log:
         summary = launch_ranks(job, cpus_per_task=1, stdout=log)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
 
 import imagefactory as factory
 import numpy as np
@@ -11,7 +15,7 @@ import pytest
 
 from imgpipe.atomic import write_csv as write_csv_atomic
 from imgpipe.errors import DataError
-from imgpipe.scan import COLUMNS, list_images, load_files
+from imgpipe.listing import COLUMNS, list_images, load_files
 
 EXTS = [".png", ".jpg", ".jpeg"]
 IMG = factory.pattern(8, 8)
@@ -125,15 +129,50 @@ def test_fifo_is_unreadable_not_a_hang(tmp_path):
     assert rows["cat/pipe.png"].reason == "unreadable"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file whatever its mode")
+def list_as_unprivileged(root):
+    """list_images(root) as an ordinary user: as root (CI), in a forked child that drops to nobody.
+
+    Root reads every file whatever its mode, so the child gives up root before
+    listing (the listing code is already imported: nothing is read from folders
+    nobody may not enter) and sends the table back through a pipe.
+    """
+    if os.geteuid() != 0:
+        return list_images(root, EXTS)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            table = list_images(root, EXTS)
+            with os.fdopen(write_end, "wb") as out:
+                pickle.dump(table, out)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        table = pickle.load(pipe)
+    os.waitpid(pid, 0)
+    return table
+
+
 def test_unreadable_folder_and_file(tmp_path):
-    factory.make_tree(tmp_path, {"cat/a.png": IMG, "cat/b.png": IMG, "dog/locked/c.png": IMG})
-    os.chmod(tmp_path / "cat" / "b.png", 0)
-    os.chmod(tmp_path / "dog" / "locked", 0)
+    # A folder every user may enter, so that the unprivileged lister sees the tree.
+    root = Path(tempfile.mkdtemp(prefix="imgpipe-perm-"))
+    root.chmod(0o755)
     try:
-        rows = by_relpath(list_images(tmp_path, EXTS))
+        factory.make_tree(root, {"cat/a.png": IMG, "cat/b.png": IMG, "dog/locked/c.png": IMG})
+        for folder in (root / "cat", root / "dog"):
+            folder.chmod(0o755)
+        os.chmod(root / "cat" / "a.png", 0o644)
+        os.chmod(root / "cat" / "b.png", 0)
+        os.chmod(root / "dog" / "locked", 0)
+        rows = by_relpath(list_as_unprivileged(root))
     finally:
-        os.chmod(tmp_path / "dog" / "locked", 0o755)
+        os.chmod(root / "dog" / "locked", 0o755)
+        shutil.rmtree(root)
     assert rows["cat/b.png"].reason == "unreadable"
     assert rows["dog/locked"].reason == "unreadable"
 

@@ -477,13 +477,14 @@ def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.Compl
 
 TEST_SNAKEFILE = """
 import sys
+from pathlib import Path
 sys.path.insert(0, {repo!r})
-from imgpipe.config import source_fingerprint
+from imgpipe.config import code_fingerprint
 
 configfile: "config.yaml"
 
-def code(*modules):
-    return source_fingerprint(modules)
+def code(script):
+    return code_fingerprint(Path({repo!r}) / "scripts" / f"{{script}}.py")
 
 include: {rules!r}
 """

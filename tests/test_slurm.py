@@ -40,7 +40,11 @@ WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "imgpipe", "scripts", "prof
 
 DAG_TARGETS = ["results/clean/index.csv", "results/clean/summary.json"]
 # Deep-merged into config/config.yaml; data.root is set to the generated tree.
-TEST_CONFIG = {"clean": {"shards": 2, "min_per_class": 2}, "cv": {"k": 2, "adapt_k": True}}
+TEST_CONFIG = {
+    "ingest": {"shards": 2},
+    "clean": {"min_per_class": 2},
+    "cv": {"k": 2, "adapt_k": True},
+}
 # Rules that run on the submit host, not as SLURM jobs.
 LOCAL_RULES = {"all"}
 TRAIN_RULE = "train_final"

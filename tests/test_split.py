@@ -4,9 +4,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imgpipe.atomic import write_csv
 from imgpipe.demo import digits_images
 from imgpipe.errors import DataError
-from imgpipe.split import assign_roles, fold_plan, write_split
+from imgpipe.split import assign_roles, fold_plan
 
 
 def digits_index(pairs_per_class=20):
@@ -58,9 +59,9 @@ def test_no_group_spans_two_roles():
 
 def test_same_seed_same_split_other_seed_other_split(tmp_path):
     index = digits_index()
-    write_split(assign_roles(index, 0.2, 0.15, seed=7), tmp_path / "a.csv")
-    write_split(assign_roles(index, 0.2, 0.15, seed=7), tmp_path / "b.csv")
-    write_split(assign_roles(index, 0.2, 0.15, seed=8), tmp_path / "c.csv")
+    write_csv(assign_roles(index, 0.2, 0.15, seed=7), tmp_path / "a.csv")
+    write_csv(assign_roles(index, 0.2, 0.15, seed=7), tmp_path / "b.csv")
+    write_csv(assign_roles(index, 0.2, 0.15, seed=8), tmp_path / "c.csv")
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     assert (tmp_path / "a.csv").read_bytes() != (tmp_path / "c.csv").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv", "c.csv"]

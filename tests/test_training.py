@@ -9,49 +9,31 @@ import textwrap
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from imgpipe.demo import digits_images
+from imgpipe.classifier_module import ImageClassifier, random_hflip, random_translate
 from imgpipe.errors import DataError
 from imgpipe.experiment import input_stamp, job_key
-from imgpipe.lightning import ImageClassifier, IndexBatches, random_hflip, random_translate
-from imgpipe.training import (
-    combined_history,
-    embed,
-    fit,
-    logged_epochs,
-    predict_proba,
-)
+from imgpipe.image_datamodule import IndexBatches
+from imgpipe.predict import embed, predict_proba
+from imgpipe.training import combined_history, fit, logged_epochs
 
 # Lightning hints that fit's settings make moot (fit filters them outside pytest too).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"
 )
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-TINY_MODEL = {**CONFIG["model"], "channels": [8, 16], "dropout": 0.0}
-TINY_TRAIN = {
-    **CONFIG["train"],
-    "max_epochs": 3,
-    "batch_size": 32,
-    "lr": 0.01,
-    "early_stopping_patience": 0,
-    "threads": 1,
-}
 TRAIN_IDS = np.arange(0, 400)
 VAL_IDS = np.arange(400, 500)
 
 
-@pytest.fixture(scope="module")
-def digits16():
-    images, labels = digits_images()
-    images = np.stack([cv2.resize(im, (16, 16), interpolation=cv2.INTER_LINEAR) for im in images])
-    return images[:500, :, :, None], labels[:500]
+@pytest.fixture
+def train3(tiny_train):
+    """The tiny train section for three epochs."""
+    return {**tiny_train, "max_epochs": 3}
 
 
 def shifted_copies(images, ids):
@@ -59,7 +41,7 @@ def shifted_copies(images, ids):
     return np.roll(images[ids], 1, axis=2), np.asarray(ids)
 
 
-def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path):
+def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path, tiny_model, train3):
     images, labels = digits16
     # Copies of training AND validation images: only the training ones may be used.
     aug_images, aug_sources = shifted_copies(images, np.arange(0, 500, 2))
@@ -70,8 +52,8 @@ def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path):
         VAL_IDS,
         aug_images,
         aug_sources,
-        TINY_MODEL,
-        TINY_TRAIN,
+        tiny_model,
+        train3,
         tmp_path,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -117,10 +99,12 @@ def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path):
         {"schedule": "none", "monitor": "val_loss", "online_augment": {"enabled": False}},
     ],
 )
-def test_other_optimisers_schedules_and_monitors_train(digits16, tmp_path, changes):
+def test_other_optimisers_schedules_and_monitors_train(
+    digits16, tmp_path, changes, tiny_model, train3
+):
     images, labels = digits16
-    train_cfg = {**TINY_TRAIN, "max_epochs": 2, **changes}
-    summary = fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, TINY_MODEL, train_cfg, tmp_path)
+    train_cfg = {**train3, "max_epochs": 2, **changes}
+    summary = fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, tiny_model, train_cfg, tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
     monitor = train_cfg["monitor"]
     best = history[monitor].max() if monitor == "val_acc" else history[monitor].min()
@@ -132,7 +116,9 @@ def test_other_optimisers_schedules_and_monitors_train(digits16, tmp_path, chang
 
 
 @pytest.mark.parametrize("inside_slurm", [False, True])
-def test_ddp_on_two_cpu_processes(digits16, tmp_path, monkeypatch, inside_slurm):
+def test_ddp_on_two_cpu_processes(
+    digits16, tmp_path, monkeypatch, inside_slurm, tiny_model, train3
+):
     images, labels = digits16
     if inside_slurm:
         # A one-task SLURM job: fit starts both ranks itself instead of expecting srun to.
@@ -150,8 +136,8 @@ def test_ddp_on_two_cpu_processes(digits16, tmp_path, monkeypatch, inside_slurm)
         VAL_IDS,
         None,
         None,
-        TINY_MODEL,
-        {**TINY_TRAIN, "max_epochs": 2, "threads": 2},
+        tiny_model,
+        {**train3, "max_epochs": 2, "threads": 2},
         tmp_path,
         devices=2,
     )
@@ -180,10 +166,10 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-def run_resume_script(tmp_path, train_cfg, out_dir, resume_dir):
+def run_resume_script(tmp_path, train_cfg, out_dir, resume_dir, tiny_model):
     script = tmp_path / "train_job.py"
     script.write_text(RESUME_SCRIPT)
-    args = [json.dumps(TINY_MODEL), json.dumps(train_cfg), str(out_dir), str(resume_dir)]
+    args = [json.dumps(tiny_model), json.dumps(train_cfg), str(out_dir), str(resume_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=tmp_path)
 
@@ -200,11 +186,11 @@ def resumable(resume_dir):
         return False
 
 
-def test_resume_after_kill_continues_from_last_checkpoint(tmp_path):
-    train_cfg = {**TINY_TRAIN, "max_epochs": 6}
+def test_resume_after_kill_continues_from_last_checkpoint(tmp_path, tiny_model, train3):
+    train_cfg = {**train3, "max_epochs": 6}
     out_dir, resume_dir = tmp_path / "out", tmp_path / "resume"
     last = resume_dir / "checkpoints" / "last.ckpt"
-    job = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir)
+    job = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir, tiny_model)
     deadline = time.monotonic() + 240
     # Kill once a checkpoint AND its epochs' history are on disk: a state whose
     # history the kill cut short is (rightly) discarded, not resumed.
@@ -217,7 +203,7 @@ def test_resume_after_kill_continues_from_last_checkpoint(tmp_path):
     killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert killed_at < 5
 
-    rerun = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir)
+    rerun = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir, tiny_model)
     assert rerun.wait(timeout=600) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["resumed_from_epoch"] == killed_at
@@ -230,7 +216,7 @@ def test_resume_after_kill_continues_from_last_checkpoint(tmp_path):
     assert not resume_dir.exists(), "the resume state is removed after success"
 
 
-def test_failed_fit_leaves_no_private_state(digits16, tmp_path, monkeypatch):
+def test_failed_fit_leaves_no_private_state(digits16, tmp_path, monkeypatch, tiny_model, train3):
     images, labels = digits16
 
     def broken_step(self, batch, batch_idx):
@@ -238,11 +224,11 @@ def test_failed_fit_leaves_no_private_state(digits16, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImageClassifier, "training_step", broken_step)
     with pytest.raises(RuntimeError, match="boom"):
-        fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, TINY_MODEL, TINY_TRAIN, tmp_path)
+        fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, tiny_model, train3, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unreadable_resume_state_starts_over(digits16, tmp_path):
+def test_unreadable_resume_state_starts_over(digits16, tmp_path, tiny_model, train3):
     images, labels = digits16
     resume_dir = tmp_path / "resume"
     (resume_dir / "checkpoints").mkdir(parents=True)
@@ -254,8 +240,8 @@ def test_unreadable_resume_state_starts_over(digits16, tmp_path):
         VAL_IDS,
         None,
         None,
-        TINY_MODEL,
-        {**TINY_TRAIN, "max_epochs": 1},
+        tiny_model,
+        {**train3, "max_epochs": 1},
         tmp_path / "out",
         resume_dir=resume_dir,
     )
@@ -264,9 +250,9 @@ def test_unreadable_resume_state_starts_over(digits16, tmp_path):
     assert not resume_dir.exists()
 
 
-def test_same_seed_same_metrics(digits16, tmp_path):
+def test_same_seed_same_metrics(digits16, tmp_path, tiny_model, train3):
     images, labels = digits16
-    train_cfg = {**TINY_TRAIN, "max_epochs": 2, "deterministic": True}
+    train_cfg = {**train3, "max_epochs": 2, "deterministic": True}
     aug_images, aug_sources = shifted_copies(images, TRAIN_IDS[:100])
     histories = []
     for run in ("a", "b"):
@@ -277,7 +263,7 @@ def test_same_seed_same_metrics(digits16, tmp_path):
             VAL_IDS,
             aug_images,
             aug_sources,
-            TINY_MODEL,
+            tiny_model,
             train_cfg,
             tmp_path / run,
         )
@@ -292,7 +278,7 @@ def test_same_seed_same_metrics(digits16, tmp_path):
         VAL_IDS,
         aug_images,
         aug_sources,
-        TINY_MODEL,
+        tiny_model,
         other_seed,
         tmp_path / "c",
     )
@@ -300,11 +286,13 @@ def test_same_seed_same_metrics(digits16, tmp_path):
     assert not np.array_equal(third["train_loss"], histories[0]["train_loss"])
 
 
-def test_fit_without_validation_trains_all_epochs_and_keeps_the_last(digits16, tmp_path):
+def test_fit_without_validation_trains_all_epochs_and_keeps_the_last(
+    digits16, tmp_path, tiny_model, train3
+):
     images, labels = digits16
     # The final model: the whole pool, a fixed number of epochs, no early stopping.
-    train = {**TINY_TRAIN, "max_epochs": 2, "early_stopping_patience": 3}
-    summary = fit(images, labels, np.arange(500), [], None, None, TINY_MODEL, train, tmp_path)
+    train = {**train3, "max_epochs": 2, "early_stopping_patience": 3}
+    summary = fit(images, labels, np.arange(500), [], None, None, tiny_model, train, tmp_path)
     assert summary["epochs"] == 2 and summary["best_epoch"] == 1
     assert summary["val_images"] == 0
     history = pd.read_csv(tmp_path / "history.csv")
@@ -323,11 +311,13 @@ def test_fit_without_validation_trains_all_epochs_and_keeps_the_last(digits16, t
         (np.arange(10), np.arange(10, 20) + 10_000, "outside"),
     ],
 )
-def test_ids_that_cannot_train_raise_data_error(tmp_path, train_ids, val_ids, message):
+def test_ids_that_cannot_train_raise_data_error(
+    tmp_path, train_ids, val_ids, message, tiny_model, train3
+):
     images = np.zeros((40, 8, 8, 1), dtype=np.uint8)
     labels = np.repeat([0, 1], 20)
     with pytest.raises(DataError, match=message):
-        fit(images, labels, train_ids, val_ids, None, None, TINY_MODEL, TINY_TRAIN, tmp_path)
+        fit(images, labels, train_ids, val_ids, None, None, tiny_model, train3, tmp_path)
 
 
 def test_resume_key_follows_params_and_inputs(tmp_path):

@@ -20,17 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "imgpipe", "scripts", "profiles", "envs"]
 
-# Small and quick, but every stage runs: 2 sweep trials, 2 folds, both cluster feature spaces.
-TINY_CONFIG = {
-    "image": {"size": 12},
-    "clean": {"shards": 2},
-    "augment": {"copies": 1},
-    "model": {"channels": [8, 16], "dropout": 0.0},
-    "train": {"max_epochs": 2, "batch_size": 32, "early_stopping_patience": 0, "threads": 1},
-    "sweep": {"grid": {"train.lr": [0.01, 0.02]}},
-    "cv": {"k": 2},
-    "cluster": {"n_init": 2, "pca_dim": 10},
-}
+# The workflow's catalog-style test config (.test/config/config.yaml), without its
+# data.root (each test writes its own tree): small and quick, but every stage
+# runs (2 sweep trials, 2 folds, both cluster feature spaces).
+TEST_CONFIG_FILE = REPO / ".test" / "config" / "config.yaml"
+TINY_CONFIG = {k: v for k, v in yaml.safe_load(TEST_CONFIG_FILE.read_text()).items() if k != "data"}
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,56 @@
+"""What every test shares: the one tiny configuration (.test/config/config.yaml) and the digits.
+
+The tiny configuration is the catalog-style test config of the workflow, merged
+over config/config.yaml; unit tests take its model / train sections from the
+``tiny_model`` / ``tiny_train`` fixtures, workflow tests its overrides from
+``workflow_utils.TINY_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from workflow_utils import REPO, TINY_CONFIG, deep_merge
+
+from imgpipe.demo import digits_images
+
+DEFAULT_CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+TINY = deep_merge(DEFAULT_CONFIG, TINY_CONFIG)
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    """The whole tiny configuration (a fresh copy per test)."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def tiny_model() -> dict:
+    """The tiny model section: a two-block small CNN without dropout."""
+    return copy.deepcopy(TINY["model"])
+
+
+@pytest.fixture
+def tiny_train() -> dict:
+    """The tiny train section: two epochs, batch 32, one thread, no early stopping."""
+    return copy.deepcopy(TINY["train"])
+
+
+def digits_at(size: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` digits resized to ``size`` px as uint8 (N, size, size, 1), and their labels."""
+    images, labels = digits_images()
+    images, labels = images[:n], labels[:n]
+    resized = np.stack(
+        [cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in images]
+    )
+    return resized[:, :, :, None], labels
+
+
+@pytest.fixture(scope="session")
+def digits16() -> tuple[np.ndarray, np.ndarray]:
+    """500 digits at 16 px (grey, NHWC) and their labels: the training tests' data."""
+    return digits_at(16, 500)
