@@ -1,8 +1,10 @@
-"""GPU claiming: disjoint devices for concurrent jobs, no stale locks, SLURM passthrough."""
+"""GPU claiming: disjoint devices for concurrent jobs (also inside one SLURM allocation),
+no stale locks."""
 
 import multiprocessing as mp
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -18,9 +20,10 @@ def no_gpu_env(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
 
 
-def _hold(lock_dir, total, n, hold_s, results):
+def _hold(lock_dir, total, n, hold_s, results, env=None):
     # Each job is its own process started by Snakemake: it does not inherit another's claim.
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    os.environ.update(env or {})
     with claim_devices(n, lock_dir=lock_dir, total=total, poll_s=0.02) as devices:
         start = time.monotonic()
         results.put(("claimed", tuple(devices), os.environ["CUDA_VISIBLE_DEVICES"]))
@@ -64,14 +67,16 @@ def test_visible_devices_limit_the_candidates(tmp_path, monkeypatch):
         assert devices == ["5"]
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-5.lock"]
+    locks = tmp_path / socket.gethostname()
+    assert sorted(p.name for p in locks.iterdir()) == ["gpu-5.lock"]
 
 
-def test_slurm_allocation_is_used_as_is(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    with claim_devices(1, lock_dir=tmp_path, total=8) as devices:
-        assert devices == ["3"]
+@pytest.mark.parametrize("disabled", ["", "-1", "NoDevFiles", "-1,0"])
+def test_cuda_disabled_leaves_nothing_to_claim(tmp_path, monkeypatch, disabled):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", disabled)
+    with claim_devices(1, lock_dir=tmp_path, total=2) as devices:
+        assert devices == []
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == disabled
     assert not list(tmp_path.iterdir())
 
 
@@ -128,3 +133,71 @@ def test_waiting_job_gets_the_device_once_released(tmp_path):
     holder.join(timeout=30)
     assert waited > 0.2
     assert released <= start + waited + 0.05
+
+
+# ----- issue 11 point 9: GPU claiming inside a SLURM allocation -----
+
+
+def test_jobs_in_one_slurm_allocation_claim_distinct_gpus(tmp_path, monkeypatch):
+    """Jobs of one salloc (local executor) share SLURM_JOB_ID: they split the allocation's GPUs."""
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    allocation = {"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "3,5"}
+    results = CTX.Queue()
+    jobs = [
+        CTX.Process(target=_hold, args=(tmp_path, 8, 1, 0.5, results, allocation)) for _ in range(2)
+    ]
+    for job in jobs:
+        job.start()
+    claimed = [results.get(timeout=30) for _ in jobs]
+    assert sorted(m[1] for m in claimed) == [("3",), ("5",)]
+    assert sorted(m[2] for m in claimed) == ["3", "5"]
+    # Both of the allocation's GPUs are held: a third job waits (8 on the machine or not).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with pytest.raises(TimeoutError):
+        with claim_devices(1, lock_dir=tmp_path, total=8, poll_s=0.02, timeout_s=0.1):
+            pass
+    for job in jobs:
+        job.join(timeout=30)
+        assert job.exitcode == 0
+    locks = tmp_path / f"{socket.gethostname()}-42"
+    assert sorted(p.name for p in locks.iterdir()) == ["gpu-3.lock", "gpu-5.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [locks.name]
+
+
+@pytest.mark.parametrize(
+    ("other_host", "other_job"),
+    [("node-a", "43"), ("node-b", "42"), ("node-b", None)],
+    ids=["other-slurm-job", "other-node-same-job-id", "other-node-no-slurm"],
+)
+def test_other_slurm_jobs_and_nodes_do_not_contend(tmp_path, monkeypatch, other_host, other_job):
+    """GPU 0 of job 42 on node-a and GPU 0 of another job or node are different claims."""
+    hostname = {"name": "node-a"}
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname["name"])
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with claim_devices(1, lock_dir=tmp_path, poll_s=0.02, timeout_s=0) as mine:
+        assert mine == ["0"]
+        # The same job on the same node contends (a second open file description, like a process).
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+        with pytest.raises(TimeoutError):
+            with claim_devices(1, lock_dir=tmp_path, poll_s=0.02, timeout_s=0):
+                pass
+        hostname["name"] = other_host
+        if other_job is None:
+            monkeypatch.delenv("SLURM_JOB_ID")
+        else:
+            monkeypatch.setenv("SLURM_JOB_ID", other_job)
+        with claim_devices(1, lock_dir=tmp_path, poll_s=0.02, timeout_s=0) as theirs:
+            assert theirs == ["0"]
+    namespaces = {"node-a-42", other_host + (f"-{other_job}" if other_job else "")}
+    assert {p.name for p in tmp_path.iterdir()} == namespaces
+
+
+def test_more_gpus_than_the_allocation_gives_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    message = r"asked for 3 GPUs but SLURM job 42 sees only 2 \(CUDA_VISIBLE_DEVICES=0,1\)"
+    with pytest.raises(ValueError, match=message):
+        with claim_devices(3, lock_dir=tmp_path, total=8):
+            pass
+    assert not list(tmp_path.iterdir())
