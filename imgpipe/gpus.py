@@ -13,6 +13,10 @@ job id (``<lock_dir>/<host>/`` or ``<lock_dir>/<host>-<jobid>/``): jobs of one
 ``salloc`` on one node get distinct GPUs of the allocation, while separate
 SLURM jobs (each owns its GPUs) and jobs on other nodes that share the project
 folder never contend for the same lock.
+
+Inference (evaluate, cluster, cv predictions) wraps its GPU work in
+``claim_for_inference``, which holds one device for the block and yields the
+torch device string to use ("cuda", or "cpu" on a machine without GPUs).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +39,10 @@ DEFAULT_LOCK_DIR = ".imgpipe/gpu-locks"
 # What CUDA accepts in CUDA_VISIBLE_DEVICES; it ignores everything from the
 # first other entry on ("-1", "NoDevFiles": no device at all).
 _DEVICE_ID = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
+
+# The devices CUDA was initialised with in this process (by a claimed block):
+# CUDA reads CUDA_VISIBLE_DEVICES once, so later claims must take the same GPU.
+_cuda_devices: list[str] | None = None
 
 
 def visible_devices() -> list[str] | None:
@@ -126,6 +135,11 @@ def _too_many(n: int, candidates: Sequence[str]) -> str:
     )
 
 
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
 @contextlib.contextmanager
 def _claim_among(
     candidates: list[str],
@@ -134,6 +148,7 @@ def _claim_among(
     poll_s: float,
     timeout_s: float | None,
 ) -> Iterator[list[str]]:
+    global _cuda_devices
     directory = Path(lock_dir) / lock_namespace()
     directory.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -158,9 +173,12 @@ def _claim_among(
     previous = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held)
     log.info("claimed GPU(s) %s (%s)", ",".join(held), directory)
+    cuda_before = _cuda_initialised()
     try:
         yield list(held)
     finally:
+        if not cuda_before and _cuda_devices is None and _cuda_initialised():
+            _cuda_devices = list(held)
         if previous is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
@@ -195,3 +213,43 @@ def claim_devices(
         raise ValueError(_too_many(n, candidates))
     with _claim_among(candidates, n, lock_dir, poll_s, timeout_s) as held:
         yield held
+
+
+def _cuda_usable() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def claim_for_inference(
+    lock_dir: str | os.PathLike = DEFAULT_LOCK_DIR,
+    total: int | None = None,
+    poll_s: float = 2.0,
+    timeout_s: float | None = None,
+) -> Iterator[str]:
+    """Hold one GPU for an inference block; yield the torch device to use, "cuda" or "cpu".
+
+    On a machine without GPUs, or with CUDA disabled (CUDA_VISIBLE_DEVICES ""
+    or "-1"), it yields "cpu" and claims nothing. Otherwise it claims one free
+    device like ``claim_devices`` (waiting while all are held), so inference
+    never shares a GPU with a training job or another inference; when torch
+    then finds no usable CUDA (a CPU-only build) the claim is dropped and it
+    yields "cpu". Once CUDA is initialised in this process it stays on its
+    first device, so later claims wait for that very device.
+    """
+    has_gpus = (count_gpus() if total is None else total) > 0
+    candidates = candidate_devices(total) if has_gpus else []
+    if not candidates:
+        yield "cpu"
+        return
+    if _cuda_devices is not None:
+        candidates = _cuda_devices[:1]
+    elif _cuda_initialised():  # initialised outside any claim: "cuda" is its first candidate
+        candidates = candidates[:1]
+    with contextlib.ExitStack() as claim:
+        claim.enter_context(_claim_among(candidates, 1, lock_dir, poll_s, timeout_s))
+        usable = _cuda_usable()
+        if not usable:
+            claim.close()
+        yield "cuda" if usable else "cpu"

@@ -1,15 +1,18 @@
 """GPU claiming: disjoint devices for concurrent jobs (also inside one SLURM allocation),
-no stale locks."""
+no stale locks, one GPU held by inference."""
 
 import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import time
+import types
 
 import pytest
 
-from imgpipe.gpus import claim_devices
+from imgpipe import gpus
+from imgpipe.gpus import claim_devices, claim_for_inference
 
 CTX = mp.get_context("fork")
 
@@ -18,6 +21,7 @@ CTX = mp.get_context("fork")
 def no_gpu_env(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(gpus, "_cuda_devices", None)
 
 
 def _hold(lock_dir, total, n, hold_s, results, env=None):
@@ -77,6 +81,8 @@ def test_cuda_disabled_leaves_nothing_to_claim(tmp_path, monkeypatch, disabled):
     with claim_devices(1, lock_dir=tmp_path, total=2) as devices:
         assert devices == []
         assert os.environ["CUDA_VISIBLE_DEVICES"] == disabled
+    with claim_for_inference(lock_dir=tmp_path, total=2) as device:
+        assert device == "cpu"
     assert not list(tmp_path.iterdir())
 
 
@@ -201,3 +207,78 @@ def test_more_gpus_than_the_allocation_gives_is_a_clear_error(tmp_path, monkeypa
         with claim_devices(3, lock_dir=tmp_path, total=8):
             pass
     assert not list(tmp_path.iterdir())
+
+
+# ----- claim_for_inference -----
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    """A stand-in torch module: CUDA available or not, initialised or not (no GPU needed)."""
+    state = types.SimpleNamespace(available=True, initialised=False)
+    cuda = types.SimpleNamespace(
+        is_available=lambda: state.available, is_initialized=lambda: state.initialised
+    )
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    return state
+
+
+def test_inference_without_gpus_runs_on_cpu_and_claims_nothing(tmp_path, monkeypatch):
+    with claim_for_inference(lock_dir=tmp_path, total=0) as device:
+        assert device == "cpu"
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    # SLURM's GPUs without a driver on the node (the test cluster's fake GPUs): still the CPU.
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with claim_for_inference(lock_dir=tmp_path, total=0) as device:
+        assert device == "cpu"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert not list(tmp_path.iterdir())
+
+
+def test_inference_holds_one_gpu_for_the_block(tmp_path, fake_torch, monkeypatch):
+    with claim_for_inference(lock_dir=tmp_path, total=2, poll_s=0.02) as device:
+        assert device == "cuda"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # another job's environment
+        with claim_devices(1, lock_dir=tmp_path, total=2, poll_s=0.02, timeout_s=0) as other:
+            assert other == ["1"]
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    with claim_devices(2, lock_dir=tmp_path, total=2, poll_s=0.02, timeout_s=0) as both:
+        assert both == ["0", "1"]
+
+
+def test_inference_without_usable_cuda_drops_its_claim(tmp_path, fake_torch):
+    fake_torch.available = False  # e.g. a CPU-only torch on a GPU machine
+    with claim_for_inference(lock_dir=tmp_path, total=2, poll_s=0.02) as device:
+        assert device == "cpu"
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
+        with claim_devices(2, lock_dir=tmp_path, total=2, poll_s=0.02, timeout_s=0) as both:
+            assert both == ["0", "1"]
+
+
+def test_inference_after_training_waits_for_the_gpu_cuda_started_on(
+    tmp_path, fake_torch, monkeypatch
+):
+    """CUDA reads CUDA_VISIBLE_DEVICES once: a cv fold predicts on the GPU it trained on."""
+
+    def claim():  # a claim from this job's environment (CUDA_VISIBLE_DEVICES unset)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        return claim_devices(1, lock_dir=tmp_path, total=2, poll_s=0.02)
+
+    with claim() as busy:
+        assert busy == ["0"]
+        with claim() as training:
+            assert training == ["1"]
+            fake_torch.initialised = True  # the training used the GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with claim_devices(1, lock_dir=tmp_path, poll_s=0.02) as someone_else:
+        assert someone_else == ["1"]
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        with pytest.raises(TimeoutError):  # GPU 0 is free, but this process's CUDA is on 1
+            with claim_for_inference(lock_dir=tmp_path, total=2, poll_s=0.02, timeout_s=0.1):
+                pass
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with claim_for_inference(lock_dir=tmp_path, total=2, poll_s=0.02) as device:
+        assert device == "cuda"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
