@@ -15,6 +15,7 @@ with ``mknod`` (SLURM only needs device files to schedule and to set
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import pwd
@@ -81,11 +82,13 @@ def ensure_installed(timeout_s: float = 300) -> None:
         raise RuntimeError(f"apt-get could not install {missing}:\n{done.stderr[-2000:]}")
 
 
-def free_port() -> int:
-    """A TCP port on the loopback address that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on the loopback address that nothing listens on now."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:  # all bound at once: the kernel cannot hand out one twice
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def parse_job_record(text: str) -> dict[str, str]:
@@ -219,11 +222,12 @@ class SlurmCluster:
     def _slurm_conf(self, hw: dict[str, str]) -> str:
         r = self.root
         gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
+        ctld_port, slurmd_port = free_ports(2)
         lines = [
             f"ClusterName={CLUSTER_NAME}",
             f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"AuthInfo=socket={r / 'munge' / 'munge.socket'}",

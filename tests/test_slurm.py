@@ -6,7 +6,8 @@ workflow: locally (profiles/default), then through SLURM with a test profile
 derived from profiles/slurm. The test checks that every job went through
 SLURM (job ids in Snakemake's log; SLURM itself, asked with squeue and
 ``scontrol show job``, knows each job and ran it on its node) and that both
-runs wrote the same results.
+runs wrote the same results. Every wait is a poll with a deadline on a state
+SLURM or a file reports, never a sleep.
 
 Needs root on Debian (it apt-get installs munge and SLURM when missing);
 skipped elsewhere. To extend the DAG, add targets to DAG_TARGETS (and config
@@ -57,7 +58,7 @@ TRAIN_TARGET = "results/train/final/summary.json"
 TRAIN_CONFIG = {"train": {"max_epochs": 1, "batch_size": 8}, "sweep": {"enabled": False}}
 
 # Bounds: Snakemake ignores SIGTERM while jobs run, hence `timeout -k`.
-SNAKEMAKE_TIMEOUT_S = 150
+SNAKEMAKE_TIMEOUT_S = 300
 SUBMITTED_RE = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
 RUN_ID_RE = re.compile(r"SLURM run ID: (\S+)")
 
@@ -302,16 +303,29 @@ def wait_for_file(path: Path, timeout_s: float = 60) -> str:
 
 
 def test_gpu_jobs_get_distinct_gpus_and_cpu_jobs_none(cluster: SlurmCluster, tmp_path: Path):
-    """The fake GPUs are scheduled: two concurrent GPU jobs see different devices."""
-    show = "echo CVD=${CUDA_VISIBLE_DEVICES-unset}; sleep 2"
+    """The fake GPUs are scheduled: two concurrent GPU jobs see different devices.
+
+    The GPU jobs wait for each other (a file each, polled with a deadline), so
+    they provably hold their GPUs at the same time; a job that never meets the
+    other fails instead of passing by luck.
+    """
+    show = "echo CVD=${CUDA_VISIBLE_DEVICES-unset}"
+
+    def meet(name: str, other: str) -> str:
+        return f"{show}; touch {tmp_path / name}.up; {wait_for_file(tmp_path / f'{other}.up')}"
+
     jobs = {
-        "gres1": cluster.sbatch("--gres=gpu:1", "-o", str(tmp_path / "gres1.out"), "--wrap", show),
-        "gpus1": cluster.sbatch("--gpus=1", "-o", str(tmp_path / "gpus1.out"), "--wrap", show),
+        "gres1": cluster.sbatch(
+            "--gres=gpu:1", "-o", str(tmp_path / "gres1.out"), "--wrap", meet("gres1", "gpus1")
+        ),
+        "gpus1": cluster.sbatch(
+            "--gpus=1", "-o", str(tmp_path / "gpus1.out"), "--wrap", meet("gpus1", "gres1")
+        ),
         "cpu": cluster.sbatch("-o", str(tmp_path / "cpu.out"), "--wrap", show),
     }
     seen = {}
     for name, job in jobs.items():
-        assert cluster.wait_job(job) == "COMPLETED", cluster.logs_tail()
+        assert cluster.wait_job(job, timeout_s=120) == "COMPLETED", cluster.logs_tail()
         seen[name] = (tmp_path / f"{name}.out").read_text().strip()
     assert seen["cpu"] == "CVD=unset"
     assert allocated_gpus(cluster, jobs["cpu"]) == 0
