@@ -15,10 +15,10 @@ with ``mknod`` (SLURM only needs device files to schedule and to set
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -33,9 +33,25 @@ CLIENTS = ["sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel", "sacct"]
 BINARIES = ["munged", "slurmctld", "slurmd", *CLIENTS]
 CLUSTER_NAME = "imgpipetest"
 PARTITION = "debug"
-# squeue is the only job-status source without slurmdbd: finished jobs must
-# stay visible to it for longer than the executor's status-check interval.
-MIN_JOB_AGE_S = 600
+# Without slurmdbd the controller's memory (squeue, scontrol show job) is the
+# only record of a job: finished jobs must stay in it for longer than the
+# executor's status-check interval, and until the tests have checked them
+# (the whole module, even on a slow machine).
+MIN_JOB_AGE_S = 3600
+# Job states of a job that was given its node(s) and started (or ran and ended).
+STARTED_STATES = {
+    "RUNNING",
+    "SUSPENDED",
+    "COMPLETING",
+    "COMPLETED",
+    "FAILED",
+    "TIMEOUT",
+    "CANCELLED",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "DEADLINE",
+}
 
 
 def skip_reason() -> str | None:
@@ -66,11 +82,49 @@ def ensure_installed(timeout_s: float = 300) -> None:
         raise RuntimeError(f"apt-get could not install {missing}:\n{done.stderr[-2000:]}")
 
 
-def free_port() -> int:
-    """A TCP port on the loopback address that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports on the loopback address that nothing listens on now."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:  # all bound at once: the kernel cannot hand out one twice
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def parse_job_record(text: str) -> dict[str, str]:
+    """The fields of one ``scontrol show job --oneliner`` record (``Key=Value`` words).
+
+    A word without ``=`` continues the previous value (values may hold spaces).
+    """
+    record: dict[str, str] = {}
+    key = None
+    for word in text.strip().splitlines()[0].split() if text.strip() else []:
+        name, sep, value = word.partition("=")
+        if sep and name:
+            key = name
+            record[key] = value
+        elif key is not None:
+            record[key] += " " + word
+    return record
+
+
+def was_allocated(record: dict[str, str], node: str | None = None) -> bool:
+    """Whether SLURM's record of a job shows it was given a node and started.
+
+    Whichever scheduler started the job (the main one or backfill), the
+    controller's record then holds the node list and a started state; a job
+    still pending (even one backfill has planned: ``SchedNodeList``) or
+    cancelled before it started has ``NodeList=(null)``. With ``node``, the
+    job must have run on that node.
+    """
+    nodes = record.get("NodeList", "(null)")
+    if nodes in ("", "(null)", "None"):
+        return False
+    if record.get("JobState") not in STARTED_STATES:
+        return False
+    if record.get("StartTime", "Unknown") in ("", "Unknown", "None"):
+        return False
+    return node is None or node in nodes.split(",")
 
 
 def node_hardware() -> dict[str, str]:
@@ -96,7 +150,7 @@ class SlurmCluster:
 
     @property
     def ctld_log(self) -> Path:
-        """slurmctld's log file (records each job's allocation)."""
+        """slurmctld's log file (kept for reading after a failure; tests ask SLURM itself)."""
         return self.root / "log" / "slurmctld.log"
 
     @property
@@ -168,11 +222,12 @@ class SlurmCluster:
     def _slurm_conf(self, hw: dict[str, str]) -> str:
         r = self.root
         gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
+        ctld_port, slurmd_port = free_ports(2)
         lines = [
             f"ClusterName={CLUSTER_NAME}",
             f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"AuthInfo=socket={r / 'munge' / 'munge.socket'}",
@@ -190,8 +245,9 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "SelectType=select/cons_tres",
-            # Start a submitted job at once (the default waits up to 3 s).
-            "SchedulerParameters=batch_sched_delay=0",
+            # Start a submitted job at once (the default waits up to 3 s); a
+            # backfill pass every second, not every 30 s.
+            "SchedulerParameters=batch_sched_delay=0,bf_interval=1",
             "SelectTypeParameters=CR_Core_Memory",
             "DefMemPerCPU=1000",
             f"MinJobAge={MIN_JOB_AGE_S}",
@@ -282,16 +338,21 @@ class SlurmCluster:
         out = self.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], check=False)
         return out.stdout.strip()
 
+    def wait_job_state(self, job_id: str, states: set[str], timeout_s: float = 60) -> str:
+        """Poll until the job is in one of ``states`` or has ended; return its state then."""
+        active = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", ""}  # "": not yet listed
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.job_state(job_id)
+            if state in states or state not in active:
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state!r} after {timeout_s} s")
+            time.sleep(0.2)
+
     def wait_job(self, job_id: str, timeout_s: float = 60) -> str:
         """Wait until the job has left the queue's active states; return its final state."""
-        active = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", ""}
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            state = self.job_state(job_id)
-            if state not in active:
-                return state
-            time.sleep(0.3)
-        raise TimeoutError(f"job {job_id} still {self.job_state(job_id)!r} after {timeout_s} s")
+        return self.wait_job_state(job_id, set(), timeout_s)
 
     def job_ids(self) -> set[str]:
         """Ids of every job the controller still remembers (within MinJobAge)."""
@@ -307,14 +368,14 @@ class SlurmCluster:
                 parts.append(f"--- {path.name}\n{text}")
         return "\n".join(parts)
 
-    def allocated_jobs(self) -> set[str]:
-        """Ids of the jobs slurmctld's log shows as allocated (started) on the node."""
-        if not self.ctld_log.exists():
-            return set()
-        text = self.ctld_log.read_text(errors="replace")
-        return set(re.findall(r"sched: Allocate JobId=(\d+)", text)) | set(
-            re.findall(r"JobId=(\d+) NodeList=\S+ #CPUs", text)
-        )
+    def job_record(self, job_id: str) -> dict[str, str]:
+        """The controller's record of a job (``scontrol show job``); {} once it forgot it."""
+        out = self.run(["scontrol", "show", "job", "--oneliner", job_id], check=False)
+        return parse_job_record(out.stdout) if out.returncode == 0 else {}
+
+    def was_allocated(self, job_id: str) -> bool:
+        """Whether SLURM gave the job this cluster's node and started it (asked, not logged)."""
+        return was_allocated(self.job_record(job_id), self.node)
 
     # ----- tear-down -----
 

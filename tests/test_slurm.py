@@ -4,8 +4,10 @@ A private SLURM (munged + slurmctld + slurmd, two fake GPUs) is brought up by
 tests/slurm_cluster.py. The same small DAG is run twice in one copy of the
 workflow: locally (profiles/default), then through SLURM with a test profile
 derived from profiles/slurm. The test checks that every job went through
-SLURM (job ids in Snakemake's log, in squeue and in slurmctld's log) and that
-both runs wrote the same results.
+SLURM (job ids in Snakemake's log; SLURM itself, asked with squeue and
+``scontrol show job``, knows each job and ran it on its node) and that both
+runs wrote the same results. Every wait is a poll with a deadline on a state
+SLURM or a file reports, never a sleep.
 
 Needs root on Debian (it apt-get installs munge and SLURM when missing);
 skipped elsewhere. To extend the DAG, add targets to DAG_TARGETS (and config
@@ -31,7 +33,15 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import PARTITION, SlurmCluster, ensure_installed, skip_reason  # noqa: E402
+from slurm_cluster import (  # noqa: E402
+    PARTITION,
+    SlurmCluster,
+    ensure_installed,
+    node_hardware,
+    parse_job_record,
+    skip_reason,
+    was_allocated,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -52,7 +62,7 @@ TRAIN_TARGET = "results/train/final/summary.json"
 TRAIN_CONFIG = {"train": {"max_epochs": 1, "batch_size": 8}, "sweep": {"enabled": False}}
 
 # Bounds: Snakemake ignores SIGTERM while jobs run, hence `timeout -k`.
-SNAKEMAKE_TIMEOUT_S = 150
+SNAKEMAKE_TIMEOUT_S = 300
 SUBMITTED_RE = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
 RUN_ID_RE = re.compile(r"SLURM run ID: (\S+)")
 
@@ -291,17 +301,35 @@ def slurm_run(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, r
 # ----- tests -----
 
 
+def wait_for_file(path: Path, timeout_s: float = 60) -> str:
+    """Shell words that poll for ``path`` and fail the job when it does not appear in time."""
+    return f"timeout {timeout_s:.0f} sh -c 'until [ -e {path} ]; do sleep 0.1; done'"
+
+
 def test_gpu_jobs_get_distinct_gpus_and_cpu_jobs_none(cluster: SlurmCluster, tmp_path: Path):
-    """The fake GPUs are scheduled: two concurrent GPU jobs see different devices."""
-    show = "echo CVD=${CUDA_VISIBLE_DEVICES-unset}; sleep 2"
+    """The fake GPUs are scheduled: two concurrent GPU jobs see different devices.
+
+    The GPU jobs wait for each other (a file each, polled with a deadline), so
+    they provably hold their GPUs at the same time; a job that never meets the
+    other fails instead of passing by luck.
+    """
+    show = "echo CVD=${CUDA_VISIBLE_DEVICES-unset}"
+
+    def meet(name: str, other: str) -> str:
+        return f"{show}; touch {tmp_path / name}.up; {wait_for_file(tmp_path / f'{other}.up')}"
+
     jobs = {
-        "gres1": cluster.sbatch("--gres=gpu:1", "-o", str(tmp_path / "gres1.out"), "--wrap", show),
-        "gpus1": cluster.sbatch("--gpus=1", "-o", str(tmp_path / "gpus1.out"), "--wrap", show),
+        "gres1": cluster.sbatch(
+            "--gres=gpu:1", "-o", str(tmp_path / "gres1.out"), "--wrap", meet("gres1", "gpus1")
+        ),
+        "gpus1": cluster.sbatch(
+            "--gpus=1", "-o", str(tmp_path / "gpus1.out"), "--wrap", meet("gpus1", "gres1")
+        ),
         "cpu": cluster.sbatch("-o", str(tmp_path / "cpu.out"), "--wrap", show),
     }
     seen = {}
     for name, job in jobs.items():
-        assert cluster.wait_job(job) == "COMPLETED", cluster.logs_tail()
+        assert cluster.wait_job(job, timeout_s=120) == "COMPLETED", cluster.logs_tail()
         seen[name] = (tmp_path / f"{name}.out").read_text().strip()
     assert seen["cpu"] == "CVD=unset"
     assert allocated_gpus(cluster, jobs["cpu"]) == 0
@@ -309,6 +337,109 @@ def test_gpu_jobs_get_distinct_gpus_and_cpu_jobs_none(cluster: SlurmCluster, tmp
     # --gres=gpu:1 (what a user writes) and --gpus=1 (what the plugin writes
     # for resources gpu=1) each get one device; running side by side, two.
     assert {seen["gres1"], seen["gpus1"]} == {"CVD=0", "CVD=1"}
+
+
+# ----- issue 11 point 13: a job started by the backfill scheduler is allocated too -----
+
+# `scontrol show job --oneliner` records from this test cluster (SLURM 22.05).
+# A job that backfill started (its log line is "sched/backfill: _start_job:
+# Started JobId=3", not "sched: Allocate JobId=3", which the old check read):
+BACKFILLED_JOB = (
+    "JobId=3 JobName=wrap UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901757 "
+    "Nice=0 Account=(null) QOS=(null) JobState=COMPLETED Reason=None Dependency=(null) "
+    "Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00 "
+    "TimeLimit=00:01:00 TimeMin=N/A SubmitTime=2026-12-01T14:42:55 "
+    "EligibleTime=2026-12-01T14:42:55 AccrueTime=2026-12-01T14:42:55 "
+    "StartTime=2026-12-01T14:42:56 EndTime=2026-12-01T14:42:56 Deadline=N/A SuspendTime=None "
+    "SecsPreSuspend=0 LastSchedEval=2026-12-01T14:42:56 Scheduler=Backfill Partition=debug "
+    "AllocNode:Sid=localhost:3235 ReqNodeList=(null) ExcNodeList=(null) NodeList=vm "
+    "BatchHost=vm NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 ReqB:S:C:T=0:0:*:* "
+    "TRES=cpu=1,mem=1000M,node=1,billing=1 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* "
+    "MinCPUsNode=1 MinMemoryCPU=1000M MinTmpDiskNode=0 Features=(null) DelayBoot=00:00:00 "
+    "OverSubscribe=OK Contiguous=0 Licenses=(null) Network=(null) Command=(null) "
+    "WorkDir=/tmp/wf StdErr=/dev/null StdIn=/dev/null StdOut=/dev/null Power= "
+)
+# A pending job that backfill has only planned (SchedNodeList, a future StartTime):
+PLANNED_JOB = (
+    "JobId=2 JobName=wrap UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901758 "
+    "Nice=0 Account=(null) QOS=(null) JobState=PENDING Reason=None Dependency=(null) "
+    "Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00 "
+    "TimeLimit=00:10:00 TimeMin=N/A SubmitTime=2026-12-01T14:42:55 "
+    "EligibleTime=2026-12-01T14:42:55 AccrueTime=2026-12-01T14:42:55 "
+    "StartTime=2026-12-01T14:52:55 EndTime=2026-12-01T15:02:55 Deadline=N/A SuspendTime=None "
+    "SecsPreSuspend=0 LastSchedEval=2026-12-01T14:42:56 Scheduler=Backfill:* Partition=debug "
+    "AllocNode:Sid=localhost:3235 ReqNodeList=(null) ExcNodeList=(null) NodeList= "
+    "SchedNodeList=vm NumNodes=1 NumCPUs=2 NumTasks=1 CPUs/Task=2 ReqB:S:C:T=0:0:*:* "
+    "TRES=cpu=2,mem=2000M,node=1,billing=2 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* "
+    "MinCPUsNode=2 MinMemoryCPU=1000M MinTmpDiskNode=0 Features=(null) DelayBoot=00:00:00 "
+    "OverSubscribe=OK Contiguous=0 Licenses=(null) Network=(null) Command=(null) "
+    "WorkDir=/tmp/wf StdErr=/dev/null StdIn=/dev/null StdOut=/dev/null Power= "
+)
+# The same job cancelled while pending: StartTime is set (to the cancel time), no NodeList.
+CANCELLED_PENDING_JOB = (
+    "JobId=2 JobName=wrap UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901758 "
+    "Nice=0 Account=(null) QOS=(null) JobState=CANCELLED Reason=Resources Dependency=(null) "
+    "Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:00 "
+    "TimeLimit=00:10:00 TimeMin=N/A SubmitTime=2026-12-01T14:43:05 "
+    "EligibleTime=2026-12-01T14:43:05 AccrueTime=2026-12-01T14:43:05 "
+    "StartTime=2026-12-01T14:43:07 EndTime=2026-12-01T14:43:07 Deadline=N/A SuspendTime=None "
+    "SecsPreSuspend=0 LastSchedEval=2026-12-01T14:43:07 Scheduler=Main Partition=debug "
+    "AllocNode:Sid=localhost:3235 ReqNodeList=(null) ExcNodeList=(null) NodeList= "
+    "SchedNodeList=vm NumNodes=1 NumCPUs=2 NumTasks=N/A CPUs/Task=2 ReqB:S:C:T=0:0:*:* "
+    "TRES=cpu=2,mem=2000M,node=1,billing=2 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* "
+    "MinCPUsNode=2 MinMemoryCPU=1000M MinTmpDiskNode=0 Features=(null) DelayBoot=00:00:00 "
+    "OverSubscribe=OK Contiguous=0 Licenses=(null) Network=(null) Command=(null) "
+    "WorkDir=/tmp/wf StdErr=/dev/null StdIn=/dev/null StdOut=/dev/null Power= "
+)
+
+
+def test_job_started_by_backfill_counts_as_allocated():
+    """Allocation is read from SLURM's record of the job, whichever scheduler started it."""
+    record = parse_job_record(BACKFILLED_JOB)
+    assert record["Scheduler"] == "Backfill" and record["NodeList"] == "vm"
+    assert record["TRES"] == "cpu=1,mem=1000M,node=1,billing=1"
+    assert was_allocated(record) and was_allocated(record, node="vm")
+    assert not was_allocated(record, node="other")
+    assert not was_allocated(parse_job_record(PLANNED_JOB))
+    assert not was_allocated(parse_job_record(CANCELLED_PENDING_JOB))
+    assert not was_allocated(parse_job_record(""))  # a job the controller forgot
+
+
+def test_job_started_by_backfill_scheduler_is_seen_as_allocated(
+    cluster: SlurmCluster, tmp_path: Path
+):
+    """A job only backfill can start (a bigger, older job waits for the node) counts as allocated.
+
+    Job A holds one core until a file appears; B, older than C, needs every
+    CPU and waits; the main scheduler keeps priority order, so it starts
+    nothing behind B: C (one core, a short time limit) starts only when
+    backfill places it on the free core.
+    """
+    hw = node_hardware()
+    cores = int(hw["Boards"]) * int(hw["SocketsPerBoard"]) * int(hw["CoresPerSocket"])
+    if cores < 2:
+        pytest.skip("needs a node of at least 2 cores (one held, one for the backfilled job)")
+    gate = tmp_path / "release"
+    out = ["-o", "/dev/null"]
+    holder = cluster.sbatch("-c", "1", "--time=10", *out, "--wrap", wait_for_file(gate, 120))
+    big = small = None
+    try:
+        assert cluster.wait_job_state(holder, {"RUNNING"}) == "RUNNING", cluster.logs_tail()
+        big = cluster.sbatch("-c", hw["CPUs"], "--time=10", *out, "--wrap", "true")
+        small = cluster.sbatch("-c", "1", "--time=1", *out, "--wrap", "true")
+        assert cluster.wait_job(small) == "COMPLETED", cluster.logs_tail()
+        record = cluster.job_record(small)
+        # Started while an older job still waited: only backfill does that.
+        assert cluster.job_state(big) == "PENDING", cluster.job_record(big)
+        assert record.get("Scheduler", "Backfill").startswith("Backfill"), record
+        assert cluster.was_allocated(small), record
+        assert not cluster.was_allocated(big), cluster.job_record(big)
+    finally:
+        gate.touch()
+        for job in (big, holder):
+            if job is not None:
+                cluster.run(["scancel", job], check=False)
+                cluster.wait_job(job)
 
 
 def test_every_job_went_through_slurm(slurm_run: SlurmRun, cluster: SlurmCluster):
@@ -319,12 +450,13 @@ def test_every_job_went_through_slurm(slurm_run: SlurmRun, cluster: SlurmCluster
 
     queue = cluster.run(["squeue", "-h", "--states=all", "-o", "%i|%j|%T|%k"]).stdout
     rows = {line.split("|")[0]: line.split("|") for line in queue.splitlines()}
-    allocated = cluster.allocated_jobs()
     for job in job_ids:
         assert job in rows, f"job {job} unknown to squeue:\n{queue}"
         _, name, state, _ = rows[job]
         assert name == run_id and state == "COMPLETED", rows[job]
-        assert job in allocated, f"slurmctld never allocated job {job}"
+        # SLURM's own record, whichever scheduler (main or backfill) started the job.
+        record = cluster.job_record(job)
+        assert was_allocated(record, cluster.node), f"SLURM never ran job {job}: {record}"
 
     # Each job the local run ran is one SLURM job, except rules Snakemake runs
     # on the submit host (the target rule `all`).
