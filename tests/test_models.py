@@ -1,10 +1,13 @@
 """Model builders: shapes for every name and channel count, small-input layouts, names refused clearly."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from imgpipe.config import ConfigError, check_config, load_schema
 from imgpipe.errors import DataError
 from imgpipe.models import (
     IMAGENET_MEAN,
@@ -14,6 +17,7 @@ from imgpipe.models import (
     normalisation,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL_NAMES = ("smallcnn", "resnet18", "vgg11_bn")
 
 
@@ -148,3 +152,36 @@ def test_normalisation_is_imagenet_with_weights_and_the_data_otherwise():
 def test_the_retired_hub_cache_switch_points_to_model_weights():
     with pytest.raises(DataError, match="set model.weights"):
         build_model("resnet18", 10, 3, 64, pretrained=True)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "ok"),
+    [
+        ("train", "freeze", "none", True),
+        ("train", "freeze", "backbone", True),
+        ("train", "freeze", 3, True),
+        ("train", "freeze", 0, False),
+        ("train", "freeze", "head", False),
+        ("train", "freeze", 1.5, False),
+        ("train", "freeze", True, False),
+        ("train", "backbone_lr_mult", 0.1, True),
+        ("train", "backbone_lr_mult", 0, False),
+        ("model", "name", "timm/convnext_atto", True),
+        ("model", "name", "mypkg.nets:make", True),
+        ("model", "name", "", False),
+        ("model", "weights", "weights/resnet18.pth", True),
+        ("model", "weights", None, True),
+        ("model", "normalize", "imagenet", True),
+        ("model", "normalize", "yes", False),
+        ("model", "pretrained", False, False),
+    ],
+)
+def test_schema_of_the_model_and_freeze_keys(section, key, value, ok):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config[section][key] = value
+    schema = load_schema(ROOT / "config" / "schema.yaml")
+    if ok:
+        check_config(config, schema)
+    else:
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}:"):
+            check_config(config, schema)
