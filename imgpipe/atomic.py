@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -87,8 +87,9 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> None:
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (numpy scalars and arrays become plain values)."""
-    write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", path)
+    """Write JSON atomically: numpy values become plain ones, NaN / infinity null (strict JSON)."""
+    text = json.dumps(plain(obj), indent=2, sort_keys=True, allow_nan=False)
+    write_text(text + "\n", path)
 
 
 def write_csv(table: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> None:
@@ -116,9 +117,18 @@ def write_stream(write: Callable[[BinaryIO], Any], path: str | os.PathLike) -> N
             os.fsync(fh.fileno())
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+def plain(value: Any) -> Any:
+    """A plain-Python copy of a config or result value, safe for JSON / YAML / weights-only loading.
+
+    Mappings become dicts (string keys), lists and tuples lists, numpy scalars
+    and arrays Python values and lists, and NaN / infinity None.
+    """
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
+        return plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,8 +1,20 @@
-"""Offline augmentation: materialise seeded torchvision views of the training pool, and preview them."""
+"""The augmentation policy: drawn per image on the training device, previewed, optionally materialised.
+
+The ``augment`` config section is one random policy applied by
+:func:`augment_batch` to float NCHW batches, with independent draws per image:
+a random resized crop, zoom, rotation and shift (one affine map per image, one
+``grid_sample`` per batch, black fill), flips, and brightness / contrast
+jitter. Training applies it on the device to every training batch
+(``augment.on_device``), so each epoch sees new views and no copy is written;
+the augment stage draws a preview with the same function and, only when
+``augment.copies`` > 0, materialises that many seeded views per training-pool
+image.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -10,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torchvision.transforms import v2
+from torch.nn import functional as F
 
 from imgpipe.atomic import atomic_path, write_csv
 from imgpipe.errors import DataError
@@ -22,52 +34,117 @@ log = logging.getLogger("imgpipe")
 # Views are made for the whole training pool (imgpipe.split.POOL_ROLES), so that
 # k-fold cross-validation can pick each fold's own views.
 CHUNK = 1024  # source images per chunk written to the output array
+# The policy's keys and the values that switch each part off.
+IDENTITY = {
+    "crop_area": [1.0, 1.0],
+    "crop_ratio": [1.0, 1.0],
+    "scale": [1.0, 1.0],
+    "rotation": 0.0,
+    "translate": 0.0,
+    "hflip": False,
+    "vflip": False,
+    "brightness": 0.0,
+    "contrast": 0.0,
+}
 
 
-def build_transform(cfg: Mapping) -> v2.Compose:
-    """The random transform the ``augment`` config describes; disabled parts are left out."""
-    steps: list[torch.nn.Module] = []
-    rotation = float(cfg.get("rotation", 0.0))
-    translate = float(cfg.get("translate", 0.0))
-    scale = tuple(float(s) for s in cfg.get("scale", (1.0, 1.0)))
-    if rotation > 0 or translate > 0 or scale != (1.0, 1.0):
-        steps.append(
-            v2.RandomAffine(
-                degrees=rotation,
-                translate=(translate, translate) if translate > 0 else None,
-                scale=scale if scale != (1.0, 1.0) else None,
-                interpolation=v2.InterpolationMode.BILINEAR,
-            )
-        )
-    if cfg.get("hflip"):
-        steps.append(v2.RandomHorizontalFlip())
-    if cfg.get("vflip"):
-        steps.append(v2.RandomVerticalFlip())
-    brightness = float(cfg.get("brightness", 0.0))
-    contrast = float(cfg.get("contrast", 0.0))
-    if brightness > 0 or contrast > 0:
-        steps.append(v2.ColorJitter(brightness=brightness or None, contrast=contrast or None))
-    return v2.Compose(steps or [v2.Identity()])  # Compose refuses an empty list
+def policy(cfg: Mapping) -> dict[str, Any]:
+    """The augmentation policy of an ``augment`` section (missing parts switched off)."""
+    return {key: cfg.get(key, off) for key, off in IDENTITY.items()}
+
+
+def is_geometric(cfg: Mapping) -> bool:
+    """Whether the policy moves pixels (crop, zoom, rotation, shift, flips)."""
+    p = policy(cfg)
+    return any(
+        p[key] != IDENTITY[key]
+        for key in ("crop_area", "scale", "rotation", "translate", "hflip", "vflip")
+    )
+
+
+def _uniform(n: int, bounds: Any, device: torch.device, generator: Any) -> torch.Tensor:
+    low, high = (
+        (float(bounds[0]), float(bounds[1]))
+        if isinstance(bounds, list | tuple)
+        else (-float(bounds), float(bounds))
+    )
+    return low + (high - low) * torch.rand(n, device=device, generator=generator)
+
+
+def _signs(n: int, enabled: bool, device: torch.device, generator: Any) -> torch.Tensor:
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    return torch.where(flip & enabled, -1.0, 1.0)
+
+
+def affine_maps(n: int, cfg: Mapping, device: torch.device, generator: Any = None) -> torch.Tensor:
+    """(n, 2, 3) maps from output to input coordinates ([-1, 1]), one random draw per image.
+
+    input = crop_centre + shift + crop_box @ rotation @ flips @ output / zoom, where
+    the crop box covers ``crop_area`` of the image at aspect ``crop_ratio``.
+    """
+    p = policy(cfg)
+    area = _uniform(n, p["crop_area"], device, generator)
+    log_ratio = _uniform(
+        n, [math.log(p["crop_ratio"][0]), math.log(p["crop_ratio"][1])], device, generator
+    )
+    ratio = torch.exp(log_ratio)
+    box_w = torch.sqrt(area * ratio).clamp(max=1.0)
+    box_h = torch.sqrt(area / ratio).clamp(max=1.0)
+    centre_x = _uniform(n, [-1.0, 1.0], device, generator) * (1 - box_w)
+    centre_y = _uniform(n, [-1.0, 1.0], device, generator) * (1 - box_h)
+    zoom = _uniform(n, p["scale"], device, generator)
+    angle = torch.deg2rad(_uniform(n, float(p["rotation"]), device, generator))
+    shift_x = 2 * _uniform(n, float(p["translate"]), device, generator)
+    shift_y = 2 * _uniform(n, float(p["translate"]), device, generator)
+    flip_x = _signs(n, bool(p["hflip"]), device, generator)
+    flip_y = _signs(n, bool(p["vflip"]), device, generator)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    maps = torch.empty(n, 2, 3, device=device)
+    maps[:, 0, 0] = box_w * cos * flip_x / zoom
+    maps[:, 0, 1] = -box_w * sin * flip_y / zoom
+    maps[:, 1, 0] = box_h * sin * flip_x / zoom
+    maps[:, 1, 1] = box_h * cos * flip_y / zoom
+    maps[:, 0, 2] = centre_x + shift_x
+    maps[:, 1, 2] = centre_y + shift_y
+    return maps
+
+
+def augment_batch(x: torch.Tensor, cfg: Mapping, generator: Any = None) -> torch.Tensor:
+    """Apply the policy to a float NCHW batch in [0, 1], with independent random draws per image.
+
+    Runs wherever ``x`` is (the training device). ``generator`` seeds the draws
+    (the augment stage's seeded views); training draws from torch's global RNG,
+    which the LightningModule reseeds at every step.
+    """
+    p = policy(cfg)
+    n = x.shape[0]
+    if n == 0:
+        return x
+    if is_geometric(p):
+        maps = affine_maps(n, p, x.device, generator)
+        grid = F.affine_grid(maps, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if p["brightness"]:
+        factor = _uniform(n, [1 - p["brightness"], 1 + p["brightness"]], x.device, generator)
+        x = x * factor[:, None, None, None]
+    if p["contrast"]:
+        factor = _uniform(n, [1 - p["contrast"], 1 + p["contrast"]], x.device, generator)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * factor[:, None, None, None] + mean
+    return x.clamp(0.0, 1.0)
 
 
 def iter_views(
     images: Any, cfg: Mapping, copies: int, seed: int, chunk: int = CHUNK
 ) -> Iterator[np.ndarray]:
-    """Yield the views of ``chunk`` images at a time: uint8 NHWC, ``copies`` rows per image.
-
-    A v2 transform draws one set of random parameters per call and applies it
-    to a whole batch, so each view is its own call (on a CHW tensor of the
-    batch converted once). The torch RNG is forked, so seeding does not leak
-    into the caller.
-    """
-    transform = build_transform(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(images), chunk):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk]))
-            batch = batch.permute(0, 3, 1, 2)  # NHWC -> NCHW
-            views = torch.stack([transform(image) for image in batch for _ in range(copies)])
-            yield views.permute(0, 2, 3, 1).contiguous().numpy()
+    """Yield the seeded views of ``chunk`` images at a time: uint8 NHWC, ``copies`` rows per image."""
+    generator = torch.Generator().manual_seed(int(seed))
+    for start in range(0, len(images), chunk):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk]))
+        batch = batch.permute(0, 3, 1, 2).float().div(255.0)  # NHWC uint8 -> NCHW [0, 1]
+        batch = batch.repeat_interleave(copies, dim=0)
+        views = augment_batch(batch, cfg, generator)
+        yield views.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def augment_images(
@@ -122,30 +199,38 @@ def write_augmented(
 
 def plot_preview(
     images: Any,
-    views: np.ndarray,
-    view_sources: np.ndarray,
+    cfg: Mapping,
     path: str | os.PathLike,
     examples: int = 12,
-    max_views: int = 6,
+    views: int = 6,
 ) -> None:
-    """Save a grid of examples: each row an original image followed by its views."""
-    sources = np.unique(view_sources)
+    """Save a grid of examples: each row an original image followed by seeded draws of the policy."""
+    picks = np.linspace(0, len(images) - 1, min(examples, len(images))).round().astype(np.int64)
     # Evenly spaced examples: the pool is in index (class folder) order, so they span the classes.
-    picks = np.linspace(0, len(sources) - 1, min(examples, len(sources))).round().astype(int)
-    shown = sources[np.unique(picks)] if len(sources) else sources
-    rows = []
-    for source in shown:
-        members = np.flatnonzero(view_sources == source)[:max_views]
-        rows.append([images[[source]][0], *(views[row] for row in members)])
-    width = max((len(row) for row in rows), default=0)
-    titles = [["original", *(f"view {c}" for c in range(1, width))]] + [[""] * width] * (
+    originals = images[np.unique(picks)] if len(images) else np.zeros((0, 1, 1, 1), np.uint8)
+    drawn = np.concatenate(
+        list(iter_views(originals, cfg, views, int(cfg.get("seed", 0)))) or [originals[:0]]
+    )
+    rows = [[originals[k], *drawn[k * views : (k + 1) * views]] for k in range(len(originals))]
+    titles = [["original", *(f"draw {c}" for c in range(1, views + 1))]] + [[""] * (views + 1)] * (
         len(rows) - 1
     )
-    image_grid(rows, path, cell_titles=titles if rows else None, empty_text="no augmented views")
+    where = (
+        "on the training device, every epoch"
+        if cfg.get("on_device", True)
+        else "not during training"
+    )
+    image_grid(
+        rows,
+        path,
+        cell_titles=titles if rows else None,
+        title=f"augmentation policy, applied {where}",
+        empty_text="no training image",
+    )
 
 
 def run_augment(job: StageJob) -> int:
-    """The augment stage: views of the training pool (images.npy, index.csv) and their preview."""
+    """The augment stage: the policy's preview, and the materialised views when augment.copies > 0."""
     from imgpipe.dataset import load_index, open_images
     from imgpipe.split import load_split, training_pool
 
@@ -153,18 +238,21 @@ def run_augment(job: StageJob) -> int:
     if pool.empty:
         raise DataError("the split has no train or val image to augment")
     images = open_images(pool)
-    log.info("augmenting %d training-pool images of shape %s", len(pool), images.shape[1:])
     return augment_pool(images, pool["id"].to_numpy(), job.params["augment"], job.output)
 
 
 def augment_pool(
     images: Any, ids: np.ndarray, cfg: Mapping, outputs: Mapping[str, str | os.PathLike]
 ) -> int:
-    """Write the views of the pool ``images`` (ids ``ids``): images.npy, index.csv and preview.png."""
+    """Write the pool's materialised views (images.npy, index.csv; empty at copies 0) and preview.png."""
     total = write_augmented(images, ids, cfg, outputs["images"], outputs["index"])
-    log.info("wrote %d views (%d per image) of %d images", total, cfg["copies"], len(images))
-    # The preview shows the written rows themselves: row r is a view of image r // copies.
-    views = np.load(outputs["images"], mmap_mode="r", allow_pickle=False)
-    sources = np.arange(len(views)) // max(int(cfg["copies"]), 1)
-    plot_preview(images, views, sources, outputs["preview"])
+    log.info(
+        "policy %s (on the device: %s); materialised %d views (%d per image) of %d images",
+        policy(cfg),
+        cfg.get("on_device", True),
+        total,
+        cfg["copies"],
+        len(images),
+    )
+    plot_preview(images, cfg, outputs["preview"])
     return total

@@ -11,18 +11,27 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
-from imgpipe.models import build_model
+from imgpipe.augment import augment_batch
+from imgpipe.models import build_model, head_parameters, optimizer_groups
 
-# Lightning hints that do not apply here: the arrays are decoded in memory (a
-# batch is one tensor gather, workers cannot help); metrics are logged per
-# epoch, not per step; the module's on_after_batch_transfer is meant to win
-# over the data module's; srun is only used when SLURM starts the ranks;
-# deprecations inside Lightning itself.
+# One-cycle momentum dips to this share of train.momentum at the learning-rate peak
+# (torch's defaults, 0.85 / 0.95, scaled to the configured momentum).
+ONECYCLE_MOMENTUM_DIP = 0.85 / 0.95
+
+# Lightning hints that do not apply here: batches are read without decoding
+# (workers rarely help on the CPU); metrics are logged per epoch, not per step;
+# the module's batch-transfer hooks are meant to win over the data module's;
+# srun is only used when SLURM starts the ranks; a frozen backbone keeps its
+# norm layers in eval mode on purpose; deprecations inside Lightning itself.
 for _hint in (
     "does not have many workers",
     "smaller than the logging interval",
     "overridden `on_after_batch_transfer`",
+    "overridden `on_before_batch_transfer`",
+    "module(s) in eval mode at the start of training",
     "The `srun` command is available",
     "isinstance(treespec, LeafSpec)` is deprecated",
     "torch.distributed.nn.functional.all_gather is deprecated",
@@ -30,40 +39,14 @@ for _hint in (
     warnings.filterwarnings("ignore", message=f".*{re.escape(_hint)}")
 
 
-def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) uint8 array -> contiguous (N, C, H, W) uint8 tensor."""
-    array = np.asarray(images)
-    if array.ndim != 4 or array.dtype != np.uint8:
-        raise ValueError(f"expected uint8 (N, H, W, C) images, got {array.dtype} {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
-
-
-def random_hflip(x: torch.Tensor) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2 (independently per image)."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def random_translate(x: torch.Tensor, padding: int) -> torch.Tensor:
-    """Random crop of the zero-padded image, i.e. a random shift of up to ``padding`` px per image."""
-    if padding <= 0:
-        return x
-    n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
-    rows = dy[:, None] + torch.arange(h, device=x.device)  # (n, h)
-    cols = dx[:, None] + torch.arange(w, device=x.device)  # (n, w)
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    channel = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
-
-
 class ImageClassifier(pl.LightningModule):
     """A classifier from ``build_model`` with its loss, optimiser, schedule and batch preprocessing.
 
-    Batches arrive as uint8 NCHW tensors; scaling, normalisation and the
-    online augmentation run on the device after the transfer.
+    Batches arrive as uint8 NCHW tensors; scaling, the augmentation policy
+    (training batches only) and normalisation run on the device after the
+    transfer. Everything needed to use the model alone is in its
+    hyper-parameters, so a checkpoint describes itself: class names, image
+    settings, normalisation, architecture and its arguments.
     """
 
     def __init__(
@@ -76,6 +59,9 @@ class ImageClassifier(pl.LightningModule):
         mean: Sequence[float],
         std: Sequence[float],
         augment_cfg: dict | None = None,
+        class_names: Sequence[str] | None = None,
+        image_cfg: dict | None = None,
+        class_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -84,42 +70,46 @@ class ImageClassifier(pl.LightningModule):
             num_classes,
             in_channels,
             image_size,
-            channels=model_cfg.get("channels", (32, 64, 128)),
+            channels=model_cfg.get("channels", (16, 32, 64)),
             dropout=model_cfg.get("dropout", 0.3),
-            pretrained=model_cfg.get("pretrained", False),
+            weights=model_cfg.get("weights"),
         )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        online = train_cfg.get("online_augment", {})
-        self.augment_enabled = bool(online.get("enabled", True))
-        self.augment_hflip = bool((augment_cfg or {}).get("hflip", False))
-        self.augment_padding = int(online.get("crop_padding", 2))
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.augment_cfg = dict(augment_cfg or {})
+        self.channels_last = False
+        # Counts summed over every rank, computed once per epoch: exact under DDP on uneven shards.
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def preprocess(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """uint8 NCHW batch -> normalised float batch, optionally randomly flipped / shifted."""
+        """uint8 NCHW batch -> normalised float batch; with ``augment``, the augmentation policy first."""
         x = x.float().div_(255.0)
-        if augment and self.augment_enabled:
-            if self.augment_hflip:
-                x = random_hflip(x)
-            x = random_translate(x, self.augment_padding)
+        if augment and self.augment_cfg.get("on_device", True):
+            x = augment_batch(x, self.augment_cfg)
         x = (x - self.mean) / self.std
-        if x.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def on_fit_start(self) -> None:
-        """On GPUs, keep the weights channels-last like the batches (faster convolutions)."""
-        if self.device.type == "cuda":
+    def setup(self, stage: str) -> None:
+        """On GPUs, make the weights channels-last (faster convolutions) before DDP wraps the model."""
+        if self.trainer is not None and self.trainer.strategy.root_device.type == "cuda":
+            self.channels_last = True
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """While training, reseed torch's global RNG from (seed, step, rank) before each batch.
 
-        Dropout and the online augmentation draw from the global RNG, which
-        Lightning's resume does not restore (and the DataLoader iterator draws
-        from it at points that differ between a resumed and an uninterrupted
-        run). Seeding each step from its number makes a run resumed after a
-        kill bit-identical to an uninterrupted one.
+        Dropout and the augmentation draw from the global RNG, which Lightning's
+        resume does not restore (and the DataLoader iterator draws from it at
+        points that differ between a resumed and an uninterrupted run). Seeding
+        each step from its number makes a run resumed after a kill
+        bit-identical to an uninterrupted one.
         """
         if self.trainer.training:
             seed = int(self.hparams.train_cfg.get("seed", 0))
@@ -141,67 +131,78 @@ class ImageClassifier(pl.LightningModule):
         return self.model.embed(x)
 
     def l1_penalty(self) -> torch.Tensor:
-        """Sum of absolute values of the weight matrices / kernels (not biases or norms)."""
-        return sum(p.abs().sum() for p in self.model.parameters() if p.ndim > 1)
+        """Sum of absolute weight values (not biases or norms) of the parts being trained."""
+        frozen = getattr(self.model, "backbone_frozen", False)
+        params = head_parameters(self.model) if frozen else list(self.model.parameters())
+        return sum(p.abs().sum() for p in params if p.ndim > 1)
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        """Cross entropy with label smoothing, plus the optional L1 penalty."""
+        """Cross entropy (class weights, label smoothing), plus the optional L1 penalty."""
         x, y = batch
         logits = self(x)
         cfg = self.hparams.train_cfg
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.get("label_smoothing", 0.0))
+        loss = F.cross_entropy(
+            logits,
+            y,
+            weight=self.class_weights,
+            label_smoothing=cfg.get("label_smoothing", 0.0),
+        )
         if cfg.get("l1", 0.0) > 0:
             loss = loss + cfg["l1"] * self.l1_penalty()
-        self.log(
-            "train_loss", loss, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True
-        )
+        self.train_loss.update(loss.detach(), weight=len(y))
+        self.log("train_loss", self.train_loss, on_step=False, on_epoch=True)
         return loss
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.float(), y)
-        acc = (logits.argmax(dim=1) == y).float().mean()
-        # Weighted by batch size and summed over ranks: exact on uneven shards.
-        self.log(f"{prefix}_loss", loss, batch_size=len(y), sync_dist=True)
-        self.log(f"{prefix}_acc", acc, batch_size=len(y), sync_dist=True)
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Log val_loss (plain cross entropy) and val_acc."""
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Log test_loss and test_acc."""
-        self._evaluate(batch, "test")
+        """val_loss (plain cross entropy, mean over images) and val_acc, over every rank's images."""
+        x, y = batch
+        logits = self(x).float()
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.val_acc.update(logits.argmax(dim=1), y)
+        self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)
+        self.log("val_acc", self.val_acc, on_step=False, on_epoch=True)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities (N, num_classes)."""
         return torch.softmax(self(batch[0]).float(), dim=1)
 
     def configure_optimizers(self) -> Any:
-        """AdamW or SGD (weight decay on weights only) with a per-step cosine / one-cycle schedule."""
+        """AdamW or SGD over backbone / head groups, with a per-step cosine or one-cycle schedule.
+
+        ``momentum`` is SGD's momentum or AdamW's beta1. Under the one-cycle
+        schedule it cycles around the configured value: from ``momentum`` (low
+        learning rate) down to 0.85 x ``momentum`` at the peak and back (momentum
+        0 stays 0). The schedule spans ``train.schedule_epochs`` epochs when set
+        (the final model runs the winning trial's schedule and stops where that
+        trial's best epoch was), else ``max_epochs``.
+        """
         cfg = self.hparams.train_cfg
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]
-        groups = [
-            {"params": decay, "weight_decay": cfg.get("weight_decay", 0.0)},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
         lr = cfg["lr"]
+        momentum = float(cfg.get("momentum", 0.9))
+        groups = optimizer_groups(
+            self.model, lr, cfg.get("weight_decay", 0.0), cfg.get("backbone_lr_mult", 1.0)
+        )
         if cfg.get("optimizer", "adamw") == "sgd":
-            optimizer = torch.optim.SGD(
-                groups, lr=lr, momentum=cfg.get("momentum", 0.9), nesterov=True
-            )
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=lr)
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
         schedule = cfg.get("schedule", "none")
         if schedule == "none":
             return optimizer
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, int(self.trainer.max_epochs))
+        per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
+        steps = per_epoch * max(epochs, int(cfg.get("schedule_epochs") or epochs))
         if schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[group["lr"] for group in groups],
+                total_steps=steps,
+                cycle_momentum=momentum > 0,
+                base_momentum=ONECYCLE_MOMENTUM_DIP * momentum,
+                max_momentum=momentum,
+            )
         else:
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,20 +51,46 @@ MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
 # ----------------------------------------------------------------------------- features
 
 
-def pixel_features(images: np.ndarray, pca_dim: int | None = None, seed: int = 0) -> np.ndarray:
-    """Flatten uint8 (N, ...) images to float32 rows in [0, 1], optionally reduced by PCA."""
-    if len(images) == 0:
+# Pixel features are taken at most this many pixels a side (area-averaged): the
+# coarse layout is what pixel K-means can use, and it bounds the feature width.
+PIXEL_SIDE = 32
+# PCA is fitted on at most this many (evenly spaced) images, then applied chunk by chunk.
+PCA_SAMPLE = 20_000
+
+
+def flat_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S, C) images as float32 rows in [0, 1], shrunk to PIXEL_SIDE px a side first."""
+    import cv2
+
+    if images.shape[1] > PIXEL_SIDE:
+        size = (PIXEL_SIDE, PIXEL_SIDE)
+        small = [cv2.resize(im, size, interpolation=cv2.INTER_AREA) for im in images]
+        images = np.stack([im.reshape(PIXEL_SIDE, PIXEL_SIDE, -1) for im in small])
+    return images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
+
+
+def pixel_features(images: Any, pca_dim: int | None = None, seed: int = 0) -> np.ndarray:
+    """Rows of scaled pixels (see flat_pixels), reduced by PCA to ``pca_dim`` unless None.
+
+    ``images`` is an array or ``imgpipe.dataset.ShardImages``: it is read chunk
+    by chunk, the PCA fitted on at most PCA_SAMPLE images.
+    """
+    from imgpipe.dataset import iter_chunks
+
+    n = len(images)
+    if n == 0:
         raise DataError("no images to cluster")
-    X = images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
-    if pca_dim is None:
-        return X
-    n_components = min(pca_dim, X.shape[0], X.shape[1])
-    if n_components >= X.shape[1]:
-        return X  # PCA to as many dimensions as there are pixels only rotates
+    chunks = (flat_pixels(chunk) for _, chunk in iter_chunks(images, np.arange(n)))
+    width = flat_pixels(images[[0]]).shape[1]
+    n_components = min(pca_dim or width, n, width)
+    if pca_dim is None or n_components >= width:
+        # PCA to as many dimensions as there are pixels only rotates.
+        return np.concatenate(list(chunks))
     from sklearn.decomposition import PCA
 
-    pca = PCA(n_components=n_components, random_state=seed)
-    return pca.fit_transform(X).astype(np.float32)
+    sample = np.linspace(0, n - 1, min(n, PCA_SAMPLE)).round().astype(np.int64)
+    pca = PCA(n_components=n_components, random_state=seed).fit(flat_pixels(images[sample]))
+    return np.concatenate([pca.transform(rows).astype(np.float32) for rows in chunks])
 
 
 # ----------------------------------------------------------------------------- K-means
@@ -325,20 +352,20 @@ def plot_k_scan(table: pd.DataFrame, path: str | os.PathLike, chosen: int | None
 
 
 def plot_montages(
-    images: np.ndarray,
+    images: Any,
     clusters: np.ndarray,
     path: str | os.PathLike,
     per_cluster: int = 10,
     seed: int = 0,
 ) -> None:
-    """One PNG with a row of (seeded random) sample images per cluster."""
+    """One PNG with a row of (seeded random) sample images per cluster (only those are read)."""
     clusters = np.asarray(clusters)
     rng = np.random.default_rng(seed)
     rows, titles = [], []
     for cluster in np.unique(clusters):
         members = np.flatnonzero(clusters == cluster)
         chosen = np.sort(rng.choice(members, size=min(per_cluster, len(members)), replace=False))
-        rows.append([images[i] for i in chosen])
+        rows.append(list(images[chosen]))
         titles.append(f"cluster {cluster}\n(n={len(members)})")
     image_grid(rows, path, row_titles=titles)
 
@@ -497,7 +524,7 @@ def export_atomically(
 
 def feature_matrix(
     features: str,
-    images: np.ndarray,
+    images: Any,
     settings: Mapping,
     model_path: str | os.PathLike | None = None,
     embed: Callable[[str | os.PathLike, np.ndarray], np.ndarray] | None = None,
@@ -547,7 +574,45 @@ def run_cluster(job: StageJob, embed: Callable[..., np.ndarray] | None = None) -
             job.wildcards["features"],
             model_path=job.input.get("model"),
             embed=embed,
+            split_path=job.input.get("split"),
         )
+
+
+# The role whose scores are the headline: images no model (nor any choice) was fitted on.
+HEADLINE_ROLE = "test"
+
+
+def scores_by_role(
+    labels: np.ndarray,
+    clusters: np.ndarray,
+    X: np.ndarray,
+    roles: np.ndarray,
+    inertia: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Cluster metrics on the test role (the headline), and per role and over all images.
+
+    K-means itself never sees a label, but embeddings come from a model
+    trained on the train (and, after a sweep, val) images, which it separates
+    almost perfectly: only the test role measures how well the learned
+    features group images the model never saw. The headline is test's scores,
+    ``scored_on`` says so, and ``by_role`` gives train / val / test / all.
+    """
+    by_role = {"all": cluster_metrics(labels, clusters, X, inertia, seed=seed)}
+    for role in ("train", "val", "test"):
+        members = roles == role
+        if members.sum() >= 2:
+            by_role[role] = cluster_metrics(
+                labels[members], clusters[members], X[members], float("nan"), seed=seed
+            )
+            del by_role[role]["inertia"]
+    headline = HEADLINE_ROLE if HEADLINE_ROLE in by_role else "all"
+    return {
+        **by_role[headline],
+        "inertia": float(inertia),
+        "scored_on": headline,
+        "by_role": by_role,
+    }
 
 
 def cluster_images(
@@ -557,14 +622,18 @@ def cluster_images(
     features: str,
     model_path: str | os.PathLike | None = None,
     embed: Callable[[str | os.PathLike, np.ndarray], np.ndarray] | None = None,
+    split_path: str | os.PathLike | None = None,
 ) -> dict:
     """Features, K-means, metrics, tables, figures and export of one feature space; returns metrics.
 
     ``outputs`` names the files: assignments, metrics, contingency, montage,
     scatter, k_scan, k_scan_png and export (a folder). ``embed`` as in
-    ``feature_matrix``.
+    ``feature_matrix``. Every image is clustered; the scores are the test
+    role's (``split_path``: split.csv), with each role's and all images' beside
+    them (see ``scores_by_role``); without a split every image counts as "all".
     """
-    from imgpipe.dataset import class_names, label_codes, load_images, load_index
+    from imgpipe.dataset import class_names, label_codes, load_index, open_images
+    from imgpipe.split import load_split
 
     index = load_index(index_path)
     if len(index) == 0:
@@ -586,7 +655,12 @@ def cluster_images(
     large_above = settings.get("large_above", 200_000)
     k_values = check_k_values(settings.get("k_values") or [], len(index))
 
-    images = load_images(index)
+    images = open_images(index)
+    roles = (
+        load_split(split_path).reindex(index["id"]).fillna("none").to_numpy()
+        if split_path
+        else np.full(len(index), "none")
+    )
     start = time.perf_counter()
     X = feature_matrix(features, images, settings, model_path, embed)
     log.info("%s features: %d x %d in %.1fs", features, *X.shape, time.perf_counter() - start)
@@ -594,7 +668,7 @@ def cluster_images(
     start = time.perf_counter()
     clusters, _, inertia = fit_kmeans(X, n_clusters, n_init, seed, large_above)
     fit_seconds = time.perf_counter() - start
-    metrics = cluster_metrics(labels, clusters, X, inertia, seed=seed)
+    metrics = scores_by_role(labels, clusters, X, roles, inertia, seed=seed)
     metrics.update(
         features=features,
         n_features=int(X.shape[1]),
@@ -604,11 +678,19 @@ def cluster_images(
     log.info("k=%d: %s", n_clusters, metrics)
 
     assignments = pd.DataFrame(
-        {"id": index["id"], "path": index["path"], "label": index["label"], "cluster": clusters}
+        {
+            "id": index["id"],
+            "path": index["path"],
+            "label": index["label"],
+            "role": roles,
+            "cluster": clusters,
+        }
     )
     write_csv(assignments, outputs["assignments"])
     write_json(metrics, outputs["metrics"])
-    write_csv(contingency_table(labels, clusters, names), outputs["contingency"], index=True)
+    scored = roles == metrics["scored_on"] if metrics["scored_on"] != "all" else slice(None)
+    contingency = contingency_table(labels[scored], clusters[scored], names)
+    write_csv(contingency, outputs["contingency"], index=True)
     plot_montages(images, clusters, outputs["montage"], seed=seed)
     plot_projection(
         X, clusters, labels, outputs["scatter"], settings.get("tsne", False), names, seed=seed
@@ -617,7 +699,13 @@ def cluster_images(
     # The chosen k is always a row (reusing its fit), so the table is never empty.
     scan = k_scan(X, [k for k in k_values if k != n_clusters], n_init, seed, large_above)
     chosen = pd.DataFrame(
-        [{"k": n_clusters, "inertia": inertia, "silhouette": metrics["silhouette"]}]
+        [
+            {
+                "k": n_clusters,
+                "inertia": inertia,
+                "silhouette": metrics["by_role"]["all"]["silhouette"],
+            }
+        ]
     )
     if len(scan):
         scan = pd.concat([scan, chosen], ignore_index=True).sort_values("k", ignore_index=True)

@@ -75,9 +75,10 @@ def config_errors(config: Mapping, schema: Mapping) -> list[str]:
 def cross_key_errors(config: Mapping) -> list[str]:
     """Return problems that involve more than one key (the schema cannot express them)."""
     lines = []
-    scale = config.get("augment", {}).get("scale")
-    if isinstance(scale, list) and len(scale) == 2 and scale[0] > scale[1]:
-        lines.append("augment.scale: lower bound is above the upper bound")
+    for key in ("scale", "crop_area", "crop_ratio"):
+        bounds = config.get("augment", {}).get(key)
+        if isinstance(bounds, list) and len(bounds) == 2 and bounds[0] > bounds[1]:
+            lines.append(f"augment.{key}: lower bound is above the upper bound")
     split = config.get("split", {})
     if split.get("test_fraction", 0) + split.get("val_fraction", 0) >= 1:
         lines.append("split.val_fraction: test_fraction + val_fraction must stay below 1")
@@ -112,21 +113,10 @@ def check_config(config: Mapping, schema: Mapping) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-def plain(value: Any) -> Any:
-    """A plain-Python copy of a config or result value, safe for JSON / YAML / weights-only loading.
-
-    Mappings become dicts (string keys), lists and tuples lists, numpy scalars
-    and arrays Python values and lists, and NaN / infinity None.
-    """
-    if isinstance(value, Mapping):
-        return {str(key): plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(item) for item in value]
-    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
-        return plain(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+# The final model's process layout: sweep trials and k-fold jobs always train in
+# one process on one node, so these train keys are not part of their params and
+# changing them reruns train_final alone (imgpipe.experiment.job_sections).
+LAYOUT_KEYS = ("num_nodes", "gpus_per_node", "cpu_devices", "threads", "num_workers")
 
 
 # ----------------------------------------------------------------------------- code fingerprints

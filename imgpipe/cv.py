@@ -7,7 +7,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold
 
 from imgpipe.atomic import write_csv
@@ -39,31 +38,55 @@ def effective_k(labels: pd.Series, k: int, adapt_k: bool) -> int:
     return smallest
 
 
+# The fold of images that are never held out (a class that is one single group).
+ALWAYS_TRAIN = -1
+
+
 def assign_folds(pool: pd.DataFrame, k: int, adapt_k: bool, seed: int) -> pd.DataFrame:
     """Give each training-pool image (columns id, label, group) a fold in 0..k'-1.
 
     StratifiedGroupKFold keeps each near-duplicate group inside one fold, so a
-    fold's validation images have no near copy in its training images.
+    fold's held-out images have no near copy in its training images. A class
+    whose images form one single group cannot be both trained on and held out:
+    as in the split, it stays in training (fold ALWAYS_TRAIN = -1), never
+    scored and never ranked as suspect labels.
     """
-    k_used = effective_k(pool["label"], k, adapt_k)
+    from imgpipe.split import tiny_class_groups
+
+    keep_out, tiny = tiny_class_groups(pool["label"].astype(str), pool["group"])
+    if tiny:
+        log.info(
+            "cv: class(es) %s are a single image group: they always train, never held out",
+            ", ".join(map(str, tiny)),
+        )
+    folds = np.full(len(pool), ALWAYS_TRAIN, dtype=np.int64)
+    eligible = ~pool["group"].isin(keep_out).to_numpy()
+    candidates = pool[eligible]
+    if candidates.empty:
+        raise DataError("cross-validation needs a class with at least two independent images")
+    k_used = effective_k(candidates["label"], k, adapt_k)
     splitter = StratifiedGroupKFold(n_splits=k_used, shuffle=True, random_state=seed)
-    folds = np.full(len(pool), -1, dtype=np.int64)
-    for fold, (_, held_out) in enumerate(splitter.split(pool, pool["label"], pool["group"])):
-        folds[held_out] = fold
+    positions = np.flatnonzero(eligible)
+    split = splitter.split(candidates, candidates["label"], candidates["group"])
+    for fold, (_, held_out) in enumerate(split):
+        folds[positions[held_out]] = fold
     return pd.DataFrame({"id": pool["id"].to_numpy(), "fold": folds})
 
 
+def folds_used(folds: pd.DataFrame) -> int:
+    """How many folds folds.csv holds (the always-training images are in none)."""
+    return int(folds.loc[folds["fold"] >= 0, "fold"].nunique())
+
+
 def fold_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro precision / recall / F1 of one fold."""
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, average="macro", zero_division=0
-    )
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision_macro": float(precision),
-        "recall_macro": float(recall),
-        "f1_macro": float(f1),
-    }
+    """Accuracy, balanced accuracy and macro precision / recall / F1 of one fold's held-out images.
+
+    Macro averages run over the classes the fold holds out (see
+    ``imgpipe.evaluate.headline_metrics``).
+    """
+    from imgpipe.evaluate import headline_metrics
+
+    return headline_metrics(y_true, y_pred)
 
 
 def summarise_folds(per_fold: pd.DataFrame) -> pd.DataFrame:
@@ -177,4 +200,4 @@ def summarise_cv(
     return table
 
 
-METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro")
+METRIC_KEYS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro")

@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from imgpipe.atomic import write_csv, write_json
+from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import NpyRows, ShardImages, label_codes, load_index, open_images
 from imgpipe.split import load_split, role_ids
 from imgpipe.stage import StageJob
@@ -81,22 +82,59 @@ def read_best(path: str | None) -> dict[str, Any]:
         return yaml.safe_load(fh) or {}
 
 
-def job_sections(
-    params: Mapping[str, Any], threads: int, overrides: Mapping[str, Any] | None = None
-) -> tuple[dict, dict]:
-    """(model, train) sections of a job: the rule's params with ``overrides`` applied, threads filled in."""
+def job_sections(job: StageJob, overrides: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
+    """(model, train) sections of a job: the rule's params with ``overrides`` applied.
+
+    The layout keys a rule's params leave out (trials, folds) are filled in for
+    one process: the job's threads and the configured loader workers (neither
+    changes a result).
+    """
     sections = apply_overrides(
-        {"model": params["model"], "train": params["train"]}, dict(overrides or {})
+        {"model": job.params["model"], "train": job.params["train"]}, dict(overrides or {})
     )
     model_cfg, train_cfg = sections["model"], sections["train"]
-    train_cfg["threads"] = train_cfg.get("threads") or threads
+    configured = dict(job.config.get("train", {}))
+    single = {"num_nodes": 1, "gpus_per_node": 1, "cpu_devices": 1, "threads": None}
+    for key in LAYOUT_KEYS:
+        train_cfg.setdefault(key, single.get(key, configured.get(key, 0)))
+    train_cfg["threads"] = train_cfg.get("threads") or job.threads
     return model_cfg, train_cfg
 
 
+def validated_recipe(train_cfg: dict, best: Mapping[str, Any]) -> dict:
+    """The sweep winner's recipe for a run without validation: its schedule, stopped at its best epoch.
+
+    The learning-rate schedule keeps the trial's length (``max_epochs`` epochs)
+    and shape; training stops after the epochs the trial needed to reach its
+    best validation score. Compressing the schedule into those epochs would be
+    a different recipe from the one the sweep validated.
+    """
+    recipe = dict(train_cfg)
+    recipe["schedule_epochs"] = int(train_cfg["max_epochs"])
+    recipe["max_epochs"] = int(best["epochs"])
+    return recipe
+
+
+def image_settings(data: TrainingData, job: StageJob) -> dict[str, Any]:
+    """The image settings the arrays were made with (size and mode as ingested)."""
+    size, channels = int(data.images.shape[1]), int(data.images.shape[3])
+    fit = job.config.get("image", {}).get("fit", "pad")
+    return {"size": size, "mode": "rgb" if channels == 3 else "gray", "fit": fit}
+
+
 def job_key(*parts: Any) -> str:
-    """A stable hash of a job's identity (its config and the stat of its inputs)."""
+    """A stable hash of a job's identity (its config, code and the stat of its inputs)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def resume_key(kind: str, job: StageJob, *parts: Any) -> str:
+    """The key of a job's resume state: its kind, settings, code fingerprint and input files.
+
+    A rerun after a kill resumes only when nothing that decides the result
+    changed: a new config, an edit of the code it runs or new inputs start afresh.
+    """
+    return job_key(kind, *parts, job.code, input_stamp(job.input))
 
 
 def input_stamp(paths: Mapping[str, Any] | list) -> list:
@@ -134,20 +172,20 @@ def run_training(
     model_cfg: Mapping,
     train_cfg: Mapping,
     out_dir: str | os.PathLike,
-    gpu_resource: int,
+    job: StageJob,
     key: str,
-    augment_cfg: Mapping | None = None,
 ) -> dict:
     """Train one model on ``train_ids`` (validating on ``val_ids``) with resume and GPU claiming.
 
     The resume state lives under ``.imgpipe/resume/<key>``, ``key`` naming the
-    job's config and inputs, so a rerun after a kill continues from the last
-    checkpoint while a changed job never resumes a stale one.
+    job's config, code and inputs, so a rerun after a kill continues from the
+    last checkpoint while a changed job never resumes a stale one.
     """
+    from imgpipe.dataset import class_names
     from imgpipe.gpus import claim_devices
     from imgpipe.training import fit
 
-    devices, on_gpu = job_devices(gpu_resource, train_cfg)
+    devices, on_gpu = job_devices(job.resources.get("gpu", 0), train_cfg)
     claim = claim_devices(devices) if on_gpu else contextlib.nullcontext()
     with claim:
         return fit(
@@ -162,7 +200,9 @@ def run_training(
             out_dir,
             devices=devices,
             resume_dir=resume_dir_for(key),
-            augment_cfg=augment_cfg,
+            augment_cfg=job.params.get("augment"),
+            class_names=class_names(data.index),
+            image_cfg=image_settings(data, job),
         )
 
 
@@ -177,68 +217,76 @@ def data_inputs(inputs: Mapping[str, Any]) -> dict[str, str]:
 def run_sweep_trial(job: StageJob) -> dict:
     """One sweep trial: its overrides, trained on the train role, best epoch picked on val."""
     overrides = job.params["overrides"]
-    model_cfg, train_cfg = job_sections(job.params, job.threads, overrides)
+    model_cfg, train_cfg = job_sections(job, overrides)
     trial = job.wildcards["trial"]
     log.info("trial %s: %s", trial, overrides)
     data = load_training_data(job.input)
     out_dir = Path(job.output["summary"]).parent
-    sections = {"model": model_cfg, "train": train_cfg}
-    key = job_key("sweep", sections, input_stamp(job.input), str(out_dir))
+    key = resume_key("sweep", job, model_cfg, train_cfg, str(out_dir))
     result = run_training(
-        data,
-        data.ids("train"),
-        data.ids("val"),
-        model_cfg,
-        train_cfg,
-        out_dir,
-        job.resources.get("gpu", 0),
-        key,
-        job.params.get("augment"),
+        data, data.ids("train"), data.ids("val"), model_cfg, train_cfg, out_dir, job, key
     )
     summary = {**result, "trial": trial, "overrides": overrides}
     write_json(summary, job.output["summary"])
     return summary
 
 
-def run_cv_fold(job: StageJob) -> dict:
-    """Train on every fold but this one, predict this one: write its out-of-fold probabilities.
+def fold_validation(data: TrainingData, train_ids: np.ndarray, job: StageJob) -> np.ndarray:
+    """An inner validation split of a fold's training part (group-aware, stratified, seeded)."""
+    from imgpipe.split import draw_groups
 
-    A fold at or beyond the number of folds actually used (``cv.adapt_k``
-    lowered k) writes an empty table and a summary marked ``skipped``; the
-    fold's model and history (written beside them) are not declared outputs
-    for that reason.
+    rows = data.index.set_index("id").loc[train_ids, ["label", "group"]].reset_index()
+    split = job.params["split"]
+    held = draw_groups(rows, split["val_fraction"], split["seed"], "fold validation")
+    return rows["id"].to_numpy()[held]
+
+
+def run_cv_fold(job: StageJob) -> dict:
+    """Train on every fold but this one with the final model's recipe, then predict this one.
+
+    The held-out fold never influences its model: with a sweep the fold trains
+    with the winner's settings and schedule for the winner's epochs (no
+    validation at all); without one, an inner validation split of the fold's
+    own training images picks the epoch and checkpoint. Its out-of-fold
+    probabilities go to cleanlab. A fold at or beyond the number of folds
+    actually used (``cv.adapt_k`` lowered k) writes an empty table and a
+    summary marked ``skipped``; the fold's model and history (written beside
+    them) are not declared outputs for that reason.
     """
-    from imgpipe.cv import fold_metrics
+    from imgpipe.cv import fold_metrics, folds_used
     from imgpipe.predict import predict_proba
 
     fold = int(job.wildcards["fold"])
     oof_path, summary_path = job.output["oof"], job.output["summary"]
     folds = pd.read_csv(job.input["folds"])
-    if fold >= folds["fold"].nunique():
-        log.info("fold %d skipped: only %d folds are used", fold, folds["fold"].nunique())
+    if fold >= folds_used(folds):
+        log.info("fold %d skipped: only %d folds are used", fold, folds_used(folds))
         write_csv(pd.DataFrame(columns=["id", "fold", "label"]), oof_path)
         write_json({"fold": fold, "skipped": True}, summary_path)
         return {"skipped": True}
     best = read_best(job.input.get("best"))
-    train_cfg = dict(job.params["train"])
-    train_cfg["threads"] = train_cfg["threads"] or job.threads
-    key = job_key("cv", fold, job.params["model"], train_cfg, best, input_stamp(job.input))
-    model_cfg, train_cfg = job_sections(job.params, job.threads, best.get("overrides", {}))
+    model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
     data = load_training_data(job.input)
     held_out = np.sort(folds.loc[folds["fold"] == fold, "id"].to_numpy())
-    train_ids = np.sort(folds.loc[folds["fold"] != fold, "id"].to_numpy())
-    out_dir = Path(summary_path).parent
-    result = run_training(
-        data,
-        train_ids,
-        held_out,
-        model_cfg,
-        train_cfg,
-        out_dir,
-        job.resources.get("gpu", 0),
-        key,
-        job.params.get("augment"),
+    # Fold -1: images of classes that are one single group; they always train.
+    fold_train = np.sort(folds.loc[folds["fold"] != fold, "id"].to_numpy())
+    if best:
+        train_cfg = validated_recipe(train_cfg, best)
+        train_ids, val_ids = fold_train, np.zeros(0, np.int64)
+    else:
+        val_ids = np.sort(fold_validation(data, fold_train, job))
+        train_ids = np.setdiff1d(fold_train, val_ids)
+    log.info(
+        "fold %d: training on %d, validating on %d (%s), scoring %d held-out images",
+        fold,
+        len(train_ids),
+        len(val_ids),
+        "none: the sweep winner's recipe" if best else "an inner split of the fold's training part",
+        len(held_out),
     )
+    out_dir = Path(summary_path).parent
+    key = resume_key("cv", job, fold, model_cfg, train_cfg, best)
+    result = run_training(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, job, key)
     probs = predict_proba(out_dir / "model.ckpt", data.images, ids=held_out)
     oof = pd.DataFrame(probs, columns=[f"p{c}" for c in range(probs.shape[1])])
     oof.insert(0, "label", data.labels[held_out])
@@ -246,13 +294,20 @@ def run_cv_fold(job: StageJob) -> dict:
     oof.insert(0, "id", held_out)
     write_csv(oof, oof_path)
     metrics = fold_metrics(data.labels[held_out], probs.argmax(axis=1))
-    summary = {**result, **metrics, "fold": fold, "n_train": len(train_ids), "n_val": len(held_out)}
+    summary = {
+        **result,
+        **metrics,
+        "fold": fold,
+        "n_train": len(train_ids),
+        "n_inner_val": len(val_ids),
+        "n_held_out": len(held_out),
+    }
     write_json(summary, summary_path)
     return summary
 
 
 def run_train_final(job: StageJob) -> dict:
-    """The final model: with a sweep, the winner's settings on the whole training pool; else train / val.
+    """The final model: with a sweep, the winner's recipe on the whole training pool; else train / val.
 
     With ``train.num_nodes`` x ``train.gpus_per_node`` > 1 inside a SLURM job
     it writes the job file and starts one rank per GPU with srun
@@ -261,23 +316,23 @@ def run_train_final(job: StageJob) -> dict:
     from imgpipe.launch import launch_ranks, make_job, should_launch
 
     best = read_best(job.input.get("best"))
-    model_cfg, train_cfg = job_sections(job.params, job.threads, best.get("overrides", {}))
+    model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
     if best:
         log.info("sweep winner %s: %s", best.get("trial"), best.get("overrides"))
-        # The sweep chose the settings and how many epochs they need: train on
-        # the whole training pool (train + val) for that long, keep the last epoch.
-        train_cfg["max_epochs"] = int(best["epochs"])
+        # The sweep chose the settings and how many epochs they need: the whole
+        # training pool (train + val), the winner's schedule, no validation.
+        train_cfg = validated_recipe(train_cfg, best)
         train_roles, val_roles = ["train", "val"], []
     else:
         train_roles, val_roles = ["train"], ["val"]
     nodes, gpus = train_cfg["num_nodes"], train_cfg["gpus_per_node"]
     out_dir = Path(job.output["model"]).parent
+    key = resume_key("final", job, model_cfg, train_cfg)
     if should_launch(nodes, gpus):
         # A SLURM job of nodes x gpus tasks: srun starts one rank per GPU (imgpipe.launch).
         cpus = job.resources.get("cpus_per_gpu")
         if isinstance(cpus, int) and cpus > 0:
             train_cfg["threads"] = cpus  # each rank's share of the job's CPUs
-        key = job_key("final", model_cfg, train_cfg, input_stamp(job.input))
         launch = make_job(
             data_inputs(job.input),
             train_roles,
@@ -298,7 +353,6 @@ def run_train_final(job: StageJob) -> dict:
             )
         train_cfg["num_nodes"] = 1
         data = load_training_data(job.input)
-        key = job_key("final", model_cfg, train_cfg, input_stamp(job.input))
         summary = run_training(
             data,
             data.ids(*train_roles),
@@ -306,9 +360,8 @@ def run_train_final(job: StageJob) -> dict:
             model_cfg,
             train_cfg,
             out_dir,
-            job.resources.get("gpu", 0),
+            job,
             key,
-            job.params.get("augment"),
         )
     log.info(
         "final model: epoch %d of %d, %.0f images/s on %d %s device(s)",

@@ -73,12 +73,20 @@ class ImageBatches(Dataset):
         return to_uint8_nchw(batch), self.labels[positions]
 
 
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-item sampling weight 1 / (items of its class): every class is drawn equally often."""
+    counts = torch.bincount(labels)
+    return 1.0 / counts[labels].double()
+
+
 class IndexBatches(Sampler):
     """Yields index batches for one rank: a seeded per-epoch shuffle, strided over the ranks.
 
     Training batches pad the permutation so every rank runs the same number of
     steps (DDP needs it); evaluation batches do not pad, so metrics count each
-    image once.
+    image once. With ``weights`` (training only) each epoch draws ``n`` items
+    with replacement, item k with probability proportional to ``weights[k]``
+    (a class-balanced sampler), seeded per epoch like the shuffle.
     """
 
     def __init__(
@@ -90,9 +98,11 @@ class IndexBatches(Sampler):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        weights: torch.Tensor | None = None,
     ):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.weights = weights
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -100,7 +110,10 @@ class IndexBatches(Sampler):
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        if self.shuffle:
+        if self.shuffle and self.weights is not None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=generator)
         else:
@@ -132,7 +145,12 @@ class ImageDataModule(pl.LightningDataModule):
 
     ``train_ids`` / ``val_ids`` are positions in ``images`` (the clean index's
     ``id``). Augmented views are picked with ``training_augment_rows`` so a run
-    only sees views of its own training images.
+    only sees views of its own training images. ``batch_size`` is the global
+    batch: under DDP each of the ``world_size`` processes takes
+    ceil(batch_size / world_size) images per step, so a multi-process run
+    follows the recipe (batch, learning rate, steps per epoch) of the
+    single-device runs that validated it. ``balanced`` samples every class
+    equally often (with replacement) instead of shuffling.
     """
 
     def __init__(
@@ -146,6 +164,7 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        balanced: bool = False,
     ):
         super().__init__()
         train_ids = np.asarray(train_ids, dtype=np.int64)
@@ -165,20 +184,27 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.balanced = balanced
+
+    def rank_batch_size(self, world: int) -> int:
+        """Images per step on each of ``world`` processes (the global batch split evenly)."""
+        return max(1, math.ceil(self.batch_size / world))
 
     def _loader(self, dataset: ImageBatches, train: bool) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        batch = self.rank_batch_size(world)
         # Drop a ragged last batch in training: a batch of one breaks batch norm.
-        drop_last = train and len(dataset) >= self.batch_size * world
+        drop_last = train and len(dataset) >= batch * world
         batches = IndexBatches(
             len(dataset),
-            self.batch_size,
+            batch,
             shuffle=train,
             seed=self.seed,
             rank=rank,
             world_size=world,
             drop_last=drop_last,
+            weights=balanced_weights(dataset.labels) if train and self.balanced else None,
         )
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(

@@ -25,8 +25,8 @@ def load_classifier(
     """Rebuild the ImageClassifier of a checkpoint (weights-only load: no pickled code runs)."""
     state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     hparams = dict(state["hyper_parameters"])
-    # The trained weights come from the checkpoint: never look for pretrained files again.
-    hparams["model_cfg"] = {**hparams["model_cfg"], "pretrained": False}
+    # The trained weights come from the checkpoint: never read the pretrained file again.
+    hparams["model_cfg"] = {**hparams["model_cfg"], "weights": None}
     module = ImageClassifier(**hparams)
     module.load_state_dict(state["state_dict"])
     return module.to(device).eval()

@@ -22,8 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from imgpipe.atomic import write_text
-from imgpipe.config import plain
+from imgpipe.atomic import plain, write_text
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")

@@ -30,6 +30,10 @@ class StageJob:
     resources: Mapping[str, Any] = field(default_factory=dict)
     log: str | None = None
     rule: str = ""
+    # The rule's code fingerprint (its ``code`` param) and the whole config, for
+    # what decides no result (loader workers, image fit of old arrays, ...).
+    code: str = ""
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _plain_files(named: Any) -> dict[str, Any]:
@@ -46,7 +50,7 @@ def _plain_files(named: Any) -> dict[str, Any]:
 def job_from_snakemake(smk: Any) -> StageJob:
     """A StageJob from the ``snakemake`` object of a ``script:`` rule."""
     params = {name: value for name, value in smk.params.items()}
-    params.pop("code", None)  # the code fingerprint only decides reruns
+    code = str(params.pop("code", ""))  # the fingerprint decides reruns and resumes, not results
     resources = {name: value for name, value in smk.resources.items()}
     return StageJob(
         input=_plain_files(smk.input),
@@ -57,6 +61,8 @@ def job_from_snakemake(smk: Any) -> StageJob:
         resources=resources,
         log=str(smk.log[0]) if len(smk.log) else None,
         rule=str(smk.rule),
+        code=code,
+        config=smk.config,
     )
 
 

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgpipe.atomic import write_csv, write_yaml
-from imgpipe.config import plain
+from imgpipe.atomic import plain, write_csv, write_yaml
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")

@@ -49,12 +49,12 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from imgpipe.atomic import write_stream, write_text
+from imgpipe.atomic import plain, write_stream, write_text
 from imgpipe.classifier_module import ImageClassifier
-from imgpipe.config import plain
 from imgpipe.dataset import channel_stats
 from imgpipe.errors import DataError
 from imgpipe.image_datamodule import ImageDataModule, Images
+from imgpipe.models import BackboneFreeze, normalisation, parse_freeze
 from imgpipe.progress import TrainingProgress
 
 log = logging.getLogger("imgpipe")
@@ -124,6 +124,16 @@ def choose_strategy(world_size: int, on_gpu: bool) -> str:
         log.warning("CUDA is already initialised in this process: using ddp_spawn, not ddp_fork")
         return "ddp_spawn"
     return "ddp_fork"
+
+
+def trainer_strategy(plan: RunPlan, train_cfg: Mapping) -> str:
+    """The strategy name for the Trainer: a backbone unfrozen mid-run under DDP needs find-unused."""
+    unfreezes_later = isinstance(parse_freeze(train_cfg.get("freeze", "none")), int) and (
+        parse_freeze(train_cfg.get("freeze", "none")) > 0
+    )
+    if plan.strategy.startswith("ddp") and unfreezes_later:
+        return f"{plan.strategy}_find_unused_parameters_true"
+    return plan.strategy
 
 
 def trainer_plugins(strategy: str) -> list:
@@ -214,6 +224,22 @@ def combined_history(log_root: Path) -> pd.DataFrame:
 # ---------------------------------------------------------------- fit
 
 
+def class_weights(
+    train_labels: np.ndarray, num_classes: int, train_cfg: Mapping
+) -> list[float] | None:
+    """Loss weight per class: ``balanced`` gives n / (classes x count) (scikit-learn's), else None.
+
+    A class with no training image gets weight 0 (it has no term in the loss anyway).
+    """
+    if train_cfg.get("class_weights", "none") != "balanced":
+        return None
+    counts = np.bincount(np.asarray(train_labels), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = len(train_labels) / (present.sum() * counts[present])
+    return weights.tolist()
+
+
 def check_run_ids(labels: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray) -> None:
     """Raise DataError when the ids cannot support a training run."""
     if len(train_ids) == 0:
@@ -296,12 +322,14 @@ def make_trainer(
     patience = train_cfg.get("early_stopping_patience", 5)
     if patience > 0 and validate:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
+    if parse_freeze(train_cfg.get("freeze", "none")) != 0:
+        callbacks.append(BackboneFreeze(train_cfg["freeze"]))
     deterministic = bool(train_cfg.get("deterministic", True))
     return pl.Trainer(
         accelerator="gpu" if plan.on_gpu else "cpu",
         devices=plan.devices,
         num_nodes=plan.num_nodes,
-        strategy=plan.strategy,
+        strategy=trainer_strategy(plan, train_cfg),
         precision=plan.precision,
         max_epochs=train_cfg.get("max_epochs", 10),
         callbacks=callbacks,
@@ -334,6 +362,8 @@ def fit(
     resume_dir: str | os.PathLike | None = None,
     threads: int | None = None,
     augment_cfg: Mapping | None = None,
+    class_names: Sequence[str] | None = None,
+    image_cfg: Mapping | None = None,
 ) -> dict:
     """Train on ``train_ids``, pick the best epoch on ``val_ids``; write model.ckpt, history.csv, summary.json.
 
@@ -346,7 +376,9 @@ def fit(
     Lightning's last.ckpt between attempts: a rerun after a kill continues
     from it; it is removed after success. ``threads``: the job's CPU threads,
     used when ``train.threads`` is null. ``augment_cfg``: the ``augment``
-    section (its flips apply on the device too). Returns the summary.
+    section (the policy applied to training batches on the device).
+    ``class_names`` (label order) and ``image_cfg`` (size, mode, fit) are kept
+    in the checkpoint so that it describes itself. Returns the summary.
     """
     started = time.perf_counter()
     train_ids = np.asarray(train_ids, dtype=np.int64)
@@ -357,16 +389,21 @@ def fit(
     plan = plan_run(train_cfg, devices, threads)
     torch.set_num_threads(plan.rank_threads)
     pl.seed_everything(train_cfg.get("seed", 0), workers=True, verbose=False)
-    mean, std = channel_stats(images, train_ids)
+    num_classes = int(labels.max()) + 1
+    in_channels = images.shape[3]
+    mean, std = normalisation(model_cfg, in_channels, *channel_stats(images, train_ids))
     module = ImageClassifier(
         model_cfg,
         train_cfg,
-        num_classes=int(labels.max()) + 1,
-        in_channels=images.shape[3],
+        num_classes=num_classes,
+        in_channels=in_channels,
         image_size=images.shape[1],
         mean=mean,
         std=std,
         augment_cfg=plain(augment_cfg or {}),
+        class_names=list(class_names) if class_names is not None else None,
+        image_cfg=plain(image_cfg) if image_cfg is not None else None,
+        class_weights=class_weights(labels[train_ids], num_classes, train_cfg),
     )
     data = ImageDataModule(
         images,
@@ -378,6 +415,7 @@ def fit(
         batch_size=train_cfg.get("batch_size", 128),
         num_workers=train_cfg.get("num_workers", 0),
         seed=train_cfg.get("seed", 0),
+        balanced=train_cfg.get("sampler", "uniform") == "balanced",
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,14 @@ import pandas as pd
 import pytest
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
-from torchvision.transforms import v2
 
-from imgpipe.augment import augment_images, augment_pool, build_transform, iter_views
+from imgpipe.augment import (
+    augment_batch,
+    augment_images,
+    augment_pool,
+    is_geometric,
+    policy,
+)
 from imgpipe.demo import digits_images
 from imgpipe.image_datamodule import training_augment_rows
 from imgpipe.split import POOL_ROLES, assign_roles, role_ids
@@ -93,7 +98,7 @@ def test_copies_of_one_image_differ():
 
 def test_everything_off_leaves_images_untouched():
     images, _ = digits(10)
-    assert [type(t) for t in build_transform(OFF).transforms] == [v2.Identity]
+    assert not is_geometric(OFF)
     views, sources = augment_images(images, OFF, copies=2, seed=0)
     assert np.array_equal(views, images[sources])
 
@@ -151,11 +156,27 @@ def test_brightness_keeps_black_black():
     assert np.all(views[images[sources] == 0] == 0)
 
 
-def test_transform_holds_exactly_the_enabled_steps():
-    kinds = [type(t) for t in build_transform({**DEFAULT, "hflip": True}).transforms]
-    assert kinds == [v2.RandomAffine, v2.RandomHorizontalFlip, v2.ColorJitter]
-    kinds = [type(t) for t in build_transform(only(vflip=True, contrast=0.1)).transforms]
-    assert kinds == [v2.RandomVerticalFlip, v2.ColorJitter]
+def test_policy_fills_switched_off_parts_and_knows_geometry():
+    assert policy({"rotation": 5.0})["crop_area"] == [1.0, 1.0]
+    assert is_geometric(only(hflip=True)) and is_geometric(only(crop_area=[0.5, 1.0]))
+    assert not is_geometric(only(brightness=0.3, contrast=0.3))
+
+
+def test_random_resized_crop_zooms_into_part_of_the_image():
+    images, _ = digits(20)
+    views, sources = augment_images(images, only(crop_area=[0.25, 0.3], crop_ratio=[1, 1]), 1, 0)
+    # A crop of a quarter of the area shown at full size: strokes get about twice as thick.
+    ink = (images[sources] > 64).sum(axis=(1, 2, 3))
+    ink_after = (views > 64).sum(axis=(1, 2, 3))
+    assert np.median(ink_after / np.maximum(ink, 1)) > 1.3
+
+
+def test_each_image_of_a_batch_gets_its_own_draw():
+    one = torch.from_numpy(digits(1)[0]).permute(0, 3, 1, 2).float() / 255
+    batch = one.repeat(16, 1, 1, 1)
+    views = augment_batch(batch, only(rotation=30.0, brightness=0.3))
+    assert len({tuple(v.flatten()[:64].tolist()) for v in views}) == 16
+    assert views.min() >= 0 and views.max() <= 1
 
 
 def outputs(folder):
@@ -188,13 +209,6 @@ def test_stage_writes_views_with_their_sources(tmp_path):
     # chunked writing gives the same rows as one call
     same, _ = augment_images(images, cfg, 3, 1)
     assert np.array_equal(views, same)
-
-
-def test_chunking_does_not_change_views():
-    images, _ = digits(30)
-    whole, _ = augment_images(images, DEFAULT, 2, 0)
-    chunked = np.concatenate(list(iter_views(images, DEFAULT, 2, 0, chunk=7)))
-    assert np.array_equal(whole, chunked)
 
 
 # ----- leakage: no view of a val / test / held-out image may reach training -----

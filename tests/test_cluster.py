@@ -423,7 +423,7 @@ def test_pixel_stage_writes_consistent_outputs(tmp_path, clean_stage):
     metrics = cluster_images(index_path, out, {**SETTINGS, "export": "symlink"}, "pixels")
 
     assignments = pd.read_csv(out["assignments"])
-    assert list(assignments.columns) == ["id", "path", "label", "cluster"]
+    assert list(assignments.columns) == ["id", "path", "label", "role", "cluster"]
     assert list(assignments["id"]) == list(range(len(labels)))
     assert (assignments["label"] == labels).all()
     assert assignments["cluster"].nunique() == 10  # default k: the number of classes
@@ -515,6 +515,12 @@ def test_rule_needs_the_model_only_for_embeddings(tmp_path, clean_stage):
         array = root / "results" / "ingest" / f"shard-{shard}" / "images.npy"
         array.parent.mkdir(parents=True)
         shutil.copy(tmp_path / f"shard-{shard}.npy", array)
+    ids = pd.read_csv(index_path)["id"]
+    split = root / "results" / "split" / "split.csv"
+    split.parent.mkdir(parents=True)
+    pd.DataFrame({"id": ids, "role": np.where(ids % 5 == 0, "test", "train")}).to_csv(
+        split, index=False
+    )
 
     embeddings = snakemake(root, "-n", "results/cluster/embeddings/metrics.json")
     assert embeddings.returncode != 0

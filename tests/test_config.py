@@ -44,11 +44,11 @@ def test_unknown_keys_are_named_at_any_depth():
     config = default_config()
     config["train"]["learning_rate"] = 0.1
     config["bogus"] = 1
-    config["train"]["online_augment"]["spin"] = True
+    config["augment"]["spin"] = True
     errors = config_errors(config, SCHEMA)
     assert "train.learning_rate: unknown key" in errors
     assert "bogus: unknown key" in errors
-    assert "train.online_augment.spin: unknown key" in errors
+    assert "augment.spin: unknown key" in errors
 
 
 def test_cross_key_rules():

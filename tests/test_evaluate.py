@@ -37,15 +37,26 @@ def test_metrics_by_hand():
     m = classification_metrics(y_true, y_pred, NAMES)
     assert m["n"] == 5
     assert m["accuracy"] == pytest.approx(3 / 5)
-    # cat: P 1/2 R 1/2; dog: P 2/3 R 1; emu: P 0 R 0; yak (absent): 0, 0
-    assert m["precision_macro"] == pytest.approx((1 / 2 + 2 / 3) / 4)
-    assert m["recall_macro"] == pytest.approx((1 / 2 + 1) / 4)
-    assert m["f1_macro"] == pytest.approx((1 / 2 + 0.8) / 4)
+    # cat: P 1/2 R 1/2; dog: P 2/3 R 1; emu: P 0 R 0; yak has no test image: not averaged
+    assert m["precision_macro"] == pytest.approx((1 / 2 + 2 / 3) / 3)
+    assert m["recall_macro"] == pytest.approx((1 / 2 + 1) / 3)
+    assert m["balanced_accuracy"] == pytest.approx(m["recall_macro"])
+    assert m["f1_macro"] == pytest.approx((1 / 2 + 0.8) / 3)
+    assert m["classes_without_test_images"] == ["yak"] and m["classes_tested"] == 3
     assert m["per_class"]["dog"] == pytest.approx(
         {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
     )
     assert m["per_class"]["yak"]["support"] == 0
     json.dumps(m)  # plain values only
+
+
+def test_macro_metrics_over_classes_that_were_tested():
+    # Issue 11.3: a class without test images used to count as 0 (macro F1 0.667 at accuracy 1).
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1]), ["a", "b", "c"])
+    assert m["accuracy"] == 1.0
+    assert m["f1_macro"] == m["precision_macro"] == m["recall_macro"] == 1.0
+    assert m["balanced_accuracy"] == 1.0
+    assert m["classes_without_test_images"] == ["c"]
 
 
 def test_metrics_equal_sklearn_on_random_predictions():

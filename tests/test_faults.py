@@ -170,7 +170,6 @@ def fit_digits(out_dir, resume_dir=None, max_epochs=3, random=True):
         "seed": 3,
         "deterministic": True,
         "threads": 1,
-        "online_augment": {"enabled": random, "crop_padding": 2},
     }
     model_cfg = {"name": "smallcnn", "channels": [4, 8], "dropout": 0.3 if random else 0.0}
     return fit(
@@ -184,7 +183,7 @@ def fit_digits(out_dir, resume_dir=None, max_epochs=3, random=True):
         train_cfg,
         out_dir,
         resume_dir=resume_dir,
-        augment_cfg={"hflip": True},
+        augment_cfg={"on_device": random, "hflip": True, "translate": 0.2},
     )
 
 

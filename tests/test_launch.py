@@ -202,7 +202,8 @@ def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun, tiny_m
     assert summary["world_size"] == 2 and summary["strategy"] == "ddp"
     # Both ranks trained, on equal shares: 240 images + 240 views -> 240 per rank -> 7 full
     # batches of 32 (the last partial batch is dropped).
-    assert summary["samples_per_rank"] == [7 * 32, 7 * 32]
+    # batch_size 32 is the global batch: 16 per rank; 480 images (240 + their 240 views) -> 15 steps.
+    assert summary["samples_per_rank"] == [15 * 16, 15 * 16]
     assert summary["train_images"] == 240 and summary["val_images"] == 60
     assert not (out_dir / JOB_FILE).exists() and not (tmp_path / "state").exists()
     proba = predict_proba(out_dir / "model.ckpt", images[240:])

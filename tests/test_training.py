@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from imgpipe.classifier_module import ImageClassifier, random_hflip, random_translate
+from imgpipe.classifier_module import ImageClassifier
 from imgpipe.errors import DataError
 from imgpipe.experiment import input_stamp, job_key
 from imgpipe.image_datamodule import IndexBatches
@@ -96,7 +96,7 @@ def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path, tiny_mod
     "changes",
     [
         {"optimizer": "sgd", "schedule": "cosine", "l1": 1e-5},
-        {"schedule": "none", "monitor": "val_loss", "online_augment": {"enabled": False}},
+        {"schedule": "none", "monitor": "val_loss", "optimizer": "sgd", "momentum": 0.0},
     ],
 )
 def test_other_optimisers_schedules_and_monitors_train(
@@ -394,19 +394,24 @@ def test_index_batches_shard_and_shuffle(world_size):
     assert all(len(b) == batch for b in dropping) and len(dropping) == n // batch
 
 
-def test_online_augmentation_shifts_and_flips_each_image_independently():
+def test_augmentation_runs_on_the_device_for_training_batches_only(tiny_model, tiny_train):
+    module = ImageClassifier(
+        tiny_model,
+        tiny_train,
+        num_classes=2,
+        in_channels=1,
+        image_size=9,
+        mean=[0.0],
+        std=[1.0],
+        augment_cfg={"on_device": True, "rotation": 40.0, "translate": 0.2},
+    )
+    x = torch.zeros(8, 1, 9, 9, dtype=torch.uint8)
+    x[:, 0, 4, 2:7] = 255
     torch.manual_seed(0)
-    x = torch.zeros(200, 1, 9, 9)
-    x[:, 0, 4, 4] = 1.0
-    moved = random_translate(x, padding=2)
-    assert moved.shape == x.shape
-    rows, cols = torch.nonzero(moved[:, 0], as_tuple=True)[1:]
-    assert moved.sum().item() == 200  # a dot moved by <= 2 px stays inside the 9x9 frame
-    assert rows.sub(4).abs().max() == 2 and cols.sub(4).abs().max() == 2
-    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == 25
-    assert torch.equal(random_translate(x, padding=0), x)
-    y = torch.zeros(200, 1, 3, 3)
-    y[:, 0, 1, 0] = 1.0
-    flipped = random_hflip(y)
-    left = flipped[:, 0, 1, 0].sum().item()
-    assert flipped[:, 0, 1, 2].sum().item() + left == 200 and 50 < left < 150
+    augmented = module.preprocess(x, augment=True)
+    plain = module.preprocess(x, augment=False)
+    assert torch.equal(plain, x.float() / 255)
+    assert not torch.equal(augmented, plain)
+    assert len({tuple(v.flatten().tolist()) for v in augmented}) == 8  # one draw per image
+    module.augment_cfg["on_device"] = False
+    assert torch.equal(module.preprocess(x, augment=True), plain)

@@ -302,6 +302,7 @@ AFTER_TRAINING = Counter(
     {"train_final": 1, "cv_fold": 2, "cv_summary": 1, "evaluate": 1, "cluster": 1}
 )
 REPORT_ONLY = Counter({"report": 1, "all": 1})
+AFTER_FINAL = Counter({"train_final": 1, "evaluate": 1, "cluster": 1})
 # Any config change rewrites the config snapshot, which the report shows.
 REPORTING = REPORT_ONLY + Counter({"config_snapshot": 1})
 AFTER_SWEEP = Counter({"sweep_trial": 2, "sweep_aggregate": 1}) + AFTER_TRAINING
@@ -319,6 +320,9 @@ AFTER_CLEAN = Counter({"clean": 1, "split": 1, "cv_assign": 1, "cluster": 1}) + 
         ({"augment": {"copies": 2}}, AFTER_AUGMENT + REPORTING),
         ({"cluster": {"n_init": 3}}, Counter({"cluster": 2}) + REPORTING),
         ({"report": {"title": "another title"}}, REPORTING),
+        # The final model's layout: trials and folds train in one process whatever it is.
+        ({"train": {"num_workers": 1}}, AFTER_FINAL + REPORTING),
+        ({"train": {"num_nodes": 2, "gpus_per_node": 2}}, AFTER_FINAL + REPORTING),
     ],
     ids=[
         "train.weight_decay",
@@ -327,6 +331,8 @@ AFTER_CLEAN = Counter({"clean": 1, "split": 1, "cv_assign": 1, "cluster": 1}) + 
         "augment.copies",
         "cluster.n_init",
         "report.title",
+        "train.num_workers",
+        "train.num_nodes",
     ],
 )
 def test_one_config_key_reruns_exactly_its_downstream(finished_copy, change, expected):

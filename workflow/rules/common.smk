@@ -13,6 +13,7 @@ WORKFLOW_DIR = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(WORKFLOW_DIR))
 
 from imgpipe.config import (
+    LAYOUT_KEYS,
     check_config,
     code_fingerprint,
     load_schema,
@@ -130,6 +131,16 @@ def unswept(name):
     return {key: value for key, value in config[name].items() if key not in swept}
 
 
+def single_process_train():
+    """The train section of a sweep trial or fold: unswept, without the layout keys."""
+    return {k: v for k, v in unswept("train").items() if k not in LAYOUT_KEYS}
+
+
+def fold_split_params():
+    """Without a sweep a fold picks its epoch on an inner split of its training part."""
+    return {} if config["sweep"]["enabled"] else config["split"]
+
+
 def best_params_input(wildcards):
     """The sweep's winner, when there is a sweep (else the train section is used as is)."""
     return {"best": "results/sweep/best.yaml"} if config["sweep"]["enabled"] else {}
@@ -171,7 +182,11 @@ def train_final_resources():
 
 
 def cluster_inputs(wildcards):
-    inputs = {"index": "results/clean/index.csv", "arrays": shard_images(wildcards)}
+    inputs = {
+        "index": "results/clean/index.csv",
+        "split": "results/split/split.csv",
+        "arrays": shard_images(wildcards),
+    }
     if wildcards.features == "embeddings":
         inputs["model"] = "results/train/final/model.ckpt"
     return inputs

@@ -39,8 +39,9 @@ rule cv_fold:
         gpu=GPUS_PER_JOB,
     params:
         model=unswept("model"),
-        train=unswept("train"),
+        train=single_process_train(),
         augment=config["augment"],
+        split=fold_split_params(),
         code=code("cv_fold"),
     script:
         "../../scripts/cv_fold.py"

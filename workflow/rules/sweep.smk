@@ -26,7 +26,7 @@ if config["sweep"]["enabled"]:
             gpu=GPUS_PER_JOB,
         params:
             model=unswept("model"),
-            train=unswept("train"),
+            train=single_process_train(),
             augment=config["augment"],
             overrides=lambda wildcards: TRIAL_OVERRIDES[wildcards.trial],
             code=code("sweep_trial"),
