@@ -18,6 +18,7 @@ INDEX_COLUMNS = [
     "shard",
     "row",
     "array",
+    "near_group",
 ]
 _TEXT_COLUMNS = ["path", "relpath", "label", "source", "sha256", "array"]
 
