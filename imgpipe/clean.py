@@ -289,13 +289,29 @@ def _flip_masks(width: int, radius: int) -> np.ndarray:
 def _ranges(
     starts: np.ndarray, lengths: np.ndarray, chunk: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row, position) arrays covering positions starts[r] .. starts[r] + lengths[r] - 1, chunk at a time."""
+    """(row, position) arrays covering positions starts[r] .. starts[r] + lengths[r] - 1, chunk at a time.
+
+    Whole rows go together up to ``chunk`` positions; a longer row is split.
+    """
     ends = np.cumsum(lengths)
-    total = int(ends[-1]) if len(ends) else 0
-    for start in range(0, total, chunk):
-        flat = np.arange(start, min(start + chunk, total), dtype=np.int64)
-        row = np.searchsorted(ends, flat, side="right")
-        yield row, starts[row] + flat - (ends[row] - lengths[row])
+    first, n_rows = 0, len(lengths)
+    while first < n_rows:
+        done = int(ends[first - 1]) if first else 0
+        last = int(np.searchsorted(ends, done + chunk, side="right"))
+        if last == first:  # one row longer than a chunk
+            for offset in range(0, int(lengths[first]), chunk):
+                count = min(chunk, int(lengths[first]) - offset)
+                position = starts[first] + offset + np.arange(count, dtype=np.int64)
+                yield np.full(count, first, dtype=np.int64), position
+            first += 1
+            continue
+        rows = np.arange(first, last, dtype=np.int64)
+        size = lengths[first:last]
+        row = np.repeat(rows, size)
+        if len(row):
+            within = np.arange(len(row), dtype=np.int64) - np.repeat(np.cumsum(size) - size, size)
+            yield row, starts[row] + within
+        first = last
 
 
 def _rechunk(
@@ -349,13 +365,15 @@ def hash_join(
             mask = np.uint64((1 << width) - 1)
             keys = (base >> np.uint64(shift)) & mask
             order = np.argsort(keys, kind="stable")
-            sorted_keys = keys[order]
+            # Buckets: each distinct key, where its rows start in order, how many.
+            keys, first, count = np.unique(keys[order], return_index=True, return_counts=True)
             query_keys = (query >> np.uint64(shift)) & mask
             for flip in _flip_masks(width, radius):
                 targets = query_keys ^ flip
-                low = np.searchsorted(sorted_keys, targets, side="left")
-                high = np.searchsorted(sorted_keys, targets, side="right")
-                for q, position in _ranges(low, high - low, chunk):
+                bucket = np.minimum(np.searchsorted(keys, targets), len(keys) - 1)
+                hit = keys[bucket] == targets
+                lengths = np.where(hit, count[bucket], 0)
+                for q, position in _ranges(first[bucket], lengths, chunk):
                     b = order[position]
                     keep = q < b if same else np.ones(len(q), dtype=bool)
                     x = query[q] ^ base[b]
@@ -529,10 +547,13 @@ class Signatures:
             searches += [(s, query[native[query]], base, False) for s in moves]
             searches += [(s, query[~native[query]], base[native[base]], False) for s in moves]
         members = [(self._mask(q), self._mask(b)) for _, q, b, _ in searches]
+        # One plan for every search: the shifted hashes are alike.
+        plan = search_plan(self.hashes[(0, 0)][query], self.hashes[(0, 0)][base], max_distance)
         for k, (shift, q_rows, b_rows, self_search) in enumerate(searches):
             opposite = (-shift[0], -shift[1])
             q_hashes, b_hashes = self.hashes[shift][q_rows], self.hashes[opposite][b_rows]
-            for q, b in hash_join(q_hashes, b_hashes, max_distance, same=self_search):
+            found = hash_join(q_hashes, b_hashes, max_distance, same=self_search, plan=plan)
+            for q, b in found:
                 i, j = q_rows[q], b_rows[b]
                 keep = i != j
                 if same and not self_search:

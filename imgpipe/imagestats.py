@@ -270,11 +270,9 @@ def thumbnail_hashes(thumbs: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
 
 
 def _blur(stack: np.ndarray, sigma: float) -> np.ndarray:
-    """(P, h, w) arrays blurred along both sides (two large matrix products, not P small ones)."""
-    p, h, w = stack.shape
-    rows, cols = blur_matrix(h, sigma), blur_matrix(w, sigma)
-    out = (stack.reshape(p * h, w) @ cols.T).reshape(p, h, w)
-    return (rows @ out.transpose(1, 0, 2).reshape(h, p * w)).reshape(h, p, w).transpose(1, 0, 2)
+    """(P, h, w) arrays blurred along both sides (matrix products with replicated borders)."""
+    _, h, w = stack.shape
+    return np.matmul(blur_matrix(h, sigma), stack @ blur_matrix(w, sigma).T)
 
 
 def _features(stack: np.ndarray, shift: tuple[int, int], gradients: bool) -> tuple:
