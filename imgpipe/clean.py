@@ -16,13 +16,14 @@ rejected image. Order of the checks (the first that applies wins):
    star group shown to the user; ``drop`` keeps one image per star;
 6. small_class: classes with fewer than min_per_class training images left.
 
-Near duplicates: two images are linked when their thumbnails (imgpipe.imagestats,
-stored at ingest, independent of image.size) are close by hash (Hamming
-distance of the crop hashes <= near_duplicate_distance) and by pixels
-(correlation >= near_duplicate_correlation). Every linked pair is found: the
-hash pairs come from an exact multi-index-hashing search (no cap per hash) and
-stream through a union-find, so a crowd of identical images costs memory in
-proportion to the images, not to their pairs.
+Near duplicates: two images are linked when their thumbnails (stored at
+ingest, independent of image.size) are close, at one alignment, by hash
+(Hamming distance <= near_duplicate_distance) and by pixels (correlation >=
+near_duplicate_correlation, same tone); see imgpipe.imagestats and
+Signatures. Every linked pair is found: the hash pairs come from an exact
+multi-index-hashing search (no cap per hash) and stream through a union-find,
+so a crowd of identical images costs memory in proportion to the images, not
+to their pairs.
 """
 
 from __future__ import annotations

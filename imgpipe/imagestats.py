@@ -120,23 +120,26 @@ def hamming(a: np.ndarray, b: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- near-duplicate signature
 #
-# The near-duplicate test compares small grey thumbnails stored at ingest
-# (each side min(side, THUMB_SIDE), box-filtered), independent of image.size:
+# The near-duplicate test (imgpipe.clean.Signatures) compares small grey
+# thumbnails stored at ingest (each side min(side, THUMB_SIDE), box-filtered),
+# independent of image.size. Two images are linked when, at one alignment,
 #
-# - a 64-bit hash per thumbnail and per 1-pixel crop of it (HASH_SHIFTS): the
-#   pHash of the crop resampled to 8 x 8 and blurred (HASH_BLUR), so that a
-#   JPEG re-encode, a one-pixel resize or a one-pixel shift of a tiny image
-#   stays within a few bits; two images are hash-close when a crop of one and
-#   the opposite crop of the other are (a shift by s shows the same content in
-#   crop s of the original and crop -s of the copy);
-# - a correlation: Pearson's r of the blurred (PIXEL_BLUR) overlapping parts
-#   for each 1-pixel offset, the best one kept. Where both thumbnails are
-#   smaller than their images (one thumbnail pixel spans several image
-#   pixels) a sub-pixel translation is also compensated (one linearised
-#   Lucas-Kanade step): there a one-pixel shift of the image is a fraction of
-#   a thumbnail pixel. Thumbnails at their images' own resolution are only
-#   compared at whole-pixel offsets (sub-pixel freedom would let distinct
-#   8 x 8 digits match).
+# - their 64-bit hashes are within clean.near_duplicate_distance bits: the
+#   pHash of the thumbnail (or of a 1-pixel crop of it, HASH_SHIFTS),
+#   resampled to 8 x 8 and blurred (HASH_BLUR thumbnail pixels, at least
+#   HASH_BLUR_MIN grid pixels), so that a JPEG re-encode, a one-pixel resize
+#   or a one-pixel shift of a tiny image stays within a few bits; a shift by s
+#   shows the same content in crop s of the original and crop -s of the copy;
+# - and the blurred (PIXEL_BLUR) overlapping parts correlate (Pearson's r) at
+#   least clean.near_duplicate_correlation, with the same tone (brightness
+#   within TONE_MEAN grey levels, contrast within TONE_CONTRAST).
+#
+# The 1-pixel alignments are tried unless both images are larger than their
+# thumbnails: then a thumbnail pixel spans several image pixels, a small
+# shift of the image is a fraction of one, and instead a sub-pixel
+# translation is compensated (one linearised Lucas-Kanade step). Thumbnails
+# at their images' own resolution get no sub-pixel freedom: it would let
+# distinct 8 x 8 digits match.
 
 THUMB_SIDE = 16
 HASH_BLUR = 1.2
@@ -253,8 +256,9 @@ def thumbnail_hashes(thumbs: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
 
     Each is the pHash of the crop (see phash: bits of the 8 x 8 DCT above the
     median of the 63 non-DC coefficients plus PHASH_MARGIN of their spread),
-    taken after resampling the crop to 8 x 8 and blurring it by HASH_BLUR
-    pixels. A shift too large for the thumbnail hashes the whole of it.
+    taken after resampling the crop to 8 x 8 and blurring it (see
+    _hash_projection). A shift too large for the thumbnail hashes the whole
+    of it.
     """
     out = {}
     stack = thumbs.astype(np.float64)
@@ -313,9 +317,11 @@ def thumbnail_correlations(
     Pearson's r; where ``subpixel`` is set, the difference of the
     standardised crops is first reduced by the best sub-pixel translation
     (least squares on the gradients of their mean), which raises r by what a
-    fraction-of-a-pixel misalignment costs. A flat crop (no variance)
-    correlates with nothing (0); a pair with no offset allowed gets -1. Each
-    thumbnail's crop is prepared once per offset, however many pairs it is in.
+    fraction-of-a-pixel misalignment costs. Crops of different tone
+    (brightness over TONE_MEAN apart, contrast ratio under TONE_CONTRAST) and
+    flat crops correlate with nothing (0); a pair with no offset allowed gets
+    -1. Each thumbnail's crop is prepared once per offset, however many pairs
+    it is in.
     """
     stack = np.asarray(stack, dtype=np.float64)
     i, j, subpixel = np.asarray(i), np.asarray(j), np.asarray(subpixel, dtype=bool)
