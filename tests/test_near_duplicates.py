@@ -245,6 +245,46 @@ def test_a_crowd_costs_comparisons_and_memory_per_image_not_per_pair():
     assert peak < 32 * 2**20  # the pairs alone would take 50 MB
 
 
+def test_candidate_pairs_are_every_hash_close_pair_once():
+    # Native-size digits and larger photo-like images (sub-pixel ones), with
+    # copies: the shifted searches, the ones both ways round and the test /
+    # training search each report every hash-close pair exactly once.
+    rng = np.random.default_rng(2)
+    images = [reencode(d) for d in digits_images()[0][:300]]
+    images += [reencode(photo(rng)) for _ in range(30)]
+    images += [planted_copy(digits_images()[0][k], "shift", rng) for k in range(60)]
+    images += [reencode(cv2.resize(photo(rng), (20, 12))) for _ in range(20)]
+    sig = signatures(images)
+    distance = SETTINGS.near_duplicate_distance
+    n = len(sig)
+    i, j = np.triu_indices(n, 1)
+    want = set(zip(*(x[sig.hash_distance(i, j) <= distance].tolist() for x in (i, j)), strict=True))
+    rows = np.arange(n)
+    found = [
+        pair
+        for a, b in sig.candidates(rows, rows, distance, same=True)
+        for pair in zip(a.tolist(), b.tolist(), strict=True)
+    ]
+    assert len(found) == len(set(found)) and set(found) == want
+    assert len(want) > 100
+    query, base = rows[rows % 3 == 0], rows[rows % 3 != 0]
+    found = [
+        pair
+        for a, b in sig.candidates(query, base, distance, same=False)
+        for pair in zip(a.tolist(), b.tolist(), strict=True)
+    ]
+    q, b = np.meshgrid(query, base, indexing="ij")
+    q, b = q.ravel(), b.ravel()
+    close = sig.hash_distance(q, b) <= distance
+    assert len(found) == len(set(found)) and set(found) == set(
+        zip(q[close].tolist(), b[close].tolist(), strict=True)
+    )
+    # The measures are symmetric.
+    d1, r1 = sig.compare(i[:5000], j[:5000], distance)
+    d2, r2 = sig.compare(j[:5000], i[:5000], distance)
+    assert (d1 == d2).all() and np.allclose(r1, r2, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- recall
 
 
