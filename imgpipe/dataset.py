@@ -28,6 +28,7 @@ INDEX_COLUMNS = [
     "shard",
     "row",
     "array",
+    "near_group",
 ]
 _TEXT_COLUMNS = ["path", "relpath", "label", "source", "sha256", "array"]
 # A batch's rows are read with one call covering all of them when that span is at

@@ -25,7 +25,7 @@ import pandas as pd
 
 from imgpipe.atomic import atomic_path, write_csv
 from imgpipe.imageio import MODES, decode_image, fit_square, read_bytes
-from imgpipe.imagestats import gray_stats, phash
+from imgpipe.imagestats import format_thumbnail, gray_stats, phash, thumbnail
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -50,6 +50,7 @@ STATS_COLUMNS = [
     "p01",
     "p99",
     "blur",
+    "thumb",
 ]
 INT_COLUMNS = ["row", "bytes", "width", "height", "channels", "bit_depth"]
 MEASURES = ["mean", "std", "p01", "p99", "blur"]
@@ -66,6 +67,7 @@ TEXT_COLUMNS = [
     "detail",
     "pixel_hash",
     "phash",
+    "thumb",
 ]
 
 
@@ -137,21 +139,25 @@ def decode_file(path: str, mode: str, max_pixels: int) -> tuple[tuple, np.ndarra
 
 
 def measure_images(images: list[np.ndarray]) -> list[tuple]:
-    """Fields ``pixel_hash`` to ``blur`` of decoded images, measured on grey at full resolution."""
+    """Fields ``pixel_hash`` to ``thumb`` of decoded images, measured on grey at full resolution.
+
+    ``thumb`` is the near-duplicate signature (imagestats.thumbnail) as text.
+    """
     grays = [
         image[:, :, 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         for image in images
     ]
     stats = [gray_stats(gray) for gray in grays]
     phashes = [format_phash(phash(gray)) for gray in grays]
+    thumbs = [format_thumbnail(thumbnail(gray)) for gray in grays]
     pixel_hashes = [pixel_hash(image) for image in images]
     return [
-        (h, p, s["mean"], s["std"], s["p01"], s["p99"], s["blur"])
-        for h, p, s in zip(pixel_hashes, phashes, stats, strict=True)
+        (h, p, s["mean"], s["std"], s["p01"], s["p99"], s["blur"], t)
+        for h, p, s, t in zip(pixel_hashes, phashes, stats, thumbs, strict=True)
     ]
 
 
-NOT_MEASURED = (None,) * 7
+NOT_MEASURED = (None,) * 8
 
 
 def ingest_file(

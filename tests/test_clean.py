@@ -12,8 +12,6 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from imgpipe import clean, imagestats
 from imgpipe.clean import CleanSettings
@@ -99,6 +97,7 @@ def stats_row(
         "pixel_hash": hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()[:32],
         "phash": f"{imagestats.phash(gray):016x}",
         **imagestats.gray_stats(gray),
+        "thumb": imagestats.format_thumbnail(imagestats.thumbnail(gray)),
     }
     return row, cv2.resize(gray, (SIZE, SIZE), interpolation=cv2.INTER_AREA)[..., None]
 
@@ -107,7 +106,12 @@ def failed_row(label: str, relpath: str, reason: str) -> tuple[dict, np.ndarray]
     """A row ingest already rejected (no pixels: zeros in the array)."""
     row = {"path": f"/data/train/{relpath}", "relpath": relpath, "label": label, "source": "train"}
     row.update(
-        status="rejected", reason=reason, detail=f"{reason} at ingest", pixel_hash="", phash=""
+        status="rejected",
+        reason=reason,
+        detail=f"{reason} at ingest",
+        pixel_hash="",
+        phash="",
+        thumb="",
     )
     return row, np.zeros((SIZE, SIZE, 1), np.uint8)
 
@@ -306,24 +310,6 @@ def test_near_duplicates_group_drop_and_off(tmp_path):
     assert clean.index_table(off)["group"].is_unique
 
 
-def test_near_duplicate_chains_do_not_snowball(tmp_path):
-    rng = np.random.default_rng(6)
-    base = texture(rng).astype(np.int16) // 2 + 40
-    # Brightness steps of 5: neighbours differ by 5 (< 8), two steps by 10.
-    rows = filler(rng) + [
-        stats_row((base + 5 * k).astype(np.uint8), "a", f"a/ramp{k}.png") for k in range(10)
-    ]
-    decisions = decide(rows, tmp_path)
-    index = clean.index_table(decisions)
-    ramp = index[index["relpath"].str.startswith("a/ramp")]
-    sizes = ramp.groupby("group").size()
-    assert sizes.max() == 2 and len(sizes) == 5  # connected components would give one group of 10
-    arrays = load_images(ramp).astype(int)
-    leaders = ramp.set_index("id").loc[ramp["group"]]
-    leader_arrays = load_images(leaders.reset_index()).astype(int)
-    assert (np.abs(arrays - leader_arrays).mean(axis=(1, 2, 3)) <= 8.0).all()
-
-
 def test_digits_keep_over_99_percent_and_groups_stay_small(tmp_path):
     images, labels = digits_images()
     rows = [
@@ -337,16 +323,14 @@ def test_digits_keep_over_99_percent_and_groups_stay_small(tmp_path):
     assert sizes["max_group_size"] <= 5
     assert sizes["max_group_size"] < 0.01 * smallest_class
 
-    # Loose thresholds make chains: their connected components snowball
-    # (~140 images), the leader groups stay an order of magnitude smaller.
-    stats = decisions.stats
-    i, j, _ = clean.hash_pairs(clean.parse_hashes(stats["phash"].to_numpy()), 10)
-    close = clean.pixel_differences(lambda rows: load_images(stats.iloc[rows]), i, j) <= 20
-    i, j = i[close], j[close]
-    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(len(stats), len(stats)))
-    components = np.bincount(connected_components(graph, directed=False)[1]).max()
-    leaders = np.bincount(clean.leader_groups(len(stats), i, j)).max()
-    assert components > 50 and leaders * 5 < components
+    # Loose thresholds make chains: their connected components snowball,
+    # the star groups shown to the user stay several times smaller.
+    sig = clean.Signatures.from_stats(decisions.stats)
+    ones = np.flatnonzero(decisions.stats["label"].isin(["1", "7"]).to_numpy())
+    links = clean.link_components(sig, ones, 8, 0.98)
+    components = np.bincount(links.component).max()
+    stars = np.bincount(links.leader).max()
+    assert components > 40 and stars * 5 < components
 
 
 def test_letters_icons_and_line_art_on_plain_backgrounds_keep_over_99_percent(tmp_path):
@@ -362,8 +346,13 @@ def test_letters_icons_and_line_art_on_plain_backgrounds_keep_over_99_percent(tm
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 300), distance=st.integers(0, 8))
-def test_hash_pairs_match_brute_force(seed, n, distance):
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(0, 300),
+    distance=st.integers(0, 8),
+    bands=st.integers(1, 9),
+)
+def test_hash_pairs_match_brute_force(seed, n, distance, bands):
     rng = np.random.default_rng(seed)
     # Few distinct 64-bit bases with a few flipped bits: many close pairs.
     bases = rng.integers(0, 2**64, size=max(n // 20, 1), dtype=np.uint64)
@@ -377,14 +366,31 @@ def test_hash_pairs_match_brute_force(seed, n, distance):
         zip(want_i.tolist(), want_j.tolist(), strict=True)
     )
     assert (d == full[i, j]).all()
+    # Any exact plan (bands searched within radius distance // bands), as a
+    # self search and as a search of one set in another, finds the same pairs.
+    bands = max(bands, distance // 3 + 1)  # radius <= 2: a few thousand probes at most
+    plan = (clean._bands(bands), distance // bands)
+    found = [np.stack(p, 1) for p in clean.hash_join(hashes, hashes, distance, True, 64, plan)]
+    pairs = np.concatenate(found) if found else np.zeros((0, 2), int)
+    assert sorted(map(tuple, pairs.tolist())) == sorted(
+        zip(want_i.tolist(), want_j.tolist(), strict=True)
+    )
+    half = n // 2
+    found = [
+        np.stack(p, 1) for p in clean.hash_join(hashes[:half], hashes[half:], distance, plan=plan)
+    ]
+    pairs = np.concatenate(found) if found else np.zeros((0, 2), int)
+    want = np.argwhere(full[:half, half:] <= distance)
+    assert sorted(map(tuple, pairs.tolist())) == sorted(map(tuple, want.tolist()))
 
 
-def test_a_crowd_of_identical_hashes_costs_linear_pairs_and_stays_in_small_groups():
-    hashes = np.full(2000, 0x0123456789ABCDEF, dtype=np.uint64)
-    i, j, d = clean.hash_pairs(hashes, 4, max_candidates=10)
-    assert len(i) == 10 * 2000 - 55 and (d == 0).all() and (j - i <= 10).all()
-    groups = clean.leader_groups(2000, i, j)
-    assert np.bincount(groups).max() == 11
+def test_search_plan_probes_within_a_radius_when_that_is_cheaper():
+    rng = np.random.default_rng(0)
+    few = rng.integers(0, 2**64, size=100, dtype=np.uint64)
+    assert clean.search_plan(few, few, 5)[1] == 0  # few hashes: exact bands
+    many = rng.integers(0, 2**64, size=100_000, dtype=np.uint64)
+    bands, radius = clean.search_plan(many, many, 5)
+    assert radius >= 1 and len(bands) * (radius + 1) > 5
 
 
 def test_leader_groups_take_each_row_once_in_order():
@@ -421,7 +427,7 @@ def test_test_images_duplicating_training_images_are_leaks(tmp_path):
     details = dict(zip(keys, decisions.detail, strict=True))
     assert details["test", "a/seen.png"] == "same pixels as training image /data/train/a/seen.png"
     assert details["test", "b/similar_noisy.png"].startswith(
-        "near duplicate of training image /data/train/b/similar.png (hamming "
+        "near duplicate of training image /data/train/b/similar.png (hash distance "
     )
     assert clean.summary(decisions, CleanSettings())["leakage"] == {"test_leak": 2}
 
@@ -487,6 +493,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
         "shard",
         "row",
         "array",
+        "near_group",
     ]
     assert index["id"].tolist() == list(range(len(index)))
     assert index.sort_values(["source", "relpath"])["id"].tolist() == index["id"].tolist()
@@ -511,6 +518,8 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
     assert summary["kept_per_class"] == {"a": 8, "b": 3}
     assert summary["near_duplicates"]["max_group_size"] == 3
     assert summary["near_duplicates"]["groups_above_one"] == 2
+    assert summary["near_duplicates"]["components_above_one"] == 2
+    assert summary["near_duplicates"]["max_component_size"] == 3
     assert summary["settings"]["blur"] == CleanSettings().blur
     figure = cv2.imread(str(outputs["examples"]))
     assert figure is not None and figure.shape[0] > 50

@@ -147,6 +147,24 @@ def test_measurements_are_taken_at_full_resolution(tmp_path):
     assert back["phash"].iloc[0].startswith("0x") and len(back["phash"].iloc[0]) == 18
     assert phash_values(back["phash"])[0] == imagestats.phash(gray)
     assert (back["width"].iloc[0], back["height"].iloc[0]) == (96, 64)
+    # The near-duplicate signature: a 16 x 16 box-filtered thumbnail, as text.
+    assert back["thumb"].iloc[0].startswith("16x16:")
+    thumb = imagestats.parse_thumbnail(back["thumb"].iloc[0])
+    np.testing.assert_array_equal(thumb, imagestats.thumbnail(gray))
+    np.testing.assert_array_equal(thumb, cv2.resize(gray, (16, 16), interpolation=cv2.INTER_AREA))
+
+
+def test_thumbnails_keep_small_images_at_their_own_size():
+    rng = np.random.default_rng(0)
+    for h, w in [(8, 8), (7, 9), (12, 40), (300, 20), (1000, 1000)]:
+        gray = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        thumb = imagestats.thumbnail(gray)
+        assert thumb.shape == (min(h, 16), min(w, 16)) and thumb.dtype == np.uint8
+        if h <= 16 and w <= 16:
+            np.testing.assert_array_equal(thumb, gray)
+        text = imagestats.format_thumbnail(thumb)
+        assert text.startswith(f"{thumb.shape[1]}x{thumb.shape[0]}:")
+        np.testing.assert_array_equal(imagestats.parse_thumbnail(text), thumb)
 
 
 def test_pixel_hash_same_pixels_different_files(tmp_path):
