@@ -380,6 +380,7 @@ def clean_stage(tmp_path):
             "source": "train",
             "sha256": "x",
             "group": np.arange(n),
+            "near_group": np.arange(n),
             "shard": shard,
             "row": row,
             "array": [str(tmp_path / f"shard-{s}.npy") for s in shard],

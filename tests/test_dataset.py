@@ -32,6 +32,7 @@ def write_case(tmp_path, rgb: bool = False):
             "source": "train",
             "sha256": "0" * 64,
             "group": [0, 1, 1, 3, 4, 5],
+            "near_group": [0, 1, 1, 3, 4, 5],
             "shard": [s for s, _ in picks],
             "row": [r for _, r in picks],
             "array": [str(arrays[s]) for s, _ in picks],

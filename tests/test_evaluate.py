@@ -198,6 +198,7 @@ def clean_stage(tmp_path):
             "source": "train",
             "sha256": "x",
             "group": np.arange(n),
+            "near_group": np.arange(n),
             "shard": 0,
             "row": np.arange(n),
             "array": str(array),

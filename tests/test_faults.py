@@ -117,6 +117,7 @@ def shard_index(array_path, rows) -> pd.DataFrame:
             "source": ["train"] * n,
             "sha256": ["0"] * n,
             "group": range(n),
+            "near_group": range(n),
             "shard": [0] * n,
             "row": rows,
             "array": [str(array_path)] * n,

@@ -45,6 +45,7 @@ def fold_job(tmp_path, best: dict | None, k: int = 3):
             "source": "train",
             "sha256": "0",
             "group": np.arange(n) // 2,
+            "near_group": np.arange(n) // 2,
             "shard": 0,
             "row": range(n),
             "array": str(tmp_path / "shard.npy"),

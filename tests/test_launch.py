@@ -105,6 +105,7 @@ def digit_files(tmp_path):
             "source": "train",
             "sha256": "0",
             "group": range(n),
+            "near_group": range(n),
             "shard": 0,
             "row": range(n),
             "array": str(array),

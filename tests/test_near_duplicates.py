@@ -437,7 +437,7 @@ def test_large_components_are_reported_and_logged(tmp_path, caplog):
         name: tmp_path / f"{name}.out" for name in ("index", "rejected", "summary", "examples")
     }
     with caplog.at_level(logging.WARNING, logger="imgpipe"):
-        result = clean.run_clean(stats_paths, image_paths, outputs, SETTINGS)
+        result = clean.clean_shards(stats_paths, image_paths, outputs, SETTINGS)
     near = result["near_duplicates"]
     assert near["components_above_one"] == 1 and near["max_component_size"] == 3
     (big,) = near["large_components"]  # 3 of 83 kept > 1%
