@@ -129,6 +129,8 @@ def main() -> None:
                 f"{n:>7} {bare_s:>8.2f} {bare_jobs:>6} {ours_s:>8.2f} {ours_jobs:>6} "
                 f"{ours_s / bare_s:>6.2f}x"
             )
+    # The headline: the largest DAG, as a speed ratio (above 1: ours builds faster).
+    print(f"imgpipe DAG vs bare Snakefile ({n} trials): ratio {bare_s / ours_s:.2f}")
 
 
 if __name__ == "__main__":
