@@ -602,6 +602,6 @@ def test_multi_gpu_training_runs_one_srun_rank_per_gpu(
     # srun --label prefixes each rank's lines with its task id.
     for rank in (0, 1):
         assert re.search(rf"^{rank}: .*rank {rank} of 2 \(node 0", rule_log, re.M), rule_log[-3000:]
-    from imgpipe.training import load_classifier
+    from imgpipe.predict import load_classifier
 
     assert load_classifier(results / "model.ckpt").model is not None
