@@ -54,3 +54,11 @@ def digits_at(size: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 def digits16() -> tuple[np.ndarray, np.ndarray]:
     """500 digits at 16 px (grey, NHWC) and their labels: the training tests' data."""
     return digits_at(16, 500)
+
+
+def fit_on(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, views=(None, None), **kw):
+    """``imgpipe.training.fit`` on ``data`` = (images, labels) and ``views`` = (images, sources)."""
+    from imgpipe.training import fit
+
+    images, labels = data
+    return fit(images, labels, train_ids, val_ids, *views, model_cfg, train_cfg, out_dir, **kw)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from imgpipe import clean, imagestats
 from imgpipe.clean import CleanSettings
-from imgpipe.dataset import load_images, load_index
+from imgpipe.dataset import INDEX_COLUMNS, load_images, load_index
 from imgpipe.demo import digits_images
 from imgpipe.errors import DataError
 
@@ -159,6 +159,14 @@ def filler(
 # ----------------------------------------------------------------------------- per-image checks
 
 
+def with_copies(seed: int, places: list[tuple[str, str]], base=None) -> list:
+    """Filler rows (or ``base(rng)``) plus one random texture written at each (label, relpath)."""
+    rng = np.random.default_rng(seed)
+    image = texture(rng)
+    rows = (base or filler)(rng)
+    return rows + [stats_row(image, label, relpath) for label, relpath in places]
+
+
 def test_each_quality_check_rejects_its_defect_and_keeps_its_lookalike(tmp_path):
     rng = np.random.default_rng(0)
     photo = texture(rng)
@@ -231,13 +239,7 @@ def test_rows_without_hashes_are_never_duplicates_of_each_other(tmp_path):
 
 
 def test_exact_duplicates_across_shards_keep_the_first_by_path(tmp_path):
-    rng = np.random.default_rng(3)
-    image = texture(rng)
-    rows = filler(rng) + [
-        stats_row(image, "a", "a/z_copy.png"),
-        stats_row(image, "a", "a/m_copy.png"),
-        stats_row(image, "a", "a/c_original.png"),
-    ]
+    rows = with_copies(3, [("a", "a/z_copy.png"), ("a", "a/m_copy.png"), ("a", "a/c_original.png")])
     # Three shards: the copies land in different shard files.
     decisions = decide(rows, tmp_path, shards=3)
     assert set(
@@ -252,13 +254,7 @@ def test_exact_duplicates_across_shards_keep_the_first_by_path(tmp_path):
 
 
 def test_label_conflicts_reject_every_copy_before_duplicates(tmp_path):
-    rng = np.random.default_rng(4)
-    image = texture(rng)
-    rows = filler(rng) + [
-        stats_row(image, "a", "a/x.png"),
-        stats_row(image, "a", "a/y.png"),
-        stats_row(image, "b", "b/x.png"),
-    ]
+    rows = with_copies(4, [("a", "a/x.png"), ("a", "a/y.png"), ("b", "b/x.png")])
     decisions = decide(rows, tmp_path, shards=2)
     got = outcome(decisions)
     assert got["a/x.png"] == got["a/y.png"] == got["b/x.png"] == "label_conflict"
@@ -464,11 +460,7 @@ def test_nothing_or_one_class_left_stops_with_a_clear_message(tmp_path):
 
 
 def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
-    rng = np.random.default_rng(11)
-    image = texture(rng)
-    rows = near_copies(rng) + [
-        stats_row(image, "b", "b/dup1.png"),
-        stats_row(image, "b", "b/dup0.png"),
+    rows = with_copies(11, [("b", "b/dup1.png"), ("b", "b/dup0.png")], base=near_copies) + [
         stats_row(np.full((30, 30), 90, np.uint8), "b", "b/flat.png"),
         failed_row("b", "b/empty.png", "zero_byte"),
     ]
@@ -482,19 +474,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
     )
 
     index = load_index(outputs["index"])
-    assert index.columns.tolist() == [
-        "id",
-        "path",
-        "relpath",
-        "label",
-        "source",
-        "sha256",
-        "group",
-        "shard",
-        "row",
-        "array",
-        "near_group",
-    ]
+    assert index.columns.tolist() == INDEX_COLUMNS
     assert index["id"].tolist() == list(range(len(index)))
     assert index.sort_values(["source", "relpath"])["id"].tolist() == index["id"].tolist()
     assert set(index["array"]) == {str(p) for p in image_paths}
@@ -527,12 +507,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
 
 
 def test_decisions_do_not_depend_on_shard_count_or_listing_order(tmp_path):
-    rng = np.random.default_rng(12)
-    image = texture(rng)
-    rows = near_copies(rng) + [
-        stats_row(image, "b", "b/dup1.png"),
-        stats_row(image, "b", "b/dup0.png"),
-    ]
+    rows = with_copies(12, [("b", "b/dup1.png"), ("b", "b/dup0.png")], base=near_copies)
     first = decide(rows, tmp_path / "two", shards=2)
     order = np.random.default_rng(0).permutation(len(rows))
     second = decide([rows[k] for k in order], tmp_path / "three", shards=3, min_per_class=2)

@@ -334,27 +334,28 @@ def test_killed_runs_resume_to_identical_results(tmp_path):
     assert not list((crashed / "results").rglob(".fit-*"))
 
 
-def test_resume_state_without_its_history_starts_afresh(tmp_path):
-    # A kill after last.ckpt but before the CSVLogger wrote leaves an empty metrics.csv.
-    state_dir = tmp_path / "state"
+def resume_state(state_dir, first_metrics: str):
+    """A resume folder holding an epoch-0 last.ckpt and the first attempt's metrics.csv."""
     last = state_dir / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     torch.save(small_checkpoint(), last)
     metrics = state_dir / "logs" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
-    metrics.write_text("")
+    metrics.write_text(first_metrics)
+    return last
+
+
+def test_resume_state_without_its_history_starts_afresh(tmp_path):
+    # A kill after last.ckpt but before the CSVLogger wrote leaves an empty metrics.csv.
+    state_dir = tmp_path / "state"
+    resume_state(state_dir, "")
     assert resume_point(state_dir) == (None, None)
     assert not state_dir.exists()
 
 
 def test_resume_state_with_its_history_resumes(tmp_path):
     state_dir = tmp_path / "state"
-    last = state_dir / "checkpoints" / "last.ckpt"
-    last.parent.mkdir(parents=True)
-    torch.save(small_checkpoint(), last)
-    metrics = state_dir / "logs" / "version_0" / "metrics.csv"
-    metrics.parent.mkdir(parents=True)
-    metrics.write_text("epoch,step,train_loss\n0,3,1.2\n")
+    last = resume_state(state_dir, "epoch,step,train_loss\n0,3,1.2\n")
     (state_dir / "logs" / "version_1").mkdir()
     (state_dir / "logs" / "version_1" / "metrics.csv").write_text("")  # killed attempt
     assert resume_point(state_dir) == (last, 0)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import digits_at
+from conftest import digits_at, fit_on
 
 from imgpipe import experiment
 from imgpipe.classifier_module import ImageClassifier
@@ -244,17 +244,8 @@ def test_exact_val_metrics_under_ddp_with_uneven_shards(
     # Five validation images on two processes: 3 and 2, all classified right.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = fit(
-            images,
-            labels,
-            np.arange(10),
-            np.arange(10, 15),
-            None,
-            None,
-            tiny_model,
-            cfg,
-            tmp_path,
-            devices=2,
+        summary = fit_on(
+            (images, labels), np.arange(10), np.arange(10, 15), tiny_model, cfg, tmp_path, devices=2
         )
     assert summary["world_size"] == 2
     history = pd.read_csv(tmp_path / "history.csv")
@@ -286,17 +277,8 @@ def test_channels_last_is_set_before_ddp_wraps_the_model(
     images, labels = digits16
     monkeypatch.setattr(training, "ImageClassifier", ChannelsLast)
     cfg = {**tiny_train, "max_epochs": 1, "threads": 2}
-    fit(
-        images,
-        labels,
-        np.arange(200),
-        np.arange(200, 260),
-        None,
-        None,
-        tiny_model,
-        cfg,
-        tmp_path,
-        devices=2,
+    fit_on(
+        (images, labels), np.arange(200), np.arange(200, 260), tiny_model, cfg, tmp_path, devices=2
     )
     # Converted after wrapping, DDP's gradient buckets no longer match the weights' strides.
     assert "Grad strides do not match bucket view strides" not in capfd.readouterr().err
@@ -325,7 +307,7 @@ def test_ddp_keeps_the_global_batch_and_the_steps_per_epoch(
 ):
     images, labels = digits16
     cfg = {**tiny_train, "max_epochs": 1, "batch_size": 32, "threads": 2}
-    one = fit(images, labels, np.arange(320), [], None, None, tiny_model, cfg, tmp_path / "one")
+    one = fit_on((images, labels), np.arange(320), [], tiny_model, cfg, tmp_path / "one")
     two = fit(
         images, labels, np.arange(320), [], None, None, tiny_model, cfg, tmp_path / "two", devices=2
     )

@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import fit_on
 
 from imgpipe.classifier_module import ImageClassifier
 from imgpipe.errors import DataError
 from imgpipe.experiment import input_stamp, job_key
 from imgpipe.image_datamodule import IndexBatches
 from imgpipe.predict import embed, predict_proba
-from imgpipe.training import combined_history, fit, logged_epochs
+from imgpipe.training import combined_history, logged_epochs
 
 # Lightning hints that fit's settings make moot (fit filters them outside pytest too).
 pytestmark = pytest.mark.filterwarnings(
@@ -44,18 +45,8 @@ def shifted_copies(images, ids):
 def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path, tiny_model, train3):
     images, labels = digits16
     # Copies of training AND validation images: only the training ones may be used.
-    aug_images, aug_sources = shifted_copies(images, np.arange(0, 500, 2))
-    summary = fit(
-        images,
-        labels,
-        TRAIN_IDS,
-        VAL_IDS,
-        aug_images,
-        aug_sources,
-        tiny_model,
-        train3,
-        tmp_path,
-    )
+    views = shifted_copies(images, np.arange(0, 500, 2))
+    summary = fit_on(digits16, TRAIN_IDS, VAL_IDS, tiny_model, train3, tmp_path, views=views)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "history.csv",
         "model.ckpt",
@@ -104,7 +95,7 @@ def test_other_optimisers_schedules_and_monitors_train(
 ):
     images, labels = digits16
     train_cfg = {**train3, "max_epochs": 2, **changes}
-    summary = fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, tiny_model, train_cfg, tmp_path)
+    summary = fit_on((images, labels), TRAIN_IDS, VAL_IDS, tiny_model, train_cfg, tmp_path)
     history = pd.read_csv(tmp_path / "history.csv")
     monitor = train_cfg["monitor"]
     best = history[monitor].max() if monitor == "val_acc" else history[monitor].min()
@@ -129,13 +120,10 @@ def test_ddp_on_two_cpu_processes(
             "SLURM_NNODES": "1",
         }.items():
             monkeypatch.setenv(key, value)
-    summary = fit(
-        images,
-        labels,
+    summary = fit_on(
+        (images, labels),
         TRAIN_IDS,
         VAL_IDS,
-        None,
-        None,
         tiny_model,
         {**train3, "max_epochs": 2, "threads": 2},
         tmp_path,
@@ -224,7 +212,7 @@ def test_failed_fit_leaves_no_private_state(digits16, tmp_path, monkeypatch, tin
 
     monkeypatch.setattr(ImageClassifier, "training_step", broken_step)
     with pytest.raises(RuntimeError, match="boom"):
-        fit(images, labels, TRAIN_IDS, VAL_IDS, None, None, tiny_model, train3, tmp_path)
+        fit_on((images, labels), TRAIN_IDS, VAL_IDS, tiny_model, train3, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -233,13 +221,10 @@ def test_unreadable_resume_state_starts_over(digits16, tmp_path, tiny_model, tra
     resume_dir = tmp_path / "resume"
     (resume_dir / "checkpoints").mkdir(parents=True)
     (resume_dir / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated by a kill")
-    summary = fit(
-        images,
-        labels,
+    summary = fit_on(
+        (images, labels),
         TRAIN_IDS,
         VAL_IDS,
-        None,
-        None,
         tiny_model,
         {**train3, "max_epochs": 1},
         tmp_path / "out",
@@ -255,35 +240,14 @@ def test_same_seed_same_metrics(digits16, tmp_path, tiny_model, train3):
     train_cfg = {**train3, "max_epochs": 2, "deterministic": True}
     aug_images, aug_sources = shifted_copies(images, TRAIN_IDS[:100])
     histories = []
-    for run in ("a", "b"):
-        fit(
-            images,
-            labels,
-            TRAIN_IDS,
-            VAL_IDS,
-            aug_images,
-            aug_sources,
-            tiny_model,
-            train_cfg,
-            tmp_path / run,
-        )
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        views = (aug_images, aug_sources)
+        cfg = {**train_cfg, "seed": seed}
+        fit_on(digits16, TRAIN_IDS, VAL_IDS, tiny_model, cfg, tmp_path / run, views=views)
         histories.append(pd.read_csv(tmp_path / run / "history.csv"))
     columns = ["train_loss", "val_loss", "val_acc"]
     pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns], check_exact=True)
-    other_seed = {**train_cfg, "seed": 1}
-    fit(
-        images,
-        labels,
-        TRAIN_IDS,
-        VAL_IDS,
-        aug_images,
-        aug_sources,
-        tiny_model,
-        other_seed,
-        tmp_path / "c",
-    )
-    third = pd.read_csv(tmp_path / "c" / "history.csv")
-    assert not np.array_equal(third["train_loss"], histories[0]["train_loss"])
+    assert not np.array_equal(histories[2]["train_loss"], histories[0]["train_loss"])
 
 
 def test_fit_without_validation_trains_all_epochs_and_keeps_the_last(
@@ -292,7 +256,7 @@ def test_fit_without_validation_trains_all_epochs_and_keeps_the_last(
     images, labels = digits16
     # The final model: the whole pool, a fixed number of epochs, no early stopping.
     train = {**train3, "max_epochs": 2, "early_stopping_patience": 3}
-    summary = fit(images, labels, np.arange(500), [], None, None, tiny_model, train, tmp_path)
+    summary = fit_on((images, labels), np.arange(500), [], tiny_model, train, tmp_path)
     assert summary["epochs"] == 2 and summary["best_epoch"] == 1
     assert summary["val_images"] == 0
     history = pd.read_csv(tmp_path / "history.csv")
@@ -317,7 +281,7 @@ def test_ids_that_cannot_train_raise_data_error(
     images = np.zeros((40, 8, 8, 1), dtype=np.uint8)
     labels = np.repeat([0, 1], 20)
     with pytest.raises(DataError, match=message):
-        fit(images, labels, train_ids, val_ids, None, None, tiny_model, train3, tmp_path)
+        fit_on((images, labels), train_ids, val_ids, tiny_model, train3, tmp_path)
 
 
 def test_resume_key_follows_params_and_inputs(tmp_path):
