@@ -281,6 +281,8 @@ def run_cv_fold(job: StageJob) -> dict:
     if fold >= folds_used(folds):
         log.info("fold %d skipped: only %d folds are used", fold, folds_used(folds))
         write_csv(pd.DataFrame(columns=["id", "fold", "label"]), oof_path)
+        if "history" in job.output:  # a declared output: an empty training history
+            write_csv(pd.DataFrame(columns=["epoch", "step", "train_loss"]), job.output["history"])
         write_json({"fold": fold, "skipped": True}, summary_path)
         return {"skipped": True}
     best = read_best(job.input.get("best"))
