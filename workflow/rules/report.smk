@@ -31,12 +31,23 @@ rule config_snapshot:
         "../../scripts/config_snapshot.py"
 
 
+# The page, its headline numbers and a row in results/runs.csv (one per run,
+# not a declared output: Snakemake would delete it before every report job).
 rule report:
     input:
-        # Every file the page shows; sweep and cluster files only when configured.
+        # Every file the page shows; sweep and cluster files only when configured,
+        # and the training histories of the trials, folds and final model.
         unpack(
             lambda wildcards: input_paths(
-                "results", config["sweep"]["enabled"], config["cluster"]["features"]
+                "results",
+                config["sweep"]["enabled"],
+                config["cluster"]["features"],
+                folds=config["cv"]["k"],
+                trials=(
+                    list(TRIALS.instance_patterns)
+                    if config["sweep"]["enabled"]
+                    else []
+                ),
             )
         ),
     output:
@@ -55,6 +66,7 @@ rule report:
         "../../envs/report.yaml"
     params:
         report=config["report"],
+        runs="results/runs.csv",
         code=code("report"),
     script:
         "../../scripts/report.py"
