@@ -142,7 +142,7 @@ def run_job(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_progress_lines_reach_the_terminal_prefixed_with_the_job(tmp_path):
-    done = run_job(tmp_path, {})
+    done = run_job(tmp_path, {logs.PROGRESS_VAR: "1"})
     terminal = done.stderr.splitlines()
     assert terminal == [
         "[ingest/shard-0] epoch 1/2: train_loss 0.5",
