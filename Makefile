@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format report clean-results venv
+.PHONY: run test lint format report tensorboard clean-results venv
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ run: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores 1 --report results/report.html
+
+# Every training job's TensorBoard run (sweep trials side by side in the HParams tab).
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir results/tensorboard
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

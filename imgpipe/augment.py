@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from imgpipe.atomic import atomic_path, write_csv
 from imgpipe.errors import DataError
+from imgpipe.logs import Progress
 from imgpipe.plots import image_grid
 from imgpipe.stage import StageJob
 
@@ -184,10 +185,12 @@ def write_augmented(
             tmp, mode="w+", dtype=np.uint8, shape=(total, *images.shape[1:])
         )
         row = 0
+        progress = Progress(len(images), "augment", unit="images")
         if total:
             for views in iter_views(images, cfg, copies, seed):
                 out[row : row + len(views)] = views
                 row += len(views)
+                progress.update(row // copies)
         out.flush()
         del out
     index = pd.DataFrame(

@@ -45,6 +45,7 @@ from imgpipe.atomic import write_csv, write_json
 from imgpipe.dataset import INDEX_COLUMNS, load_images
 from imgpipe.errors import DataError
 from imgpipe.ingest import load_stats
+from imgpipe.logs import Progress
 from imgpipe.plots import image_grid
 from imgpipe.stage import StageJob
 
@@ -529,7 +530,10 @@ class Signatures:
         members = [(self._mask(q), self._mask(b)) for _, q, b, _ in searches]
         # One plan for every search: the shifted hashes are alike.
         plan = search_plan(self.hashes[(0, 0)][query], self.hashes[(0, 0)][base], max_distance)
+        label = "near-duplicate search" if same else "test-leak search"
+        progress = Progress(len(searches), label, unit="hash searches")
         for k, (shift, q_rows, b_rows, self_search) in enumerate(searches):
+            progress.update(k)
             opposite = (-shift[0], -shift[1])
             q_hashes, b_hashes = self.hashes[shift][q_rows], self.hashes[opposite][b_rows]
             found = hash_join(q_hashes, b_hashes, max_distance, same=self_search, plan=plan)
@@ -551,6 +555,7 @@ class Signatures:
                 if same:
                     i, j = np.minimum(i, j), np.maximum(i, j)
                 yield i, j
+        progress.update(len(searches))
 
     def _mask(self, rows: np.ndarray) -> np.ndarray:
         out = np.zeros(len(self), dtype=bool)

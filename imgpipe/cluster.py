@@ -21,6 +21,7 @@ import pandas as pd
 
 from imgpipe.atomic import atomic_directory, write_csv, write_json
 from imgpipe.errors import DataError
+from imgpipe.logs import Progress
 from imgpipe.plots import image_grid, pyplot, save_figure
 from imgpipe.stage import StageJob
 
@@ -80,17 +81,23 @@ def pixel_features(images: Any, pca_dim: int | None = None, seed: int = 0) -> np
     n = len(images)
     if n == 0:
         raise DataError("no images to cluster")
-    chunks = (flat_pixels(chunk) for _, chunk in iter_chunks(images, np.arange(n)))
+    progress = Progress(n, "pixel features", unit="images")
+
+    def chunks() -> Iterator[np.ndarray]:
+        for ids, chunk in iter_chunks(images, np.arange(n)):
+            yield flat_pixels(chunk)
+            progress.update(int(ids[-1]) + 1)
+
     width = flat_pixels(images[[0]]).shape[1]
     n_components = min(pca_dim or width, n, width)
     if pca_dim is None or n_components >= width:
         # PCA to as many dimensions as there are pixels only rotates.
-        return np.concatenate(list(chunks))
+        return np.concatenate(list(chunks()))
     from sklearn.decomposition import PCA
 
     sample = np.linspace(0, n - 1, min(n, PCA_SAMPLE)).round().astype(np.int64)
     pca = PCA(n_components=n_components, random_state=seed).fit(flat_pixels(images[sample]))
-    return np.concatenate([pca.transform(rows).astype(np.float32) for rows in chunks])
+    return np.concatenate([pca.transform(rows).astype(np.float32) for rows in chunks()])
 
 
 # ----------------------------------------------------------------------------- K-means
@@ -318,11 +325,14 @@ def k_scan(
 ) -> pd.DataFrame:
     """Inertia and (sampled) silhouette of K-means for each k: the elbow / silhouette table."""
     rows = []
-    for k in sorted(set(int(k) for k in k_values)):
+    ks = sorted(set(int(k) for k in k_values))
+    progress = Progress(len(ks), "k scan", unit="k values")
+    for k in ks:
         clusters, _, inertia = fit_kmeans(X, k, n_init=n_init, seed=seed, large_above=large_above)
         rows.append(
             {"k": k, "inertia": inertia, "silhouette": sampled_silhouette(X, clusters, seed=seed)}
         )
+        progress.advance()
     return pd.DataFrame(rows, columns=["k", "inertia", "silhouette"])
 
 

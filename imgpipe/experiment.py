@@ -33,6 +33,9 @@ from imgpipe.sweep import apply_overrides
 log = logging.getLogger("imgpipe")
 
 RESUME_ROOT = Path(".imgpipe") / "resume"
+# Each training job's TensorBoard run: results/tensorboard/<kind>/<job>/ (not a
+# Snakemake output: kept across a resume, cleared when the job starts afresh).
+TENSORBOARD_ROOT = Path("results") / "tensorboard"
 # The inputs every training job reads (the shard arrays come with the index's ``array`` column).
 DATA_INPUTS = ("index", "split", "aug_images", "aug_index")
 
@@ -155,6 +158,11 @@ def resume_dir_for(key: str) -> Path:
     return RESUME_ROOT / key
 
 
+def tensorboard_dir_for(kind: str, name: str) -> Path:
+    """Where a training job writes its TensorBoard run: ``results/tensorboard/<kind>/<name>``."""
+    return TENSORBOARD_ROOT / kind / name
+
+
 def job_devices(gpu_resource: int, train_cfg: Mapping) -> tuple[int, bool]:
     """(devices, on_gpu) for a job: its ``gpu`` resource, or ``train.cpu_devices`` without GPUs."""
     if gpu_resource and gpu_resource > 0:
@@ -174,12 +182,14 @@ def run_training(
     out_dir: str | os.PathLike,
     job: StageJob,
     key: str,
+    tensorboard_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Train one model on ``train_ids`` (validating on ``val_ids``) with resume and GPU claiming.
 
     The resume state lives under ``.imgpipe/resume/<key>``, ``key`` naming the
     job's config, code and inputs, so a rerun after a kill continues from the
     last checkpoint while a changed job never resumes a stale one.
+    ``tensorboard_dir``: the job's TensorBoard run (``tensorboard_dir_for``).
     """
     from imgpipe.dataset import class_names
     from imgpipe.gpus import claim_devices
@@ -203,6 +213,7 @@ def run_training(
             augment_cfg=job.params.get("augment"),
             class_names=class_names(data.index),
             image_cfg=image_settings(data, job),
+            tensorboard_dir=tensorboard_dir,
         )
 
 
@@ -224,7 +235,15 @@ def run_sweep_trial(job: StageJob) -> dict:
     out_dir = Path(job.output["summary"]).parent
     key = resume_key("sweep", job, model_cfg, train_cfg, str(out_dir))
     result = run_training(
-        data, data.ids("train"), data.ids("val"), model_cfg, train_cfg, out_dir, job, key
+        data,
+        data.ids("train"),
+        data.ids("val"),
+        model_cfg,
+        train_cfg,
+        out_dir,
+        job,
+        key,
+        tensorboard_dir=tensorboard_dir_for("sweep", trial),
     )
     summary = {**result, "trial": trial, "overrides": overrides}
     write_json(summary, job.output["summary"])
@@ -262,6 +281,8 @@ def run_cv_fold(job: StageJob) -> dict:
     if fold >= folds_used(folds):
         log.info("fold %d skipped: only %d folds are used", fold, folds_used(folds))
         write_csv(pd.DataFrame(columns=["id", "fold", "label"]), oof_path)
+        if "history" in job.output:  # a declared output: an empty training history
+            write_csv(pd.DataFrame(columns=["epoch", "step", "train_loss"]), job.output["history"])
         write_json({"fold": fold, "skipped": True}, summary_path)
         return {"skipped": True}
     best = read_best(job.input.get("best"))
@@ -286,7 +307,17 @@ def run_cv_fold(job: StageJob) -> dict:
     )
     out_dir = Path(summary_path).parent
     key = resume_key("cv", job, fold, model_cfg, train_cfg, best)
-    result = run_training(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, job, key)
+    result = run_training(
+        data,
+        train_ids,
+        val_ids,
+        model_cfg,
+        train_cfg,
+        out_dir,
+        job,
+        key,
+        tensorboard_dir=tensorboard_dir_for("cv", f"fold-{fold}"),
+    )
     probs = predict_proba(out_dir / "model.ckpt", data.images, ids=held_out)
     oof = pd.DataFrame(probs, columns=[f"p{c}" for c in range(probs.shape[1])])
     oof.insert(0, "label", data.labels[held_out])
@@ -343,6 +374,8 @@ def run_train_final(job: StageJob) -> dict:
             resume_dir_for(key),
             job.params.get("augment"),
         )
+        # For the ranks' fit (imgpipe.launch passes it on once it reads the key).
+        launch["tensorboard_dir"] = str(tensorboard_dir_for("final", "final").resolve())
         summary = launch_ranks(launch, cpus_per_task=cpus or None, stdout=sys.stdout)
     else:
         if nodes > 1:
@@ -362,6 +395,7 @@ def run_train_final(job: StageJob) -> dict:
             out_dir,
             job,
             key,
+            tensorboard_dir=tensorboard_dir_for("final", "final"),
         )
     log.info(
         "final model: epoch %d of %d, %.0f images/s on %d %s device(s)",

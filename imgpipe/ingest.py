@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Mapping
 
 import cv2
@@ -26,6 +25,7 @@ import pandas as pd
 from imgpipe.atomic import atomic_path, write_csv
 from imgpipe.imageio import MODES, decode_image, fit_square, read_bytes
 from imgpipe.imagestats import format_thumbnail, gray_stats, phash, thumbnail
+from imgpipe.logs import Progress
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -210,21 +210,6 @@ class _Batch:
         self.pending, self.nbytes = [], 0
 
 
-class _Progress:
-    """Logs files done and files/s about every 5% and at the end."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = total, label
-        self.every = max(1, total // 20)
-        self.start = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        if done % self.every and done != self.total:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        log.info("%s: %d/%d files (%.0f files/s)", self.label, done, self.total, done / elapsed)
-
-
 def index_shard(
     files_df: pd.DataFrame,
     shard: int,
@@ -244,7 +229,7 @@ def index_shard(
         raise ValueError(f"image.mode {mode!r}: expected one of {sorted(MODES)}")
     part = files_df.iloc[shard_positions(len(files_df), shard, shards)]
     n = len(part)
-    progress = _Progress(n, f"shard {shard}")
+    progress = Progress(n, f"shard {shard}", unit="files")
     listed = zip(
         *(part[c].tolist() for c in [*PASSED_COLUMNS, "status", "reason", "detail"]), strict=True
     )

@@ -46,11 +46,12 @@ from pytorch_lightning.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
 )
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from imgpipe.atomic import plain, write_stream, write_text
 from imgpipe.classifier_module import ImageClassifier
+from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import channel_stats
 from imgpipe.errors import DataError
 from imgpipe.image_datamodule import ImageDataModule, Images
@@ -221,6 +222,81 @@ def combined_history(log_root: Path) -> pd.DataFrame:
     return history[ordered]
 
 
+# ---------------------------------------------------------------- TensorBoard
+
+
+def tensorboard_logger(
+    tensorboard_dir: str | os.PathLike, resume_from: Path | None
+) -> TensorBoardLogger:
+    """A TensorBoardLogger writing its event files straight into ``tensorboard_dir`` (one run per job).
+
+    A fresh start clears the folder, so it holds this job's one run. A resumed
+    attempt keeps the killed attempt's files and writes on from the
+    checkpoint: its writer's ``purge_step`` (the checkpoint's global step)
+    makes TensorBoard drop what the killed attempt logged from that step on
+    (an epoch's metrics are logged at its last step, global step - 1; the
+    next epoch's learning rate at global step), so each step shows once, from
+    the attempt that counts. No ``hp_metric``
+    placeholder: the hyper-parameters are logged once, with the final metrics
+    (:class:`HParamsAtEnd`).
+    """
+    tensorboard_dir = Path(tensorboard_dir)
+    purge_step = None
+    if resume_from is None:
+        shutil.rmtree(tensorboard_dir, ignore_errors=True)
+    else:
+        state = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
+        purge_step = int(state["global_step"])
+    tensorboard_dir.mkdir(parents=True, exist_ok=True)
+    return TensorBoardLogger(
+        tensorboard_dir, name="", version="", default_hp_metric=False, purge_step=purge_step
+    )
+
+
+def run_hparams(model_cfg: Mapping, train_cfg: Mapping) -> dict[str, Any]:
+    """The settings TensorBoard's HParams tab compares: ``model.*`` and ``train.*`` as dotted keys.
+
+    The keys are those of the config (``train.lr``), so a sweep trial's
+    overrides appear under their own names; the layout keys (threads,
+    devices, loader workers), which decide no result, are left out.
+    """
+    params: dict[str, Any] = {}
+    for section, values in (("model", model_cfg), ("train", train_cfg)):
+        for key, value in values.items():
+            if section == "train" and key in LAYOUT_KEYS:
+                continue
+            params[f"{section}.{key}"] = (
+                value if isinstance(value, bool | int | float | str) else str(value)
+            )
+    return params
+
+
+class HParamsAtEnd(Callback):
+    """At the end of training, log the run's hyper-parameters with its final metrics to TensorBoard.
+
+    Metrics: ``hp/best_<monitor>`` (the checkpoint's score, when the run
+    validates) and ``hp/train_loss`` (the last epoch's), at the last step;
+    Lightning's ``log_hyperparams(params, metrics)``.
+    """
+
+    def __init__(self, params: Mapping[str, Any], monitor: str) -> None:
+        self.params, self.monitor = dict(params), monitor
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the hyper-parameters and final metrics to every TensorBoardLogger (rank 0)."""
+        metrics = {}
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_score", None)
+        if checkpoint is not None and checkpoint.monitor and best is not None:
+            metrics[f"hp/best_{self.monitor}"] = float(best)
+        if "train_loss" in trainer.callback_metrics:
+            metrics["hp/train_loss"] = float(trainer.callback_metrics["train_loss"])
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.params, metrics, step=trainer.global_step)
+                logger.experiment.flush()
+
+
 # ---------------------------------------------------------------- fit
 
 
@@ -295,9 +371,17 @@ def monitor_mode(train_cfg: Mapping) -> tuple[str, str]:
 
 
 def make_trainer(
-    train_cfg: Mapping, plan: RunPlan, state_dir: Path, validate: bool = True
+    train_cfg: Mapping,
+    plan: RunPlan,
+    state_dir: Path,
+    validate: bool = True,
+    tensorboard: TensorBoardLogger | None = None,
+    hparams: Mapping[str, Any] | None = None,
 ) -> pl.Trainer:
     """A Trainer for ``plan`` keeping its checkpoints, logs and run stats in ``state_dir``.
+
+    With ``tensorboard`` it also logs there (beside the CSVLogger that
+    history.csv is built from), ending with ``hparams`` and the final metrics.
 
     Per-step overheads are off (progress bar, model summary, sanity check):
     they cost ~5% of a small CPU model's step time (bench/train.py). Without
@@ -324,6 +408,10 @@ def make_trainer(
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     if parse_freeze(train_cfg.get("freeze", "none")) != 0:
         callbacks.append(BackboneFreeze(train_cfg["freeze"]))
+    loggers: list = [CSVLogger(state_dir, name="logs", flush_logs_every_n_steps=1)]
+    if tensorboard is not None:
+        loggers.append(tensorboard)
+        callbacks.append(HParamsAtEnd(hparams or {}, monitor))
     deterministic = bool(train_cfg.get("deterministic", True))
     return pl.Trainer(
         accelerator="gpu" if plan.on_gpu else "cpu",
@@ -333,7 +421,7 @@ def make_trainer(
         precision=plan.precision,
         max_epochs=train_cfg.get("max_epochs", 10),
         callbacks=callbacks,
-        logger=CSVLogger(state_dir, name="logs", flush_logs_every_n_steps=1),
+        logger=loggers,
         # Some CUDA kernels (e.g. scatter-adds) have no deterministic version: warn there, do not stop.
         deterministic=("warn" if plan.on_gpu else True) if deterministic else False,
         benchmark=False if deterministic else None,
@@ -364,6 +452,7 @@ def fit(
     augment_cfg: Mapping | None = None,
     class_names: Sequence[str] | None = None,
     image_cfg: Mapping | None = None,
+    tensorboard_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Train on ``train_ids``, pick the best epoch on ``val_ids``; write model.ckpt, history.csv, summary.json.
 
@@ -378,7 +467,9 @@ def fit(
     used when ``train.threads`` is null. ``augment_cfg``: the ``augment``
     section (the policy applied to training batches on the device).
     ``class_names`` (label order) and ``image_cfg`` (size, mode, fit) are kept
-    in the checkpoint so that it describes itself. Returns the summary.
+    in the checkpoint so that it describes itself. ``tensorboard_dir``: also
+    log to TensorBoard there (see ``tensorboard_logger``; kept after success,
+    continued on resume, cleared on a fresh start). Returns the summary.
     """
     started = time.perf_counter()
     train_ids = np.asarray(train_ids, dtype=np.int64)
@@ -425,7 +516,19 @@ def fit(
         resume_from, resumed_epoch = resume_point(state_dir)
         if resume_from is not None:
             log.info("resuming from %s (epoch %d done)", resume_from, resumed_epoch)
-        trainer = make_trainer(train_cfg, plan, state_dir, validate=len(val_ids) > 0)
+        tensorboard = (
+            tensorboard_logger(tensorboard_dir, resume_from)
+            if tensorboard_dir is not None
+            else None
+        )
+        trainer = make_trainer(
+            train_cfg,
+            plan,
+            state_dir,
+            validate=len(val_ids) > 0,
+            tensorboard=tensorboard,
+            hparams=run_hparams(model_cfg, train_cfg),
+        )
         log.info(
             "training %s on %d images (+%d augmented), validating on %d; %s x%d, %s, %s",
             model_cfg["name"],

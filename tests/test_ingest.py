@@ -237,13 +237,22 @@ def test_failure_leaves_no_output_and_no_temp_files(tmp_path, monkeypatch):
     assert os.listdir(out) == []
 
 
-def test_progress_is_logged(tmp_path, caplog):
+def test_progress_is_logged(tmp_path, caplog, monkeypatch):
     factory.make_tree(tmp_path / "d", {f"c/{i}.png": factory.pattern(8, 8) for i in range(40)})
+    files = list_images(tmp_path / "d", EXTS)
     with caplog.at_level(logging.INFO, logger="imgpipe"):
-        run_shard(list_images(tmp_path / "d", EXTS), tmp_path)
+        run_shard(files, tmp_path / "quick")
+    # A quick shard: the closing line only (lines come at most every few seconds).
     lines = [r.getMessage() for r in caplog.records if "files/s" in r.getMessage()]
-    assert 10 <= len(lines) <= 25
-    assert lines[-1].startswith("shard 0: 40/40 files")
+    assert len(lines) == 1 and lines[0].startswith("shard 0: 40/40 files in ")
+    caplog.clear()
+    monkeypatch.setattr("imgpipe.logs.PROGRESS_SECONDS", 0.0)  # a line at every file
+    with caplog.at_level(logging.INFO, logger="imgpipe"):
+        run_shard(files, tmp_path / "slow")
+    lines = [r.getMessage() for r in caplog.records if "files/s" in r.getMessage()]
+    assert len(lines) == 40
+    assert lines[0].startswith("shard 0: 1/40 files (2%)") and lines[0].endswith(" left")
+    assert lines[-1].startswith("shard 0: 40/40 files in ")
 
 
 def test_memory_does_not_grow_with_images(tmp_path):

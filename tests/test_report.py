@@ -43,16 +43,55 @@ def write_fake_results(
     """A results tree with the documented files and columns; return the report's input paths."""
     r = root / "results"
     (r / "clean").mkdir(parents=True)
-    (r / "config.yaml").write_text("train:\n  lr: 0.003\nreport:\n  title: fake <run>\n")
+    config = {
+        "train": {"lr": 0.003, "max_epochs": 3},
+        "augment": {
+            "on_device": True,
+            "copies": 0,
+            "crop_area": [1.0, 1.0],
+            "crop_ratio": [0.75, 1.333],
+            "scale": [0.9, 1.1],
+            "rotation": 10.0,
+            "translate": 0.1,
+            "hflip": True,
+            "vflip": False,
+            "brightness": 0.2,
+            "contrast": 0.0,
+        },
+        "report": {"title": "fake <run>"},
+    }
+    (r / "config.yaml").write_text("# a snapshot\n" + yaml.safe_dump(config, sort_keys=False))
     summary = {
         "total": {"listed": 120, "kept": 100, "rejected": 20},
         "kept_per_class": {"cat": 60, "dog": 40},
+        "kept_per_source": {"train": 80, "test": 20},
         "rejected_per_reason": {"too_dark": 12, "exact_duplicate": 7, "not_image": 1},
-        "near_duplicates": {"mode": "group", "n_groups": 95, "largest": 3},
+        "rejected_per_class": {"cat": 13, "dog": 7},
+        "near_duplicates": {
+            "mode": "group",
+            "groups": 95,
+            "groups_above_one": 4,
+            "max_group_size": 3,
+            "components_above_one": 3,
+            "max_component_size": 4,
+            "images_in_components_above_one": 9,
+            "large_components": [
+                {"group": 7, "size": 4, "examples": ["/data/cat/a.png", "/data/cat/b.png"]}
+            ],
+            "candidate_pairs": 30,
+            "correlations_computed": 12,
+        },
         "leakage": {"test_leak": 0},
-        "note": "from a <fake> clean",
+        "settings": {"near_duplicates": "group", "dark": 20, "min_per_class": 2},
     }
     (r / "clean" / "summary.json").write_text(json.dumps(summary))
+    pd.DataFrame(
+        {
+            "id": range(100),
+            "label": ["cat"] * 60 + ["dog"] * 40,
+            "sha256": [f"{i:064x}" for i in range(100)],
+        }
+    ).to_csv(r / "clean" / "index.csv", index=False)
     rejected = [
         (f"/data/cat/dark{i}.png", f"cat/dark{i}.png", "cat", "train", "too_dark", f"p99={i}")
         for i in range(12)
@@ -83,14 +122,23 @@ def write_fake_results(
         )
         (r / "sweep").mkdir()
         trials.to_csv(r / "sweep" / "trials.csv", index=False)
-        (r / "sweep" / "best.yaml").write_text("trial: lr~0.003\noverrides:\n  train.lr: 0.003\n")
+        (r / "sweep" / "best.yaml").write_text(
+            "trial: lr~0.003\noverrides:\n  train.lr: 0.003\nmetric: val_acc\nscore: 0.95\nepochs: 2\n"
+        )
         write_png(r / "sweep" / "sweep.png", 3)
+        for k, trial in enumerate(trials["trial"]):
+            write_history(r / "sweep" / "trials" / trial / "history.csv", 3, seed=k, validated=True)
 
     (r / "cv").mkdir()
+    for k in range(3):
+        write_history(r / "cv" / f"fold-{k}" / "history.csv", 2, seed=10 + k, validated=False)
+    (r / "train" / "final").mkdir(parents=True)
+    write_history(r / "train" / "final" / "history.csv", 2, seed=20, validated=not sweep)
     folds = pd.DataFrame(
         {
             "fold": [0, 1, 2],
             "accuracy": [0.90, 0.92, 0.94],
+            "balanced_accuracy": [0.89, 0.91, 0.93],
             "precision_macro": [0.89, 0.91, 0.95],
             "recall_macro": [0.88, 0.92, 0.93],
             "f1_macro": [0.885, 0.915, 0.94],
@@ -118,8 +166,12 @@ def write_fake_results(
     (r / "evaluate").mkdir()
     test_metrics = {
         "accuracy": 0.9375,
+        "balanced_accuracy": 0.93,
         "f1_macro": 0.931,
         "n_test": 32,
+        "classes": ["cat", "dog", "bird"],
+        "classes_tested": 2,
+        "classes_without_test_images": ["bird"],
         "per_class": {"cat": {"accuracy": 0.5, "f1": 0.94}, "dog": {"accuracy": 0.1, "f1": 0.92}},
     }
     (r / "evaluate" / "metrics.json").write_text(json.dumps(test_metrics))
@@ -132,27 +184,65 @@ def write_fake_results(
         }
     ).to_csv(r / "evaluate" / "per_class.csv", index=False)
     write_png(r / "evaluate" / "confusion.png", 5)
-    write_png(r / "evaluate" / "curves.png", 6)
 
     for i, name in enumerate(features):
         folder = r / "cluster" / name
         folder.mkdir(parents=True)
-        metrics = {
+        scores = {
             "hungarian_accuracy": 0.6 + 0.3 * i,
+            "purity": 0.6 + 0.3 * i,
             "nmi": 0.5 + 0.3 * i,
             "ari": 0.4 + 0.3 * i,
             "silhouette": 0.1 + 0.1 * i,
-            "inertia": 1234.5 / (i + 1),
+            "n_samples": 32,
             "n_clusters": 2,
+            "n_classes": 2,
+        }
+        metrics = {
+            **scores,
+            "inertia": 1234.5 / (i + 1),
+            "scored_on": "test",
+            "by_role": {"all": {**scores, "n_samples": 100}, "train": scores, "test": scores},
+            "features": name,
+            "method": "sklearn",
         }
         (folder / "metrics.json").write_text(json.dumps(metrics))
         write_png(folder / "montage.png", 10 + i)
         write_png(folder / "scatter.png", 20 + i)
-    return report.input_paths(str(r), sweep, list(features))
+    trials = ["lr~0.001", "lr~0.003", "lr~0.01"] if sweep else []
+    return report.input_paths(str(r), sweep, list(features), folds=3, trials=trials)
+
+
+def write_history(path: Path, epochs: int, seed: int, validated: bool) -> None:
+    """A per-epoch training history as fit writes it (validation columns when ``validated``)."""
+    rng = np.random.default_rng(seed)
+    history = pd.DataFrame(
+        {
+            "epoch": range(epochs),
+            "step": [5 * (e + 1) - 1 for e in range(epochs)],
+            "train_loss": np.sort(rng.uniform(0.2, 2.0, epochs))[::-1],
+        }
+    )
+    if validated:
+        history["val_loss"] = np.sort(rng.uniform(0.3, 2.0, epochs))[::-1]
+        history["val_acc"] = np.sort(rng.uniform(0.3, 0.95, epochs))
+    history["lr"] = 0.01
+    history["attempt"] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    history.to_csv(path, index=False)
+
+
+# Generated charts on a full page: the class distribution and the training curves.
+CHARTS = 2
+
+
+# Elements a reader takes for headings or names (and the class of the tiles' names).
+HEADING_TAGS = {"h1", "h2", "h3", "h4", "th", "figcaption", "caption", "summary", "title"}
+SNAKE_CASE = re.compile(r"\b[a-z][a-z0-9]*_[a-z0-9_]+\b")
 
 
 class PageParser(HTMLParser):
-    """Collects section ids, <img> sources and every element id of a page."""
+    """Collects section ids, <img> sources, every element id and the text of every heading."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,9 +250,16 @@ class PageParser(HTMLParser):
         self.images: list[dict[str, str | None]] = []
         self.ids: dict[str, dict[str, str | None]] = {}
         self.external: list[str] = []
+        self.headings: list[str] = []
+        self._open: list[tuple[str, bool]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = dict(attrs)
+        if tag not in {"img", "meta", "br", "hr", "link", "input"}:
+            heading = tag in HEADING_TAGS or "label" in (attributes.get("class") or "").split()
+            self._open.append((tag, heading))
+            if heading:
+                self.headings.append("")
         if tag == "section":
             self.sections.append(attributes.get("id") or "")
         if tag == "img":
@@ -173,6 +270,16 @@ class PageParser(HTMLParser):
             value = attributes.get(key) or ""
             if value and not value.startswith(("data:", "#")):
                 self.external.append(value)
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open:
+            closed, _ = self._open.pop()
+            if closed == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if any(heading for _, heading in self._open):
+            self.headings[-1] += data
 
 
 def parse(page: str) -> PageParser:
@@ -191,8 +298,20 @@ def section_html(page: str, section_id: str) -> str:
 
 
 def test_input_paths_follow_the_documented_layout():
-    paths = report.input_paths("results", True, ["pixels", "embeddings"])
+    paths = report.input_paths(
+        "results", True, ["pixels", "embeddings"], folds=2, trials=["lr~0.1", "lr~0.2"]
+    )
     assert paths["clean_summary"] == "results/clean/summary.json"
+    assert paths["clean_index"] == "results/clean/index.csv"
+    assert paths["final_history"] == "results/train/final/history.csv"
+    assert paths["fold_histories"] == [
+        "results/cv/fold-0/history.csv",
+        "results/cv/fold-1/history.csv",
+    ]
+    assert paths["trial_histories"] == [
+        "results/sweep/trials/lr~0.1/history.csv",
+        "results/sweep/trials/lr~0.2/history.csv",
+    ]
     assert paths["rejected"] == "results/clean/rejected.csv"
     assert paths["cv_summary"] == "results/cv/summary.csv"
     assert paths["sweep_trials"] == "results/sweep/trials.csv"
@@ -202,14 +321,18 @@ def test_input_paths_follow_the_documented_layout():
     # Snakemake exposes named inputs as attributes: names must be identifiers.
     assert all(name.isidentifier() for name in paths)
 
-    no_sweep = report.input_paths("results", False, ["pixels"])
-    assert not any(name.startswith("sweep") for name in no_sweep)
+    no_sweep = report.input_paths("results", False, ["pixels"], trials=["lr~0.1"])
+    assert not any(name.startswith(("sweep", "trial")) for name in no_sweep)
     assert not any("embeddings" in path for path in no_sweep.values())
 
 
 def test_page_has_every_section_and_embeds_every_image(tmp_path):
     inputs = write_fake_results(tmp_path)
-    page = report.render_page(inputs, title="demo")
+    out = tmp_path / "report"
+    report.write_report(
+        inputs, out / "index.html", out / "summary.json", {"title": "demo"}, tmp_path / "runs.csv"
+    )
+    page = (out / "index.html").read_text()
     parsed = parse(page)
 
     assert parsed.sections == SECTION_IDS
@@ -218,10 +341,11 @@ def test_page_has_every_section_and_embeds_every_image(tmp_path):
     assert parsed.external == []  # nothing fetched from anywhere
     assert "<link" not in page
 
-    pngs = [path for name, path in inputs.items() if path.endswith(".png")]
-    assert len(parsed.images) == len(pngs)
+    pngs = [path for path in inputs.values() if isinstance(path, str) and path.endswith(".png")]
+    assert len(parsed.images) == len(pngs) + CHARTS
     embedded = {base64.b64decode(img["src"].split(",", 1)[1]) for img in parsed.images}
-    assert embedded == {Path(path).read_bytes() for path in pngs}
+    assert embedded >= {Path(path).read_bytes() for path in pngs}
+    assert all(len(data) > 1000 for data in embedded)  # charts drawn, not empty
     assert all(img["src"].startswith("data:image/png;base64,") for img in parsed.images)
     assert "Not run" not in page
 
@@ -235,7 +359,6 @@ def test_text_from_the_data_is_escaped(tmp_path):
     assert "&lt;b&gt;Tom &amp; Jerry&lt;/b&gt;" in page
     assert "naïve ü.png" in page  # non-ASCII survives as text
     assert "a &lt; b &amp; c" in page  # the detail column
-    assert "from a &lt;fake&gt; clean" in page  # a string in clean/summary.json
     assert "title: fake &lt;run&gt;" in section_html(page, "config")
     # Only the page's own script remains.
     assert page.count("<script>") == 1
@@ -243,6 +366,7 @@ def test_text_from_the_data_is_escaped(tmp_path):
 
 def test_missing_optional_inputs_render_as_not_run(tmp_path):
     inputs = write_fake_results(tmp_path, sweep=False, features=("pixels",))
+    assert "trial_histories" not in inputs
     Path(inputs["suspects"]).unlink()
     Path(inputs["cluster_pixels_scatter"]).unlink()
     page = report.render_page(inputs)
@@ -251,7 +375,7 @@ def test_missing_optional_inputs_render_as_not_run(tmp_path):
     assert "Not run" in section_html(page, "sweep")
     assert "Not run" in section_html(page, "suspects")
     clusters = section_html(page, "clusters")
-    assert "pixels" in clusters and "embeddings" not in clusters
+    assert "Pixels" in clusters and "Embeddings of the final model" not in clusters
     assert "Not run" in clusters and "<img" in clusters  # montage shown, scatter noted
     numbers = report.headline(inputs)
     assert numbers["sweep"] is None
@@ -324,9 +448,9 @@ def test_rejected_files_are_capped_per_reason(tmp_path):
     cleaning = section_html(report.render_page(inputs, examples_per_reason=3), "cleaning")
     cleaning = cleaning.split("<h3>Rejected files", 1)[1]
     assert "(up to 3 per reason, of 20)" in cleaning
-    assert cleaning.count("<td>too_dark</td>") == 3  # of 12
-    assert cleaning.count("<td>exact_duplicate</td>") == 3  # of 7
-    assert cleaning.count("<td>not_image</td>") == 1
+    assert cleaning.count("<td>Too dark</td>") == 3  # of 12
+    assert cleaning.count("<td>Exact duplicate</td>") == 3  # of 7
+    assert cleaning.count("<td>Not an image</td>") == 1
 
 
 def test_long_tables_are_cut_to_max_rows(tmp_path):
@@ -359,8 +483,13 @@ def test_clusters_are_side_by_side(tmp_path):
     inputs = write_fake_results(tmp_path)
     clusters = section_html(report.render_page(inputs), "clusters")
     header = re.search(r"<thead>(.*?)</thead>", clusters, re.S).group(1)
-    assert header.index("pixels") < header.index("embeddings")
-    assert "hungarian_accuracy" in clusters and "inertia" in clusters
+    assert header.index("Pixels") < header.index("Embeddings")
+    assert "Hungarian accuracy" in clusters and "Inertia" in clusters
+    # The headline is on test images, and the page says so; each role has its row.
+    assert "<td>Test images</td><td>Test images</td>" in clusters
+    assert "never trained on" in clusters
+    for role in ("Test images", "Training images", "All images"):
+        assert f'<th scope="row">{role}</th>' in clusters
 
 
 def test_find_number_prefers_exact_keys():
@@ -369,6 +498,152 @@ def test_find_number_prefers_exact_keys():
     assert report.find_number(data, ["kept"]) == 5
     assert report.find_number({"per_class": {"a": {"accuracy": 0.1}}}, ["accuracy"]) == 0.1
     assert report.find_number({"x": "text"}, ["x"]) is None
+
+
+def full_page(tmp_path: Path, **kwargs) -> tuple[dict, str]:
+    """The inputs of a fake run and its page as the report stage writes it (with the run log)."""
+    inputs = write_fake_results(tmp_path, **kwargs)
+    out = tmp_path / "report"
+    report.write_report(inputs, out / "index.html", out / "summary.json", {}, tmp_path / "runs.csv")
+    return inputs, (out / "index.html").read_text()
+
+
+def test_headings_and_row_names_are_words_not_keys(tmp_path):
+    _, page = full_page(tmp_path)
+    headings = [" ".join(text.split()) for text in parse(page).headings]
+    assert "Best sweep trial" in headings and "Hungarian accuracy" in headings
+    raw = [text for text in headings if SNAKE_CASE.search(text)]
+    assert raw == [], f"raw keys shown as headings: {raw}"
+    for key in ("kept_per_class", "hungarian_accuracy", "n_samples", "rejected_per_reason"):
+        assert key not in page.split('<section id="config">')[0]
+    # The clean settings' values are headed as values, not counts.
+    cleaning = section_html(page, "cleaning")
+    assert "<th>Setting</th><th>Value</th>" in cleaning
+    # Every table and figure is explained in a sentence.
+    for section_id in SECTION_IDS:
+        body = section_html(page, section_id)
+        if "<table" in body or "<img" in body:
+            assert 'class="explain"' in body, section_id
+
+
+def test_best_trial_tile_names_the_trial_with_its_score(tmp_path):
+    _, page = full_page(tmp_path)
+    tile = re.search(r'<span class="label">Best sweep trial</span>(.*?)</div>', page).group(1)
+    assert "<b>lr~0.003</b>" in tile and "validation accuracy 0.95" in tile
+    sweep = section_html(page, "sweep")
+    assert "<th>Learning rate</th>" in sweep and "<b>lr~0.003</b> (learning rate 0.003)" in sweep
+
+
+def test_training_curves_show_the_winning_trial_and_the_folds(tmp_path):
+    inputs, page = full_page(tmp_path)
+    names = [name for name, _ in report.training_histories(inputs)]
+    assert names == ["best trial lr~0.003", "fold 0", "fold 1", "fold 2", "final model"]
+    training = section_html(page, "training")
+    assert training.count("<img") == 1
+    assert "With validation: best trial lr~0.003." in training
+    assert "Without validation: fold 0, fold 1, fold 2, final model" in training
+    assert "make tensorboard" in training
+    # Without a sweep the final model validates: its curve has validation values.
+    inputs = write_fake_results(tmp_path / "no-sweep", sweep=False)
+    histories = dict(report.training_histories(inputs))
+    assert list(histories) == ["fold 0", "fold 1", "fold 2", "final model"]
+    assert histories["final model"]["val_acc"].notna().all()
+
+
+def test_class_distribution_policy_and_untested_classes_are_shown(tmp_path):
+    _, page = full_page(tmp_path)
+    cleaning = section_html(page, "cleaning")
+    assert "Images per class: kept (blue) and rejected (orange)." in cleaning
+    assert "<th>Class</th>" in cleaning and "<td>13</td>" in cleaning  # cat's rejected count
+    assert '<th scope="row">Linked sets of 2+ images' in cleaning
+    assert "/data/cat/a.png, /data/cat/b.png" in cleaning  # the large linked set
+    augmentation = section_html(page, "augmentation")
+    for row, value in [
+        ("Rotation", "± 10°"),
+        ("Zoom", "0.9× to 1.1×"),
+        ("Shift", "up to 10% of the side"),
+        ("Mirror left-right", "half of the images"),
+        ("Mirror upside down", "off"),
+        ("Contrast", "off"),
+        ("Random crop: share of the image area", "off"),
+    ]:
+        assert f'<th scope="row">{row}</th><td>{esc(value)}</td>' in augmentation, row
+    test = section_html(page, "test")
+    assert '<th scope="row">Balanced accuracy</th><td>0.93</td>' in test
+    assert "Classes without test images</b> (1), not in the macro scores: bird." in test
+
+
+def esc(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_runs_log_gains_one_row_per_run(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    out, runs_path = tmp_path / "report", tmp_path / "results" / "runs.csv"
+
+    def report_job():
+        report.write_report(inputs, out / "index.html", out / "summary.json", {}, runs_path)
+        return pd.read_csv(runs_path, dtype=str)
+
+    runs = report_job()
+    assert len(runs) == 1
+    first = runs.iloc[0]
+    assert first["changes"] == "first run"
+    assert float(first["test_accuracy"]) == 0.9375
+    assert float(first["cv_accuracy_mean"]) == pytest.approx(0.92)
+    assert first["best_trial"] == "lr~0.003" and float(first["best_trial_score"]) == 0.95
+    assert first["code_version"].startswith(report.code_version(tmp_path))
+    assert len(first["config_hash"]) == 12 and len(first["data_fingerprint"]) == 12
+    # A retried (or forced) report job over the same results adds nothing.
+    assert len(report_job()) == 1
+
+    # A config tweak reruns the report: a second row says what changed.
+    config = Path(inputs["config"])
+    config.write_text(config.read_text().replace("lr: 0.003", "lr: 0.01"))
+    runs = report_job()
+    assert len(runs) == 2
+    assert runs["changes"].iloc[1] == "train.lr 0.003 → 0.01"
+    assert runs["config_hash"].iloc[1] != runs["config_hash"].iloc[0]
+    assert runs["data_fingerprint"].iloc[1] == runs["data_fingerprint"].iloc[0]
+    assert len(report_job()) == 2
+
+    # New data: a new fingerprint (the labels count too).
+    index = pd.read_csv(inputs["clean_index"])
+    index.loc[0, "label"] = "dog"
+    index.to_csv(inputs["clean_index"], index=False)
+    runs = report_job()
+    assert len(runs) == 3
+    assert runs["changes"].iloc[2] == "no config change"
+    assert runs["data_fingerprint"].iloc[2] != runs["data_fingerprint"].iloc[1]
+
+    # The page lists the runs newest first, this one highlighted.
+    page_runs = section_html((out / "index.html").read_text(), "runs")
+    assert page_runs.count("<tr") == 4  # header + 3 runs
+    assert page_runs.index('<tr class="current">') < page_runs.index("train.lr 0.003 → 0.01")
+    assert "first run" in page_runs
+
+
+def test_code_version_names_the_commit_of_a_git_checkout(tmp_path):
+    from imgpipe import __version__
+
+    assert report.code_version(tmp_path) == __version__  # not a checkout: the version alone
+    if (REPO / ".git").exists():
+        assert re.fullmatch(
+            re.escape(__version__) + r" [0-9a-f]{7,}(\+dirty)?", report.code_version(REPO)
+        )
+
+
+def test_config_changes_read_as_before_and_after():
+    before = {"train.lr": 0.01, "cv.k": 5, "report.title": "a"}
+    after = {"train.lr": 0.02, "cv.k": 5, "model.dropout": 0.3}
+    assert report.config_changes(before, after) == (
+        "model.dropout (unset) → 0.3; report.title a → (unset); train.lr 0.01 → 0.02"
+    )
+    assert report.config_changes(before, before) == "no config change"
+    many = {f"k{i}": i for i in range(9)}
+    assert report.config_changes({}, many, most=3).endswith("; and 6 more")
 
 
 def test_config_snapshot_round_trips(tmp_path):
@@ -478,10 +753,17 @@ def snakemake(workdir: Path, *args: str, timeout: int = 300) -> subprocess.Compl
 TEST_SNAKEFILE = """
 import sys
 from pathlib import Path
+import pandas as pd
+from snakemake.utils import Paramspace
 sys.path.insert(0, {repo!r})
 from imgpipe.config import code_fingerprint
 
 configfile: "config.yaml"
+
+# The fake results' trials, named as workflow/rules/sweep.smk names them.
+TRIALS = Paramspace(
+    pd.DataFrame({{"lr": [0.001, 0.003, 0.01]}}), filename_params="*", single_wildcard="trial"
+)
 
 def code(script):
     return code_fingerprint(Path({repo!r}) / "scripts" / f"{{script}}.py")
@@ -495,6 +777,7 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     write_fake_results(tmp_path)
     (tmp_path / "results" / "config.yaml").unlink()  # the rule writes it
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["cv"]["k"] = 3  # the fake results' folds
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     snakefile = tmp_path / "Snakefile"
     rules = str(REPO / "workflow" / "rules" / "report.smk")
@@ -505,8 +788,13 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     page = (tmp_path / "results" / "report" / "index.html").read_text()
     assert parse(page).sections == SECTION_IDS
     assert "Not run" not in page
-    assert yaml.safe_load((tmp_path / "results" / "config.yaml").read_text()) == config
+    snapshot = yaml.safe_load((tmp_path / "results" / "config.yaml").read_text())
+    # The progress switch decides no result: the snapshot (and a run's identity) leaves it out.
+    assert snapshot == {k: v for k, v in config.items() if k != "progress"}
     assert (tmp_path / "logs" / "report.log").read_text().count("headline numbers") == 1
+    runs = tmp_path / "results" / "runs.csv"
+    assert len(pd.read_csv(runs)) == 1
+    assert "Not run" not in section_html(page, "runs")
 
     # A new title reruns the snapshot and the page, and they pick the title up.
     config["report"]["title"] = "second <run>"
@@ -515,6 +803,18 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     assert re.search(r"config_snapshot\s+1", dry.stdout) and re.search(r"report\s+1", dry.stdout)
     snakemake(tmp_path, *base, "results/report/index.html")
     assert "<h1>second &lt;run&gt;</h1>" in (tmp_path / "results/report/index.html").read_text()
+    assert pd.read_csv(runs)["changes"].tolist() == [
+        "first run",
+        "report.title imgpipe report → second <run>",
+    ]
+    # Nothing to do: no job, no row.
+    snakemake(tmp_path, *base, "results/report/index.html")
+    assert len(pd.read_csv(runs)) == 2
+    # Switching progress off reruns nothing.
+    config["progress"] = False
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = snakemake(tmp_path, *base, "-n", "results/report/index.html")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
 
     snakemake(tmp_path, *base, "--report", "report.html", "results/report/index.html")
     assert report_categories(tmp_path / "report.html") == {"Summary"}
@@ -559,15 +859,27 @@ def test_page_in_headless_chromium(tmp_path, chromium_binary):
 
     inputs = write_fake_results(tmp_path)
     out = tmp_path / "report"
-    report.write_report(inputs, out / "index.html", out / "summary.json", {"title": "browser"})
+    runs = tmp_path / "results" / "runs.csv"
+    report.write_report(
+        inputs, out / "index.html", out / "summary.json", {"title": "browser"}, runs
+    )
 
     dom = dump_dom(chromium_binary, out / "index.html")
     parsed = parse(dom)
     assert parsed.sections == SECTION_IDS
     shown, broken = image_check(dom)
     assert (shown, broken) == (len(parsed.images), 0)
-    assert shown == sum(path.endswith(".png") for path in inputs.values())
+    assert shown == CHARTS + sum(
+        isinstance(path, str) and path.endswith(".png") for path in inputs.values()
+    )
     assert all(img.get("data-ok") == "1" for img in parsed.images)
+
+    # As a new user reads it: no raw snake_case key as a heading, a row name or a tile's name.
+    headings = [" ".join(text.split()) for text in parsed.headings]
+    assert len(headings) > 50
+    raw = [text for text in headings if SNAKE_CASE.search(text)]
+    assert raw == [], f"raw keys shown as headings: {raw}"
+    assert all(img.get("src", "").startswith("data:image/png;base64,") for img in parsed.images)
 
     png = screenshot(chromium_binary, out / "index.html", tmp_path / "shot.png")
     pixels = cv2.imread(str(png))

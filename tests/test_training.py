@@ -379,3 +379,157 @@ def test_augmentation_runs_on_the_device_for_training_batches_only(tiny_model, t
     assert len({tuple(v.flatten().tolist()) for v in augmented}) == 8  # one draw per image
     module.augment_cfg["on_device"] = False
     assert torch.equal(module.preprocess(x, augment=True), plain)
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+def tensorboard_run(folder):
+    """A TensorBoard run read back with tensorboard's own event reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    run = event_accumulator.EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    run.Reload()
+    return run
+
+
+def tensorboard_scalars(folder):
+    """{tag: [(step, value), ...]} of a TensorBoard run."""
+    run = tensorboard_run(folder)
+    return {t: [(e.step, e.value) for e in run.Scalars(t)] for t in run.Tags()["scalars"]}
+
+
+def tensorboard_hparams(folder):
+    """({hyper-parameter: value}, {metric tag}) as TensorBoard's HParams tab reads them."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = tensorboard_run(folder).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]
+    ).session_start_info
+    hparams = {
+        name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()
+    }
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    return hparams, {info.name.tag for info in experiment.experiment.metric_infos}
+
+
+def test_fit_logs_to_tensorboard_with_hparams_and_prints_epoch_lines(
+    digits16, tmp_path, tiny_model, train3, caplog
+):
+    images, labels = digits16
+    board = tmp_path / "tensorboard" / "sweep" / "lr~0.02"
+    board.mkdir(parents=True)
+    (board / "events.out.tfevents.0.stale").write_bytes(b"an earlier run's file")
+    train_cfg = {**train3, "lr": 0.02}
+    with caplog.at_level("INFO", logger="imgpipe"):
+        summary = fit(
+            images,
+            labels,
+            TRAIN_IDS,
+            VAL_IDS,
+            None,
+            None,
+            tiny_model,
+            train_cfg,
+            tmp_path / "out",
+            tensorboard_dir=board,
+        )
+    # A fresh start clears the folder: one run, this job's.
+    events = sorted(p.name for p in board.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and "stale" not in events[0]
+    # The outputs are as without TensorBoard.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "history.csv",
+        "model.ckpt",
+        "summary.json",
+    ]
+    scalars = tensorboard_scalars(board)
+    hparams, metrics = tensorboard_hparams(board)
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    for tag in ("train_loss", "val_loss", "val_acc"):
+        assert [round(v, 5) for _, v in scalars[tag]] == [round(v, 5) for v in history[tag]]
+        assert [s for s, _ in scalars[tag]] == history["step"].tolist()
+    assert hparams["train.lr"] == pytest.approx(0.02)
+    assert hparams["train.max_epochs"] == 3
+    assert hparams["model.name"] == "smallcnn"
+    assert not any(name.endswith(("threads", "num_workers")) for name in hparams)
+    assert metrics == {"hp/best_val_acc", "hp/train_loss"}
+    assert scalars["hp/best_val_acc"][0][1] == pytest.approx(summary["best_score"])
+    assert "hp_metric" not in scalars  # no placeholder metric
+
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    for line in lines:
+        assert "train_loss" in line and "val_acc" in line and "images/s" in line
+        assert line.endswith(" left")
+    assert lines[-1].endswith("; 0 s left")
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import cv2, numpy as np
+    from imgpipe.demo import digits_images
+    from imgpipe.progress import TrainingProgress
+    from imgpipe.training import fit
+
+    die_at = int(os.environ.get("DIE_AT_EPOCH", "-1"))
+    start = TrainingProgress.on_train_epoch_start
+
+    def on_train_epoch_start(self, trainer, module):
+        start(self, trainer, module)
+        if trainer.current_epoch == die_at:
+            for logger in trainer.loggers:
+                logger.save()  # the writer's periodic flush came just before the kill
+            os._exit(9)  # a kill: nothing else is flushed or cleaned up
+
+    TrainingProgress.on_train_epoch_start = on_train_epoch_start
+    images, labels = digits_images()
+    images = np.stack([cv2.resize(im, (16, 16)) for im in images[:500]])[:, :, :, None]
+    model_cfg, train_cfg = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    fit(images, labels[:500], np.arange(0, 400), np.arange(400, 500), None, None,
+        model_cfg, train_cfg, sys.argv[3], resume_dir=sys.argv[4], tensorboard_dir=sys.argv[5])
+    """
+)
+
+
+def test_resumed_training_continues_its_tensorboard_run(tmp_path, tiny_model, train3):
+    script = tmp_path / "kill_job.py"
+    script.write_text(KILL_SCRIPT)
+    board, resume_dir = tmp_path / "board", tmp_path / "resume"
+    args = [
+        sys.executable,
+        str(script),
+        json.dumps(tiny_model),
+        json.dumps({**train3, "max_epochs": 4}),
+        str(tmp_path / "out"),
+        str(resume_dir),
+        str(board),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Killed as epoch 3 starts: epochs 1-2 and their checkpoint done, epoch 3's learning rate logged.
+    killed = subprocess.run(args, env={**env, "DIE_AT_EPOCH": "2"}, cwd=tmp_path, check=False)
+    assert killed.returncode == 9
+    checkpoint = torch.load(resume_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    first = list(board.glob("events.out.tfevents.*"))
+    assert len(first) == 1
+    # The killed attempt logged beyond its checkpoint: that is what the resumed one must replace.
+    logged = [step for values in tensorboard_scalars(board).values() for step, _ in values]
+    assert max(logged) >= checkpoint["global_step"]
+
+    subprocess.run(args, env=env, cwd=tmp_path, check=True)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 1
+    assert len(list(board.glob("events.out.tfevents.*"))) == 2  # one file per attempt, one run
+    scalars = tensorboard_scalars(board)
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    for tag, values in scalars.items():
+        steps = [step for step, _ in values]
+        if tag != "epoch":  # Lightning logs "epoch" twice per epoch
+            assert steps == sorted(set(steps)), f"{tag}: a step logged twice: {steps}"
+    assert [s for s, _ in scalars["train_loss"]] == history["step"].tolist()
+    lr_tag = next(tag for tag in scalars if tag.startswith("lr-"))
+    assert len(scalars[lr_tag]) == 4  # one learning rate per epoch, epoch 3's from the resumed run
+    assert tensorboard_hparams(board)[0]["train.max_epochs"] == 4

@@ -26,6 +26,8 @@ rule cv_fold:
     output:
         oof="results/cv/fold-{fold}/oof.csv",
         summary="results/cv/fold-{fold}/summary.json",
+        # Per-epoch losses for the report's training curves (empty for a skipped fold).
+        history="results/cv/fold-{fold}/history.csv",
     log:
         "logs/cv/fold-{fold}.log",
     benchmark:

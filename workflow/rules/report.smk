@@ -1,9 +1,20 @@
+import os
+
+from imgpipe.logs import PROGRESS_VAR, progress_wanted
 from imgpipe.report import input_paths
+
+# The jobs' progress lines on the terminal (imgpipe.logs): on unless the config
+# says `progress: false` or Snakemake runs with --quiet. Passed to the jobs in
+# their environment, not as a param: switching it reruns nothing.
+os.environ[PROGRESS_VAR] = (
+    "1" if progress_wanted(config["progress"], workflow.output_settings.quiet) else "0"
+)
 
 
 # The effective configuration as a file: its params are the whole config, so
 # any config change rewrites it and thereby reruns the report, while the
-# report's own params (the report section) rerun nothing else.
+# report's own params (the report section) rerun nothing else. The progress
+# switch changes no result: it is left out.
 rule config_snapshot:
     output:
         config="results/config.yaml",
@@ -13,19 +24,30 @@ rule config_snapshot:
     conda:
         "../../envs/report.yaml"
     params:
-        config=config,
+        config={key: value for key, value in config.items() if key != "progress"},
         configfiles=[str(path) for path in workflow.configfiles],
         code=code("config_snapshot"),
     script:
         "../../scripts/config_snapshot.py"
 
 
+# The page, its headline numbers and a row in results/runs.csv (one per run,
+# not a declared output: Snakemake would delete it before every report job).
 rule report:
     input:
-        # Every file the page shows; sweep and cluster files only when configured.
+        # Every file the page shows; sweep and cluster files only when configured,
+        # and the training histories of the trials, folds and final model.
         unpack(
             lambda wildcards: input_paths(
-                "results", config["sweep"]["enabled"], config["cluster"]["features"]
+                "results",
+                config["sweep"]["enabled"],
+                config["cluster"]["features"],
+                folds=config["cv"]["k"],
+                trials=(
+                    list(TRIALS.instance_patterns)
+                    if config["sweep"]["enabled"]
+                    else []
+                ),
             )
         ),
     output:
@@ -44,6 +66,7 @@ rule report:
         "../../envs/report.yaml"
     params:
         report=config["report"],
+        runs="results/runs.csv",
         code=code("report"),
     script:
         "../../scripts/report.py"
