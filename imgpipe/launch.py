@@ -175,6 +175,7 @@ def run_rank(job: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dic
         devices=devices,
         resume_dir=job["resume_dir"],
         augment_cfg=job.get("augment"),
+        tensorboard_dir=job.get("tensorboard_dir"),
     )
 
 

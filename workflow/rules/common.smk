@@ -19,6 +19,7 @@ from imgpipe.config import (
     load_schema,
     local_gpus_present,
 )
+from imgpipe.logs import PROGRESS_VAR, progress_wanted
 from imgpipe.sweep import overrides, trial_table
 
 ##### config validation #####
@@ -27,6 +28,14 @@ SCHEMA_PATH = WORKFLOW_DIR / "config" / "schema.yaml"
 check_config(config, load_schema(SCHEMA_PATH))
 # Fills in the schema's defaults for keys a user's config leaves out.
 validate(config, schema=str(SCHEMA_PATH))
+
+
+# The jobs' progress lines on the terminal (imgpipe.logs): on unless the config
+# says `progress: false` or Snakemake runs with --quiet. Passed to the jobs in
+# their environment, not as a param: switching it reruns nothing.
+os.environ[PROGRESS_VAR] = (
+    "1" if progress_wanted(config["progress"], workflow.output_settings.quiet) else "0"
+)
 
 
 ##### paths and input functions #####

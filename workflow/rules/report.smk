@@ -1,14 +1,4 @@
-import os
-
-from imgpipe.logs import PROGRESS_VAR, progress_wanted
 from imgpipe.report import input_paths
-
-# The jobs' progress lines on the terminal (imgpipe.logs): on unless the config
-# says `progress: false` or Snakemake runs with --quiet. Passed to the jobs in
-# their environment, not as a param: switching it reruns nothing.
-os.environ[PROGRESS_VAR] = (
-    "1" if progress_wanted(config["progress"], workflow.output_settings.quiet) else "0"
-)
 
 
 # The effective configuration as a file: its params are the whole config, so
