@@ -452,14 +452,13 @@ def plot_projection(
 # ----------------------------------------------------------------------------- export
 
 
-def _free_name(folder: Path, name: str, taken: set[str]) -> str:
-    """``name``, or ``stem-1.ext``, ``stem-2.ext``... if it is taken or already exists."""
+def _free_name(folder: Path, name: str) -> str:
+    """``name``, or ``stem-1.ext``, ``stem-2.ext``... if it already exists in ``folder``."""
     stem, suffix = os.path.splitext(name)
     candidate, n = name, 0
-    while candidate in taken or os.path.lexists(folder / candidate):
+    while os.path.lexists(folder / candidate):
         n += 1
         candidate = f"{stem}-{n}{suffix}"
-    taken.add(candidate)
     return candidate
 
 
@@ -473,9 +472,10 @@ def export_clusters(
 
     Sources are never moved or changed: ``symlink`` points at the source's
     absolute path, ``copy`` uses shutil.copy2 (content and timestamps). Names
-    that collide (same file name from two folders, or a file already there)
-    get a ``-1``, ``-2``... suffix; nothing existing is overwritten. ``none``
-    writes nothing.
+    that collide (same file name from two folders) get a ``-1``, ``-2``...
+    suffix. ``none`` writes nothing. The folders are filled in a temporary
+    sibling renamed to ``out_dir`` when complete; ``out_dir`` must not exist or
+    be empty (it is never merged into or overwritten).
     """
     if mode not in EXPORT_MODES:
         raise ValueError(f"export mode must be one of {', '.join(EXPORT_MODES)}, not {mode!r}")
@@ -483,50 +483,37 @@ def export_clusters(
     if len(paths) != len(clusters):
         raise ValueError(f"{len(paths)} paths but {len(clusters)} cluster ids")
     out = Path(out_dir)
-    records = []
-    taken: dict[Path, set[str]] = {}
-    for source, cluster in zip(paths, clusters, strict=True):
-        source = Path(source).absolute()
-        target = None
-        if mode != "none":
-            if not source.is_file():
-                raise DataError(f"cannot export {source}: no such file")
-            folder = out / f"cluster_{int(cluster)}"
-            folder.mkdir(parents=True, exist_ok=True)
-            name = _free_name(folder, source.name, taken.setdefault(folder, set()))
-            target = folder / name
-            if mode == "symlink":
-                os.symlink(source, target)
-            else:
-                shutil.copy2(source, target)
-        records.append(
-            {
-                "path": str(source),
-                "cluster": int(cluster),
-                "exported": "" if target is None else str(target),
-            }
-        )
-    return pd.DataFrame(records, columns=["path", "cluster", "exported"])
-
-
-def export_atomically(
-    paths: Sequence[str | os.PathLike],
-    clusters: np.ndarray,
-    out_dir: str | os.PathLike,
-    mode: str = "symlink",
-) -> pd.DataFrame:
-    """``export_clusters`` into a temporary sibling folder renamed to ``out_dir`` when complete.
-
-    ``out_dir`` must not exist or be empty (it is never merged into or
-    overwritten); with mode ``none`` it is left as an empty folder.
-    """
-    out = Path(out_dir)
     with atomic_directory(out) as tmp:
-        table = export_clusters(paths, clusters, tmp, mode)
-        table["exported"] = [
-            str(out / Path(p).relative_to(tmp)) if p else "" for p in table["exported"]
+        exported = [
+            _place(Path(source).absolute(), int(c), tmp, mode)
+            for source, c in zip(paths, clusters, strict=True)
         ]
-    return table
+    return pd.DataFrame(
+        {
+            "path": [str(Path(source).absolute()) for source in paths],
+            "cluster": clusters.astype(int),
+            "exported": [
+                str(out / target.relative_to(tmp)) if target else "" for target in exported
+            ],
+        },
+        columns=["path", "cluster", "exported"],
+    )
+
+
+def _place(source: Path, cluster: int, root: Path, mode: str) -> Path | None:
+    """Link or copy one image into ``root/cluster_<cluster>/`` under a free name (None for none)."""
+    if mode == "none":
+        return None
+    if not source.is_file():
+        raise DataError(f"cannot export {source}: no such file")
+    folder = root / f"cluster_{cluster}"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / _free_name(folder, source.name)
+    if mode == "symlink":
+        os.symlink(source, target)
+    else:
+        shutil.copy2(source, target)
+    return target
 
 
 # ----------------------------------------------------------------------------- stage
@@ -725,7 +712,7 @@ def cluster_images(
     plot_k_scan(scan, outputs["k_scan_png"], chosen=n_clusters)
 
     mode = settings.get("export", "none")
-    exported = export_atomically(index["path"].tolist(), clusters, outputs["export"], mode)
+    exported = export_clusters(index["path"].tolist(), clusters, outputs["export"], mode)
     if mode != "none":
         log.info("exported %d images (%s) to %s", len(exported), mode, outputs["export"])
     return metrics

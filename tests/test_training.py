@@ -423,13 +423,10 @@ def test_fit_logs_to_tensorboard_with_hparams_and_prints_epoch_lines(
     (board / "events.out.tfevents.0.stale").write_bytes(b"an earlier run's file")
     train_cfg = {**train3, "lr": 0.02}
     with caplog.at_level("INFO", logger="imgpipe"):
-        summary = fit(
-            images,
-            labels,
+        summary = fit_on(
+            digits16,
             TRAIN_IDS,
             VAL_IDS,
-            None,
-            None,
             tiny_model,
             train_cfg,
             tmp_path / "out",
