@@ -114,7 +114,8 @@ def sidecar(model: Model, runtime: str, **extra: Any) -> dict[str, Any]:
                 "decode the file (EXIF orientation applied; 16-bit shifted to 8 bits; "
                 "alpha composited on white; first frame of a multi-frame file)",
                 f"convert to {image['mode']}",
-                f"resize to {image['size']} x {image['size']} keeping the aspect ratio: "
+                f"resize to {image['size']} x {image['size']} keeping the aspect ratio "
+                "(OpenCV INTER_AREA to shrink, INTER_LINEAR to enlarge): "
                 + (
                     "pad (letterbox with the median colour of the border)"
                     if image["fit"] == "pad"
