@@ -26,6 +26,8 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/cluster.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:

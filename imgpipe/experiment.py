@@ -397,6 +397,7 @@ def run_train_final(job: StageJob) -> dict:
             key,
             tensorboard_dir=tensorboard_dir_for("final", "final"),
         )
+    record_test_metrics(job, out_dir / "model.ckpt")
     log.info(
         "final model: epoch %d of %d, %.0f images/s on %d %s device(s)",
         summary["best_epoch"],
@@ -406,3 +407,45 @@ def run_train_final(job: StageJob) -> dict:
         summary["accelerator"],
     )
     return summary
+
+
+def record_test_metrics(job: StageJob, model_path: str | os.PathLike) -> dict:
+    """Complete the final model file: the clean settings it expects and its test-set metrics.
+
+    Inference only (nothing is chosen on the test images): the TEST role is
+    predicted with the model just trained and ``test_metrics`` (n_test,
+    accuracy, balanced_accuracy, f1_macro, as ``imgpipe.evaluate`` computes
+    them) join the file's ``imgpipe`` entry, with the quality-check settings of
+    ``clean`` and ``ingest.max_pixels`` that prediction applies to new files.
+    The file is rewritten atomically; returns the entry.
+    """
+    import torch
+
+    from imgpipe.atomic import plain
+    from imgpipe.evaluate import headline_metrics
+    from imgpipe.predict import DEFAULT_EXTENSIONS, clean_settings_metadata, predict_proba
+    from imgpipe.training import METADATA_KEY, save_torch
+
+    data = load_training_data(job.input)
+    test_ids = data.ids("test")
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    metadata = dict(state.get(METADATA_KEY) or {})
+    metadata["clean"] = clean_settings_metadata(job.config.get("clean") or {})
+    metadata["max_pixels"] = int((job.config.get("ingest") or {}).get("max_pixels", 100_000_000))
+    extensions = (job.config.get("data") or {}).get("extensions") or DEFAULT_EXTENSIONS
+    metadata["extensions"] = list(extensions)
+    metrics: dict[str, Any] = {"n_test": len(test_ids)}
+    if len(test_ids):
+        probs = predict_proba(model_path, data.images, ids=test_ids)
+        headline = headline_metrics(data.labels[test_ids], probs.argmax(axis=1))
+        metrics |= {k: headline[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
+        log.info(
+            "final model on the %d test images: accuracy %.4f, macro F1 %.4f",
+            len(test_ids),
+            metrics["accuracy"],
+            metrics["f1_macro"],
+        )
+    metadata["test_metrics"] = metrics
+    state[METADATA_KEY] = plain(metadata)
+    save_torch(state, model_path)
+    return metadata

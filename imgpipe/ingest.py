@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import cv2
 import numpy as np
@@ -158,16 +158,56 @@ def measure_images(images: list[np.ndarray]) -> list[tuple]:
 
 
 NOT_MEASURED = (None,) * 8
+# The fields prepare_images gives per file: stats.csv's columns ``bytes`` to ``thumb``.
+PREPARED_COLUMNS = STATS_COLUMNS[STATS_COLUMNS.index("bytes") :]
+
+
+def _finish(
+    pending: list[tuple[tuple, np.ndarray | None]], size: int, fit: str
+) -> Iterator[tuple[tuple, np.ndarray | None]]:
+    """Measure the decoded images of a batch together, then resize each: one step at a time."""
+    decoded = [image for _, image in pending if image is not None]
+    measured = iter(measure_images(decoded))
+    for head, image in pending:
+        if image is None:
+            yield (*head, *NOT_MEASURED), None
+        else:
+            yield (*head, *next(measured)), fit_square(image, size, fit)
+
+
+def prepare_images(
+    paths: Iterable[str], image_cfg: Mapping, max_pixels: int
+) -> Iterator[tuple[tuple, np.ndarray | None]]:
+    """The one preprocessing path of ingest and prediction: read, decode, measure, resize.
+
+    Yields, for each path in order, its fields (``PREPARED_COLUMNS``: bytes,
+    hashes, size, status / reason / detail of the decode, the measurements clean
+    decides on) and its uint8 ``size x size x C`` array in ``image_cfg``'s mode
+    and fit (None when the file is refused). Files are decoded in bounded
+    batches (BATCH_FILES files or BATCH_BYTES decoded bytes), so memory stays
+    flat however many paths stream through.
+    """
+    size, mode, fit = int(image_cfg["size"]), image_cfg["mode"], image_cfg.get("fit", "pad")
+    if mode not in MODES:
+        raise ValueError(f"image.mode {mode!r}: expected one of {sorted(MODES)}")
+    pending: list[tuple[tuple, np.ndarray | None]] = []
+    nbytes = 0
+    for path in paths:
+        head, image = decode_file(path, mode, max_pixels)
+        pending.append((head, image))
+        nbytes += 0 if image is None else image.nbytes
+        if len(pending) >= BATCH_FILES or nbytes >= BATCH_BYTES:
+            yield from _finish(pending, size, fit)
+            pending, nbytes = [], 0
+    yield from _finish(pending, size, fit)
 
 
 def ingest_file(
     path: str, mode: str, size: int, fit: str, max_pixels: int
 ) -> tuple[tuple, np.ndarray | None]:
-    """One file's fields ``bytes`` to ``blur`` and its resized image (None if refused)."""
-    head, image = decode_file(path, mode, max_pixels)
-    if image is None:
-        return (*head, *NOT_MEASURED), None
-    return (*head, *measure_images([image])[0]), fit_square(image, size, fit)
+    """One file's fields ``bytes`` to ``thumb`` and its resized image (None if refused)."""
+    cfg = {"size": size, "mode": mode, "fit": fit}
+    return next(prepare_images([path], cfg, max_pixels))
 
 
 def _open_array(path: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -181,33 +221,6 @@ def _open_array(path: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 LISTING_REFUSED = (None,) * 6  # bytes .. bit_depth of a file the listing refused
-
-
-class _Batch:
-    """Decoded images waiting to be measured, resized and written, step by step."""
-
-    def __init__(self, records: list, array: np.ndarray, size: int, fit: str) -> None:
-        self.records, self.array, self.size, self.fit = records, array, size, fit
-        self.pending: list[tuple[tuple, tuple, np.ndarray]] = []
-        self.nbytes = 0
-
-    def add(self, passed: tuple, head: tuple, image: np.ndarray) -> None:
-        """Queue one decoded image; measure the batch once it is full."""
-        self.pending.append((passed, head, image))
-        self.nbytes += image.nbytes
-        if len(self.pending) >= BATCH_FILES or self.nbytes >= BATCH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        """Measure, resize and store every queued image."""
-        if not self.pending:
-            return
-        measured = measure_images([image for _, _, image in self.pending])
-        for (passed, head, image), tail in zip(self.pending, measured, strict=True):
-            row = passed[4]
-            self.array[row] = fit_square(image, self.size, self.fit)
-            self.records[row] = (*passed, *head, *tail)
-        self.pending, self.nbytes = [], 0
 
 
 def index_shard(
@@ -224,35 +237,44 @@ def index_shard(
     Rows the listing rejected pass through unopened (zeros in the array).
     Both outputs are written under temporary names and renamed at the end.
     """
-    size, mode, fit = int(image_cfg["size"]), image_cfg["mode"], image_cfg.get("fit", "pad")
+    size, mode = int(image_cfg["size"]), image_cfg["mode"]
     if mode not in MODES:
         raise ValueError(f"image.mode {mode!r}: expected one of {sorted(MODES)}")
     part = files_df.iloc[shard_positions(len(files_df), shard, shards)]
     n = len(part)
     progress = Progress(n, f"shard {shard}", unit="files")
-    listed = zip(
-        *(part[c].tolist() for c in [*PASSED_COLUMNS, "status", "reason", "detail"]), strict=True
+    listed = list(
+        zip(
+            *(part[c].tolist() for c in [*PASSED_COLUMNS, "status", "reason", "detail"]),
+            strict=True,
+        )
     )
     records: list[tuple | None] = [None] * n
+    done = 0
+    opened = []
+    for row, (path, relpath, label, source, status, reason, detail) in enumerate(listed):
+        if status == "ok":
+            opened.append(row)
+            continue
+        # Refused by the listing: not opened.
+        passed = (path, relpath, label, source, row)
+        records[row] = (*passed, *LISTING_REFUSED, status, reason, detail, *NOT_MEASURED)
+        done += 1
+        progress.update(done)
     with atomic_path(images_path) as tmp_images:
         images = _open_array(str(tmp_images), (n, size, size, MODES[mode]))
         # Plain ndarray view: the memmap subclass adds overhead to every assignment.
-        batch = _Batch(records, images.view(np.ndarray), size, fit)
-        for row, (path, relpath, label, source, status, reason, detail) in enumerate(listed):
-            passed = (path, relpath, label, source, row)
-            if status != "ok":  # refused by the listing: not opened
-                records[row] = (*passed, *LISTING_REFUSED, status, reason, detail, *NOT_MEASURED)
-            else:
-                head, image = decode_file(path, mode, max_pixels)
-                if image is None:
-                    records[row] = (*passed, *head, *NOT_MEASURED)
-                else:
-                    batch.add(passed, head, image)
-            progress.update(row + 1)
-        batch.flush()
+        array = images.view(np.ndarray)
+        prepared = prepare_images((listed[row][0] for row in opened), image_cfg, max_pixels)
+        for row, (fields, image) in zip(opened, prepared, strict=True):
+            records[row] = (*listed[row][:4], row, *fields)
+            if image is not None:
+                array[row] = image
+            done += 1
+            progress.update(done)
         if isinstance(images, np.memmap):
             images.flush()
-        del images, batch
+        del images, array
         stats = stats_table(records)
         write_csv(stats, stats_path)
     return stats

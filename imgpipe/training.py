@@ -23,6 +23,7 @@ already started one process per rank and plain "ddp" attaches to them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,68 @@ CHECKPOINT_KEYS = (
     "global_step",
     "pytorch-lightning_version",
 )
+
+
+# The model file's self-description (plain types only: loads stay weights_only-safe).
+METADATA_KEY = "imgpipe"
+METADATA_FORMAT = 1
+
+
+def config_hash(hparams: Mapping[str, Any]) -> str:
+    """sha256 of the settings a model was trained with: its model, train, augment and image sections."""
+    sections = {
+        "model": hparams.get("model_cfg"),
+        "train": hparams.get("train_cfg"),
+        "augment": hparams.get("augment_cfg"),
+        "image": hparams.get("image_cfg"),
+    }
+    text = json.dumps(plain(sections), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_metadata(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What a model file says about itself: version, config hash, architecture, classes, input.
+
+    Class names in label order, the image settings (size, mode, fit), the
+    normalisation and the architecture with its arguments: enough to use the
+    file alone (``imgpipe.predict.load_model``). ``run_train_final`` adds the
+    clean settings and the test metrics of the final model.
+    """
+    import imgpipe
+
+    model_cfg = dict(hparams.get("model_cfg") or {})
+    num_classes = int(hparams["num_classes"])
+    names = hparams.get("class_names")
+    image_cfg = dict(hparams.get("image_cfg") or {})
+    channels = int(hparams["in_channels"])
+    return plain(
+        {
+            "format": METADATA_FORMAT,
+            "imgpipe_version": imgpipe.__version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "config_sha256": config_hash(hparams),
+            "architecture": {
+                "name": model_cfg.get("name"),
+                "num_classes": num_classes,
+                "in_channels": channels,
+                "image_size": int(hparams["image_size"]),
+                "channels": model_cfg.get("channels"),
+                "dropout": model_cfg.get("dropout"),
+                "weights": model_cfg.get("weights"),
+            },
+            "class_names": list(names) if names else [str(c) for c in range(num_classes)],
+            "image": {
+                "size": int(image_cfg.get("size", hparams["image_size"])),
+                "mode": image_cfg.get("mode", "rgb" if channels == 3 else "gray"),
+                "fit": image_cfg.get("fit", "pad"),
+            },
+            "normalisation": {
+                "scale": 1 / 255,
+                "mean": [float(v) for v in hparams["mean"]],
+                "std": [float(v) for v in hparams["std"]],
+            },
+        }
+    )
 
 
 # ---------------------------------------------------------------- trainer pieces
@@ -574,12 +637,14 @@ def write_outputs(
     resumed_epoch: int | None,
     started: float,
 ) -> dict:
-    """Write the best checkpoint (weights + hyper-parameters only), history.csv and summary.json."""
+    """Write the best checkpoint (weights, hyper-parameters, metadata), history.csv and summary.json."""
     best = state_dir / "checkpoints" / "best.ckpt"
     if not best.is_file():
         best = state_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(best, map_location="cpu", weights_only=True)
-    save_torch({k: saved[k] for k in CHECKPOINT_KEYS if k in saved}, out_dir / "model.ckpt")
+    kept = {k: saved[k] for k in CHECKPOINT_KEYS if k in saved}
+    kept[METADATA_KEY] = model_metadata(saved["hyper_parameters"])
+    save_torch(kept, out_dir / "model.ckpt")
     history = combined_history(state_dir / "logs")
     write_text(history.to_csv(index=False), out_dir / "history.csv")
     stats_path = state_dir / "run-stats.json"

@@ -39,6 +39,8 @@ ENV_OF_SCRIPT = {
     "cv_fold": "train",
     "cv_summary": "train",
     "evaluate": "train",
+    "export": "train",  # onnx / onnxruntime beside torch
+    "predict": "train",
     "report": "report",
     "config_snapshot": "report",
 }

@@ -1,0 +1,134 @@
+"""Benchmark: one model through PyTorch eager, TorchScript and ONNX Runtime on the CPU, same threads.
+
+The three are loaded the way ``imgpipe predict`` loads them (``imgpipe.predict.load_model``
+on the model.ckpt and on the model.pt / model.onnx that ``imgpipe.export`` writes from it)
+and timed on the same uint8 batch through ``Model.probabilities``: pixels in, class
+probabilities out, normalisation included, file decoding not. Each runtime is warmed up,
+then timed ``--repeats`` times for about ``--seconds`` each; the best round counts.
+Prints images/s side by side and their largest probability difference, and ends with
+``onnxruntime vs eager: ratio X`` (X > 1: ONNX Runtime is faster). No assertions.
+
+    .venv/bin/python bench/predict.py                      # config/config.yaml's model, 16 px grey
+    .venv/bin/python bench/predict.py --threads 2 --arch resnet18 --size 64 --mode rgb
+    .venv/bin/python bench/predict.py --model results/train/final/model.ckpt
+
+Without ``--model`` the network is built untrained (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from imgpipe.export import export_onnx, export_torchscript, max_difference  # noqa: E402
+from imgpipe.predict import load_model  # noqa: E402
+
+
+def untrained_model_file(path: Path, arch: str, size: int, mode: str, classes: int) -> Path:
+    """A model.ckpt of config/config.yaml's model section (name overridden by ``arch``), untrained."""
+    from imgpipe.classifier_module import ImageClassifier
+    from imgpipe.training import METADATA_KEY, model_metadata
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    model_cfg = {**config["model"], "name": arch or config["model"]["name"]}
+    channels = 3 if mode == "rgb" else 1
+    module = ImageClassifier(
+        model_cfg,
+        config["train"],
+        num_classes=classes,
+        in_channels=channels,
+        image_size=size,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        class_names=[str(c) for c in range(classes)],
+        image_cfg={"size": size, "mode": mode, "fit": "pad"},
+    )
+    hparams = dict(module.hparams)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": hparams}
+    state[METADATA_KEY] = model_metadata(hparams)
+    torch.save(state, path)
+    return path
+
+
+def images_per_s(model, batch: np.ndarray, seconds: float, repeats: int) -> float:
+    """Best of ``repeats`` rounds of about ``seconds`` each (after a warm-up)."""
+    for _ in range(3):
+        model.probabilities(batch)
+    best = 0.0
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            model.probabilities(batch)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                break
+        best = max(best, calls * len(batch) / elapsed)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a model.ckpt (default: config/config.yaml's model)")
+    parser.add_argument("--arch", default=None, help="network of the untrained model")
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--mode", choices=["gray", "rgb"], default="gray")
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="threads of every runtime")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per timed round")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        path = Path(args.model) if args.model else None
+        if path is None:
+            path = untrained_model_file(
+                folder / "model.ckpt", args.arch, args.size, args.mode, args.classes
+            )
+        eager = load_model(path, device="cpu")
+        export_onnx(eager, folder / "model.onnx")
+        export_torchscript(eager, folder / "model.pt")
+        runtimes = {
+            "pytorch eager": eager,
+            "torchscript": load_model(folder / "model.pt", device="cpu"),
+            "onnxruntime": load_model(folder / "model.onnx", device="cpu", threads=args.threads),
+        }
+        image = eager.image
+        channels = 3 if image["mode"] == "rgb" else 1
+        shape = (args.batch, image["size"], image["size"], channels)
+        batch = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        reference = eager.probabilities(batch)
+        arch = eager.metadata["architecture"]
+        print(
+            f"model {arch['name']} ({sum(p.numel() for p in eager.module.parameters()):,} "
+            f"parameters), {image['size']} px {image['mode']}, {len(eager.class_names)} classes; "
+            f"batch {args.batch}, {args.threads} thread(s), CPU, torch {torch.__version__}, "
+            f"{os.cpu_count()} cores"
+        )
+        print(f"{'runtime':16s}{'images/s':>12s}{'vs eager':>10s}{'max |dp|':>11s}")
+        speeds = {}
+        for name, model in runtimes.items():
+            speeds[name] = images_per_s(model, batch, args.seconds, args.repeats)
+            diff = max_difference(reference, model.probabilities(batch))
+            ratio = speeds[name] / speeds["pytorch eager"]
+            print(f"{name:16s}{speeds[name]:12,.0f}{ratio:9.2f}x{diff:11.1e}")
+        print(f"onnxruntime vs eager: ratio {speeds['onnxruntime'] / speeds['pytorch eager']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

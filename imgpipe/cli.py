@@ -1,0 +1,113 @@
+"""The ``imgpipe`` command (no Snakemake needed): ``imgpipe predict MODEL INPUT -o predictions.csv``.
+
+MODEL is a ``model.ckpt`` (results/train/final/), or an exported ``model.onnx``
+(ONNX Runtime) or ``model.pt`` (TorchScript) with its ``.json`` sidecar beside
+it. INPUT is a folder (any layout) or a CSV manifest with columns
+``path,label`` (labels may be empty). Files stream through in batches; a file
+that cannot be predicted is a row with its reason. For a labelled input (a
+``<class>/<image>`` tree or a labelled manifest) the accuracy and macro F1 are
+printed and written beside the predictions, in ``<output stem>.metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from imgpipe.errors import DataError
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``imgpipe``."""
+    top = argparse.ArgumentParser(prog="imgpipe", description="Use a trained imgpipe model.")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    predict = commands.add_parser(
+        "predict",
+        help="predict the images of a folder or CSV manifest",
+        description="Predict every image of a folder or CSV manifest into a CSV file.",
+    )
+    predict.add_argument(
+        "model", help="model.ckpt, or model.onnx / model.pt with its .json sidecar"
+    )
+    predict.add_argument("input", help="image folder (any layout) or CSV manifest (path,label)")
+    predict.add_argument("-o", "--output", required=True, help="predictions CSV to write")
+    predict.add_argument(
+        "--batch-size", type=int, default=256, help="images per batch (default 256)"
+    )
+    predict.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where the model runs (default: cuda when available, else cpu)",
+    )
+    predict.add_argument("--threads", type=int, default=None, help="CPU threads of the model")
+    predict.add_argument(
+        "--montage", default=None, help="also write a PNG of the most and least confident images"
+    )
+    predict.add_argument(
+        "--metrics",
+        default=None,
+        help="summary / metrics JSON (default: <output stem>.metrics.json beside the output)",
+    )
+    predict.add_argument("-q", "--quiet", action="store_true", help="no progress log on stderr")
+    return top
+
+
+def metrics_path(output: str, given: str | None) -> Path:
+    """Where the summary goes: ``given``, else ``<output stem>.metrics.json`` beside the output."""
+    if given:
+        return Path(given)
+    out = Path(output)
+    return out.with_name(f"{out.stem}.metrics.json")
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Run ``imgpipe predict``; print the counts (and accuracy / macro F1 of a labelled input)."""
+    from imgpipe.predict import load_model, predict_files
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # No --device: cuda when torch sees a GPU (an ONNX model: the CPU).
+    model = load_model(args.model, device=args.device, threads=args.threads)
+    summary = predict_files(
+        model,
+        args.input,
+        args.output,
+        batch_size=args.batch_size,
+        montage=args.montage,
+        metrics=metrics_path(args.output, args.metrics),
+    )
+    rejected = summary["rejected"]
+    reasons = ", ".join(f"{reason} {count}" for reason, count in rejected.items())
+    print(f"{summary['files']} files: {summary['predicted']} predicted", end="")
+    print(f", {sum(rejected.values())} rejected ({reasons})" if rejected else "")
+    print(f"predictions: {args.output}")
+    print(f"summary: {metrics_path(args.output, args.metrics)}")
+    if summary.get("metrics"):
+        found = summary["metrics"]
+        print(
+            f"accuracy {found['accuracy']:.4f}, macro F1 {found['f1_macro']:.4f} "
+            f"({found['n_labelled']} labelled images)"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``imgpipe`` console script."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("imgpipe").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return predict_command(args)
+    except DataError as err:
+        print(f"imgpipe: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The model in use, end to end: train -> evaluate -> export -> predict with real Snakemake runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from workflow_utils import (
+    TINY_CONFIG,
+    copy_workflow,
+    deep_merge,
+    digits_tree,
+    planned_jobs,
+    snakemake,
+    tree_digest,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro")
+
+
+def imgpipe_predict(workdir, *args) -> subprocess.CompletedProcess:
+    """``imgpipe predict ...`` from the workflow copy (its own imgpipe package), no Snakemake."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgpipe.cli", "predict", *map(str, args), "-q"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(workdir)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_train_evaluate_export_predict(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    digits_tree(workdir / "data")
+    config = write_config(
+        workdir,
+        deep_merge(
+            TINY_CONFIG,
+            {
+                "data": {"root": "data"},
+                "sweep": {"enabled": False},
+                "predict": {"input": "data", "name": "demo", "batch_size": 16},
+            },
+        ),
+    )
+    before = tree_digest(workdir / "data")
+    snakemake(workdir, "results/evaluate/metrics.json", "export", "predict")
+    results = workdir / "results"
+    assert tree_digest(workdir / "data") == before
+
+    # The model file: self-describing, with test metrics equal to evaluate's report.
+    state = torch.load(results / "train/final/model.ckpt", map_location="cpu", weights_only=True)
+    meta = state["imgpipe"]
+    evaluated = json.loads((results / "evaluate/metrics.json").read_text())
+    assert meta["test_metrics"]["n_test"] == evaluated["n_test"] > 0
+    for key in HEADLINE:
+        assert meta["test_metrics"][key] == pytest.approx(evaluated[key], abs=1e-12), key
+    assert meta["class_names"] == evaluated["classes"] == ["0", "1", "2", "3"]
+    assert meta["image"] == {"size": 12, "mode": "gray", "fit": "pad"}
+    assert meta["clean"]["min_side"] == config["clean"]["min_side"]
+    assert meta["max_pixels"] == config["ingest"]["max_pixels"]
+    assert meta["extensions"] == config["data"]["extensions"]
+    assert meta["architecture"]["channels"] == config["model"]["channels"]
+
+    # Export: both files with sidecars; the ONNX opset is the configured one.
+    onnx_meta = json.loads((results / "export/model.onnx.json").read_text())
+    script_meta = json.loads((results / "export/model.pt.json").read_text())
+    assert onnx_meta["opset"] == config["export"]["opset"]
+    assert onnx_meta["imgpipe"]["test_metrics"] == meta["test_metrics"]
+    assert script_meta["class_names"] == meta["class_names"]
+
+    # The predict rule: one row per file of the tree, a labelled tree, the montage.
+    predicted = pd.read_csv(results / "predict/demo/predictions.csv", keep_default_na=False)
+    assert len(predicted) == 80
+    summary = json.loads((results / "predict/demo/metrics.json").read_text())
+    assert summary["labelled"] and summary["metrics"]["n_labelled"] == summary["predicted"]
+    assert (results / "predict/demo/montage.png").stat().st_size > 0
+    assert planned_jobs(workdir, "results/evaluate/metrics.json", "export", "predict") == {}
+
+    # imgpipe predict on the test split gives evaluate's labels, from the checkpoint and ONNX.
+    evaluation = pd.read_csv(results / "evaluate/predictions.csv", dtype=str)
+    manifest = workdir / "test_split.csv"
+    rel = [os.path.relpath(p, workdir) for p in evaluation["path"]]
+    pd.DataFrame({"path": rel, "label": evaluation["label"]}).to_csv(manifest, index=False)
+    tables = {}
+    for name, model in (
+        ("ckpt", "results/train/final/model.ckpt"),
+        ("onnx", "results/export/model.onnx"),
+    ):
+        out = tmp_path / f"{name}.csv"
+        proc = imgpipe_predict(workdir, model, manifest, "-o", out, "--batch-size", "7")
+        assert (
+            f"accuracy {evaluated['accuracy']:.4f}, macro F1 {evaluated['f1_macro']:.4f}"
+            in proc.stdout
+        )
+        table = pd.read_csv(out, dtype=str, keep_default_na=False)
+        assert (table["rejected"] == "").all()
+        tables[name] = table.set_index("relpath").loc[rel]
+    for name, table in tables.items():
+        assert table["label"].tolist() == evaluation["predicted"].tolist(), name
+    np.testing.assert_allclose(
+        tables["onnx"]["probability"].astype(float),
+        tables["ckpt"]["probability"].astype(float),
+        atol=1e-4,
+    )

@@ -1,0 +1,25 @@
+# Predict new images with the final model: only when the config has a predict
+# section (predict: {input: <folder or CSV manifest>, name: <run name>}), so the
+# default DAG does not change. The input is only read.
+if config.get("predict"):
+
+    rule predict:
+        input:
+            model=rules.train_final.output.model,
+            images=config["predict"]["input"],
+        output:
+            predictions=f"results/predict/{config['predict']['name']}/predictions.csv",
+            montage=f"results/predict/{config['predict']['name']}/montage.png",
+            metrics=f"results/predict/{config['predict']['name']}/metrics.json",
+        log:
+            f"logs/predict/{config['predict']['name']}.log",
+        benchmark:
+            f"benchmarks/predict/{config['predict']['name']}.tsv"
+        conda:
+            "../../envs/train.yaml"
+        threads: 4
+        params:
+            settings=config["predict"],
+            code=code("predict"),
+        script:
+            "../../scripts/predict.py"
