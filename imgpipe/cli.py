@@ -66,7 +66,8 @@ def metrics_path(output: str, given: str | None) -> Path:
 
 def predict_command(args: argparse.Namespace) -> int:
     """Run ``imgpipe predict``; print the counts (and accuracy / macro F1 of a labelled input)."""
-    from imgpipe.predict import load_model, predict_files
+    from imgpipe.predict import load_model
+    from imgpipe.predict_images import predict_files
 
     if args.threads:
         import torch

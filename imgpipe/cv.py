@@ -84,7 +84,7 @@ def fold_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     Macro averages run over the classes the fold holds out (see
     ``imgpipe.evaluate.headline_metrics``).
     """
-    from imgpipe.evaluate import headline_metrics
+    from imgpipe.metrics import headline_metrics
 
     return headline_metrics(y_true, y_pred)
 

@@ -422,15 +422,18 @@ def record_test_metrics(job: StageJob, model_path: str | os.PathLike) -> dict:
     import torch
 
     from imgpipe.atomic import plain
-    from imgpipe.evaluate import headline_metrics
-    from imgpipe.predict import DEFAULT_EXTENSIONS, clean_settings_metadata, predict_proba
-    from imgpipe.training import METADATA_KEY, save_torch
+    from imgpipe.metrics import headline_metrics
+    from imgpipe.modelfile import METADATA_KEY, QUALITY_KEYS
+    from imgpipe.predict import DEFAULT_EXTENSIONS, predict_proba
+    from imgpipe.training import save_torch
 
     data = load_training_data(job.input)
     test_ids = data.ids("test")
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     metadata = dict(state.get(METADATA_KEY) or {})
-    metadata["clean"] = clean_settings_metadata(job.config.get("clean") or {})
+    # The config is complete here (schema defaults filled in): its quality-check settings.
+    clean_cfg = job.config.get("clean") or {}
+    metadata["clean"] = {key: clean_cfg[key] for key in QUALITY_KEYS if key in clean_cfg}
     metadata["max_pixels"] = int((job.config.get("ingest") or {}).get("max_pixels", 100_000_000))
     extensions = (job.config.get("data") or {}).get("extensions") or DEFAULT_EXTENSIONS
     metadata["extensions"] = list(extensions)

@@ -30,7 +30,8 @@ from torch import nn
 
 from imgpipe.atomic import atomic_path, write_json
 from imgpipe.errors import DataError
-from imgpipe.predict import METADATA_KEY, SIDECAR_SUFFIX, Model, load_model
+from imgpipe.modelfile import METADATA_KEY
+from imgpipe.predict import SIDECAR_SUFFIX, Model, load_model
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")

@@ -23,7 +23,6 @@ already started one process per rank and plain "ddp" attaches to them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import channel_stats
 from imgpipe.errors import DataError
 from imgpipe.image_datamodule import ImageDataModule, Images
+from imgpipe.modelfile import METADATA_KEY, model_metadata
 from imgpipe.models import BackboneFreeze, normalisation, parse_freeze
 from imgpipe.progress import TrainingProgress
 
@@ -71,67 +71,6 @@ CHECKPOINT_KEYS = (
 
 
 # The model file's self-description (plain types only: loads stay weights_only-safe).
-METADATA_KEY = "imgpipe"
-METADATA_FORMAT = 1
-
-
-def config_hash(hparams: Mapping[str, Any]) -> str:
-    """sha256 of the settings a model was trained with: its model, train, augment and image sections."""
-    sections = {
-        "model": hparams.get("model_cfg"),
-        "train": hparams.get("train_cfg"),
-        "augment": hparams.get("augment_cfg"),
-        "image": hparams.get("image_cfg"),
-    }
-    text = json.dumps(plain(sections), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def model_metadata(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """What a model file says about itself: version, config hash, architecture, classes, input.
-
-    Class names in label order, the image settings (size, mode, fit), the
-    normalisation and the architecture with its arguments: enough to use the
-    file alone (``imgpipe.predict.load_model``). ``run_train_final`` adds the
-    clean settings and the test metrics of the final model.
-    """
-    import imgpipe
-
-    model_cfg = dict(hparams.get("model_cfg") or {})
-    num_classes = int(hparams["num_classes"])
-    names = hparams.get("class_names")
-    image_cfg = dict(hparams.get("image_cfg") or {})
-    channels = int(hparams["in_channels"])
-    return plain(
-        {
-            "format": METADATA_FORMAT,
-            "imgpipe_version": imgpipe.__version__,
-            "torch_version": torch.__version__.split("+")[0],
-            "config_sha256": config_hash(hparams),
-            "architecture": {
-                "name": model_cfg.get("name"),
-                "num_classes": num_classes,
-                "in_channels": channels,
-                "image_size": int(hparams["image_size"]),
-                "channels": model_cfg.get("channels"),
-                "dropout": model_cfg.get("dropout"),
-                "weights": model_cfg.get("weights"),
-            },
-            "class_names": list(names) if names else [str(c) for c in range(num_classes)],
-            "image": {
-                "size": int(image_cfg.get("size", hparams["image_size"])),
-                "mode": image_cfg.get("mode", "rgb" if channels == 3 else "gray"),
-                "fit": image_cfg.get("fit", "pad"),
-            },
-            "normalisation": {
-                "scale": 1 / 255,
-                "mean": [float(v) for v in hparams["mean"]],
-                "std": [float(v) for v in hparams["std"]],
-            },
-        }
-    )
-
-
 # ---------------------------------------------------------------- trainer pieces
 
 

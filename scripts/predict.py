@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
 
-from imgpipe.predict import run_predict  # noqa: E402
+from imgpipe.predict_images import run_predict  # noqa: E402
 from imgpipe.stage import run_stage  # noqa: E402
 
 run_stage(snakemake, run_predict)

@@ -9,15 +9,13 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from imgpipe.demo import digits_images
 from imgpipe.errors import DataError
 from imgpipe.evaluate import (
-    classification_metrics,
-    confusion_matrix_table,
     epoch_metrics,
     evaluate_predictions,
-    per_class_table,
     plot_confusion,
     plot_training_curves,
     run_evaluate,
 )
+from imgpipe.metrics import classification_metrics, confusion_matrix_table, per_class_table
 from imgpipe.split import assign_roles
 from imgpipe.stage import StageJob
 

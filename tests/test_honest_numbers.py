@@ -91,7 +91,7 @@ def test_cv_fold_never_looks_at_its_held_out_images(tmp_path, monkeypatch, with_
     job, index, folds = fold_job(tmp_path, best)
     seen = {}
 
-    def fake_training(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, job, key):
+    def fake_training(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, job, key, **kw):
         seen.update(train=train_ids, val=val_ids, cfg=train_cfg)
         raise RuntimeError("stop after planning")
 

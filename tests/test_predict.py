@@ -40,18 +40,17 @@ from imgpipe import cli
 from imgpipe.export import export_onnx, export_torchscript, max_difference
 from imgpipe.ingest import index_shard, prepare_images
 from imgpipe.listing import list_images
-from imgpipe.predict import (
+from imgpipe.modelfile import METADATA_KEY
+from imgpipe.predict import Model, load_model, predict_proba
+from imgpipe.predict_images import (
     PREDICTION_COLUMNS,
-    Model,
     list_inputs,
-    load_model,
     predict_files,
-    predict_proba,
     run_predict,
     screen,
 )
 from imgpipe.stage import StageJob
-from imgpipe.training import METADATA_KEY, fit
+from imgpipe.training import fit
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"
@@ -142,13 +141,13 @@ def test_model_file_round_trip(trained, tmp_path):
     hparams = state["hyper_parameters"]
     assert meta["normalisation"]["mean"] == pytest.approx(list(hparams["mean"]))
     assert meta["normalisation"]["std"] == pytest.approx(list(hparams["std"]))
-    # Settings a plain fit does not know come from train_final; until then clean's defaults.
-    assert model.clean["min_side"] == 8 and model.max_pixels == 10**8
+    # Settings a plain fit does not know come from train_final (prediction then uses clean's defaults).
+    assert model.clean == {} and model.max_pixels == 10**8
     assert ".png" in model.extensions
 
 
 def test_config_hash_follows_the_training_settings(trained):
-    from imgpipe.training import config_hash
+    from imgpipe.modelfile import config_hash
 
     hparams = torch.load(trained["ckpt"], weights_only=True)["hyper_parameters"]
     assert config_hash(hparams) == load_model(trained["ckpt"]).metadata["config_sha256"]

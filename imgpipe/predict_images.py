@@ -1,0 +1,352 @@
+"""Predict new image files with a trained model: the ``predict`` stage and ``imgpipe predict``.
+
+``predict_files`` predicts a folder or a CSV manifest. Each file goes through
+the pipeline's own checks (the listing's refusals, the decoder's, clean's
+quality checks with the settings the model was trained with) and its one
+preprocessing path (``imgpipe.ingest.prepare_images``); batches stream through
+the model into ``predictions.csv``, so memory follows the batch size, not the
+number of files.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import itertools
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from imgpipe.errors import DataError
+from imgpipe.modelfile import QUALITY_KEYS
+from imgpipe.predict import Model, load_model
+from imgpipe.stage import StageJob
+
+log = logging.getLogger("imgpipe")
+
+TOP_K = 3
+PREDICTION_COLUMNS = [
+    "path",
+    "relpath",
+    "label",
+    "probability",
+    "label_2",
+    "probability_2",
+    "label_3",
+    "probability_3",
+    "rejected",
+    "detail",
+    "given_label",
+]
+# Files screened together (quality checks are computed per chunk, not per file).
+SCREEN_CHUNK = 256
+# Images per row of the montage of the most and the least confident predictions.
+MONTAGE_PER_ROW = 8
+
+
+def clean_settings_metadata(clean_section: Mapping[str, Any]) -> dict[str, Any]:
+    """The quality-check settings of a ``clean:`` section that prediction applies (defaults filled in)."""
+    from imgpipe.clean import CleanSettings
+
+    defaults = CleanSettings()
+    return {key: clean_section.get(key, getattr(defaults, key)) for key in QUALITY_KEYS}
+
+
+def list_inputs(
+    source: str | os.PathLike, extensions: Sequence[str], class_names: Sequence[str] = ()
+) -> tuple[pd.DataFrame, bool]:
+    """The files to predict (``imgpipe.listing`` columns) and whether ``source`` carries labels.
+
+    ``source`` is a folder (any layout: images in the root, in class folders,
+    nested) or a CSV manifest with columns ``path,label`` (labels may be empty).
+    The listing's refusals apply (hidden, unsupported extension, broken symlink,
+    missing file, ...); an image outside any class folder, or with an empty
+    label, is simply unlabelled. The input is *labelled* when every image
+    candidate has a label and at least one label is a class of the model: a
+    ``<class>/<image>`` tree or a labelled manifest.
+    """
+    from imgpipe.listing import COLUMNS, _manifest_file_problem, list_source
+
+    rows = list_source(source, extensions, "predict")
+    table = pd.DataFrame(rows, columns=COLUMNS, dtype=str)
+    unlabelled = np.flatnonzero((table["reason"] == "no_class").to_numpy())
+    if len(unlabelled):
+        # The listing stops at "no class" before its file checks: run them here.
+        problems = [_manifest_file_problem(p) for p in table["path"].to_numpy()[unlabelled]]
+        columns = {c: table[c].to_numpy(dtype=object, copy=True) for c in COLUMNS[2:]}
+        columns["label"][unlabelled] = ""
+        columns["status"][unlabelled] = ["rejected" if p else "ok" for p in problems]
+        columns["reason"][unlabelled] = [p[0] if p else "" for p in problems]
+        columns["detail"][unlabelled] = [p[1] if p else "" for p in problems]
+        for name, values in columns.items():
+            table[name] = values
+    table = table.sort_values("relpath", kind="stable", ignore_index=True)
+    candidates = table["status"] == "ok"
+    labels = table.loc[candidates, "label"]
+    labelled = bool(
+        candidates.any() and (labels != "").all() and labels.isin(list(class_names)).any()
+    )
+    return table, labelled
+
+
+# ----------------------------------------------------------------------------- screening
+
+
+@dataclass(slots=True)
+class Screened:
+    """One listed file: the model-ready array, or why it is refused (listing, decoding, quality)."""
+
+    row: int
+    reason: str = ""
+    detail: str = ""
+    array: np.ndarray | None = None
+
+
+def screen(files: pd.DataFrame, model: Model) -> Iterator[Screened]:
+    """Every row of ``files`` in order with its uint8 array, or its reason for refusal.
+
+    The listing's refusals pass through unopened; the others go through
+    ``imgpipe.ingest.prepare_images`` (decoding and resizing exactly as ingest
+    did for the training images) and clean's per-image quality checks with the
+    model's clean settings, a chunk of files at a time.
+    """
+    from imgpipe.clean import CleanSettings, quality_reasons
+    from imgpipe.ingest import PREPARED_COLUMNS, prepare_images
+
+    settings = CleanSettings(**clean_settings_metadata(model.clean))
+    statuses = files["status"].tolist()
+    reasons = files["reason"].tolist()
+    details = files["detail"].tolist()
+    paths = files["path"].tolist()
+    for start in range(0, len(files), SCREEN_CHUNK):
+        rows = range(start, min(start + SCREEN_CHUNK, len(files)))
+        opened = [row for row in rows if statuses[row] == "ok"]
+        prepared = list(prepare_images((paths[r] for r in opened), model.image, model.max_pixels))
+        decoded = {row: item for row, item in zip(opened, prepared, strict=True)}
+        quality: dict[int, tuple[str, str]] = {}
+        measured = [row for row in opened if decoded[row][1] is not None]
+        if measured:
+            stats = pd.DataFrame([decoded[r][0] for r in measured], columns=PREPARED_COLUMNS)
+            found, found_detail = quality_reasons(stats, settings)
+            quality = dict(zip(measured, zip(found, found_detail, strict=True), strict=True))
+        for row in rows:
+            if statuses[row] != "ok":
+                yield Screened(row, reasons[row] or "unreadable", details[row])
+                continue
+            fields, array = decoded[row]
+            if array is None:
+                status = dict(zip(PREPARED_COLUMNS, fields, strict=True))
+                yield Screened(row, status["reason"] or "unreadable", status["detail"] or "")
+            elif quality[row][0]:
+                yield Screened(row, *quality[row])
+            else:
+                yield Screened(row, array=array)
+
+
+# ----------------------------------------------------------------------------- predicting files
+
+
+class _Montage:
+    """The most and the least confident predictions seen so far (a bounded pair of heaps)."""
+
+    def __init__(self, per_row: int = MONTAGE_PER_ROW) -> None:
+        self.per_row = per_row
+        self.most: list[tuple] = []
+        self.least: list[tuple] = []
+        self.counter = itertools.count()
+
+    def add(self, confidence: float, array: np.ndarray, caption: str) -> None:
+        """Offer one prediction to both heaps."""
+        n = next(self.counter)
+        for heap, key in ((self.most, confidence), (self.least, -confidence)):
+            item = (key, -n, array, caption)
+            if len(heap) < self.per_row:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write the two rows (most confident first, then least confident) as one PNG grid."""
+        from imgpipe.plots import image_grid
+
+        rows, titles, captions = [], [], []
+        for name, heap in (("most confident", self.most), ("least confident", self.least)):
+            if heap:
+                ordered = sorted(heap, reverse=True)
+                rows.append([item[2] for item in ordered])
+                captions.append([item[3] for item in ordered])
+                titles.append(name)
+        image_grid(
+            rows,
+            path,
+            row_titles=titles,
+            cell_titles=captions,
+            title="predictions: most and least confident",
+            empty_text="no image was predicted",
+        )
+
+
+def _format(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def predict_files(
+    model: Model,
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    batch_size: int = 256,
+    montage: str | os.PathLike | None = None,
+    metrics: str | os.PathLike | None = None,
+    extensions: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Predict every file of a folder or manifest into ``output`` (CSV); return the summary.
+
+    One row per listed file in ``relpath`` order: ``label`` / ``probability``
+    (the top class), ``label_2`` ... ``probability_3`` (the next two),
+    ``rejected`` (the reason a file was not predicted: a listing, decoding or
+    quality refusal) with its ``detail``, and ``given_label`` (the file's class
+    when the input is labelled). Files are screened and predicted ``batch_size``
+    images at a time and rows are appended as they come: memory follows the
+    batch, not the input. ``montage``: PNG of the most and least confident
+    images. ``metrics``: JSON of the counts, and for a labelled input the
+    accuracy, macro F1 and per-class table over the images whose label is a
+    class of the model. The input is only read.
+    """
+    from imgpipe.atomic import atomic_path, write_json
+
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    names = model.class_names
+    files, labelled = list_inputs(source, extensions or model.extensions, names)
+    code_of = {name: code for code, name in enumerate(names)}
+    k = min(TOP_K, len(names))
+    counts: Counter = Counter()
+    y_true: list[np.ndarray] = []
+    y_pred: list[np.ndarray] = []
+    unknown_labels: Counter = Counter()
+    gallery = _Montage()
+    paths, relpaths = files["path"].tolist(), files["relpath"].tolist()
+    given = files["label"].tolist() if labelled else [""] * len(files)
+    log.info(
+        "predicting %d listed file(s) of %s with %s (%s, %s); %s input",
+        len(files),
+        source,
+        model.path,
+        model.kind,
+        model.device,
+        "labelled" if labelled else "unlabelled",
+    )
+
+    def flush(pending: list[Screened], writer: Any) -> None:
+        batch = [item for item in pending if item.array is not None]
+        probs = model.probabilities(np.stack([item.array for item in batch])) if batch else None
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k] if batch else None
+        predicted = iter(range(len(batch)))
+        codes_true, codes_pred = [], []
+        for item in pending:
+            row = [paths[item.row], relpaths[item.row]]
+            if item.array is None:
+                counts[item.reason] += 1
+                writer.writerow(
+                    [*row, *[""] * (2 * TOP_K), item.reason, item.detail, given[item.row]]
+                )
+                continue
+            j = next(predicted)
+            top = [(names[c], float(probs[j, c])) for c in order[j]]
+            top += [("", None)] * (TOP_K - len(top))
+            cells = [v for name, p in top for v in (name, "" if p is None else _format(p))]
+            writer.writerow([*row, *cells, "", "", given[item.row]])
+            counts["predicted"] += 1
+            caption = f"{top[0][0]} {top[0][1]:.2f}"
+            if given[item.row] and given[item.row] != top[0][0]:
+                caption += f" [{given[item.row]}]"  # the given label, where it differs
+            gallery.add(top[0][1], item.array, caption)
+            if labelled:
+                if given[item.row] in code_of:
+                    codes_true.append(code_of[given[item.row]])
+                    codes_pred.append(int(order[j, 0]))
+                else:
+                    unknown_labels[given[item.row]] += 1
+        if codes_true:
+            y_true.append(np.asarray(codes_true, np.int32))
+            y_pred.append(np.asarray(codes_pred, np.int32))
+
+    with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(PREDICTION_COLUMNS)
+        pending: list[Screened] = []
+        images = 0
+        for item in screen(files, model):
+            pending.append(item)
+            images += item.array is not None
+            if images >= batch_size:
+                flush(pending, writer)
+                pending, images = [], 0
+        flush(pending, writer)
+        fh.flush()
+        os.fsync(fh.fileno())
+    summary: dict[str, Any] = {
+        "input": os.fspath(source),
+        "model": model.path,
+        "runtime": model.kind,
+        "device": model.device,
+        "files": len(files),
+        "predicted": counts.pop("predicted", 0),
+        "rejected": dict(sorted(counts.items())),
+        "labelled": labelled,
+        "class_names": names,
+    }
+    if labelled:
+        from imgpipe.metrics import classification_metrics
+
+        truth = np.concatenate(y_true) if y_true else np.zeros(0, np.int32)
+        guess = np.concatenate(y_pred) if y_pred else np.zeros(0, np.int32)
+        scores = classification_metrics(truth, guess, names)
+        summary["metrics"] = {"n_labelled": scores.pop("n"), **scores}
+        summary["labels_not_in_model"] = dict(sorted(unknown_labels.items()))
+    if metrics is not None:
+        write_json(summary, metrics)
+    if montage is not None:
+        gallery.write(montage)
+    log.info(
+        "%d predicted, %d rejected %s",
+        summary["predicted"],
+        sum(summary["rejected"].values()),
+        summary["rejected"],
+    )
+    return summary
+
+
+def run_predict(job: StageJob) -> dict[str, Any]:
+    """The predict stage: the final model on ``predict.input`` into results/predict/<name>/."""
+    import torch
+
+    from imgpipe.gpus import claim_for_inference
+
+    settings = job.params["settings"]
+    torch.set_num_threads(max(1, int(job.threads)))
+    with claim_for_inference() as device:
+        model = load_model(job.input["model"], device=device)
+        summary = predict_files(
+            model,
+            settings["input"],
+            job.output["predictions"],
+            batch_size=int(settings.get("batch_size", 256)),
+            montage=job.output["montage"],
+            metrics=job.output["metrics"],
+        )
+    if summary.get("metrics"):
+        found = summary["metrics"]
+        log.info(
+            "labelled input: accuracy %.4f, macro F1 %.4f over %d images",
+            found["accuracy"],
+            found["f1_macro"],
+            found["n_labelled"],
+        )
+    return summary
