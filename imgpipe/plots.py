@@ -44,6 +44,19 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = DPI) -> None:
         plt.close(fig)
 
 
+def png_bytes(fig: Any, dpi: int = DPI) -> bytes:
+    """A matplotlib figure as PNG bytes (for pages that embed their figures); the figure is closed."""
+    import io
+
+    plt = pyplot()
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
 def to_rgb_tile(image: np.ndarray, tile: int = TILE) -> np.ndarray:
     """A uint8 HxW, HxWx1 or HxWx3 image as a ``tile`` x ``tile`` RGB cell (aspect kept, padded white)."""
     image = np.asarray(image)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import pandas as pd
 import yaml
 
 from imgpipe.atomic import plain, write_csv, write_text
+from imgpipe.plots import png_bytes, pyplot
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -815,22 +815,7 @@ def image(inputs: Mapping[str, Any], key: str, caption: str) -> str:
 
 def chart(fig: Any) -> str:
     """A matplotlib figure as a PNG data URI (the figure is closed)."""
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fig)).decode("ascii")
 
 
 def section(section_id: str, body: str) -> str:
@@ -1000,7 +985,7 @@ def class_chart(kept: Mapping[str, Any], rejected: Mapping[str, Any]) -> str:
         total = counts.sum(axis=1).sort_values(ascending=False, kind="stable")
         counts = counts.loc[sorted(total.index[:MAX_CHART_CLASSES], key=str)]
         caption += f", the {MAX_CHART_CLASSES} largest of {len(classes)} classes"
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.4 * len(counts) + 2)), 3.4))
     positions = range(len(counts))
     ax.bar(positions, counts["kept"], color="#4c72b0", label="kept")
@@ -1372,7 +1357,7 @@ def curves_chart(histories: Sequence[tuple[str, pd.DataFrame]]) -> str:
     """Loss per epoch of every job (training solid, validation dashed) and validation accuracy."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     has_accuracy = [("val_acc" in h and h["val_acc"].notna().any()) for _, h in histories]
     panels = 2 if any(has_accuracy) else 1  # no empty accuracy panel
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
