@@ -486,6 +486,12 @@ configfile: "config.yaml"
 def code(script):
     return code_fingerprint(Path({repo!r}) / "scripts" / f"{{script}}.py")
 
+# What workflow/rules/common.smk gives the report rules.
+IMAGE_SETTINGS = "results/ingest/image.json"
+
+def configured():
+    return config
+
 include: {rules!r}
 """
 
@@ -496,6 +502,10 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     (tmp_path / "results" / "config.yaml").unlink()  # the rule writes it
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    # image.size / mode as the image_settings rule resolved them (auto in the config).
+    resolved = {"size": 16, "mode": "gray", "fit": "pad", "reasons": {}}
+    (tmp_path / "results" / "ingest").mkdir(parents=True)
+    (tmp_path / "results" / "ingest" / "image.json").write_text(json.dumps(resolved))
     snakefile = tmp_path / "Snakefile"
     rules = str(REPO / "workflow" / "rules" / "report.smk")
     snakefile.write_text(TEST_SNAKEFILE.format(repo=str(REPO), rules=rules))
@@ -505,7 +515,8 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     page = (tmp_path / "results" / "report" / "index.html").read_text()
     assert parse(page).sections == SECTION_IDS
     assert "Not run" not in page
-    assert yaml.safe_load((tmp_path / "results" / "config.yaml").read_text()) == config
+    snapshot = yaml.safe_load((tmp_path / "results" / "config.yaml").read_text())
+    assert snapshot == {**config, "image": {"size": 16, "mode": "gray", "fit": "pad"}}
     assert (tmp_path / "logs" / "report.log").read_text().count("headline numbers") == 1
 
     # A new title reruns the snapshot and the page, and they pick the title up.

@@ -5,6 +5,9 @@ from imgpipe.report import input_paths
 # any config change rewrites it and thereby reruns the report, while the
 # report's own params (the report section) rerun nothing else.
 rule config_snapshot:
+    input:
+        # image.size / image.mode as resolved for this data (auto -> inferred).
+        image=IMAGE_SETTINGS,
     output:
         config="results/config.yaml",
     log:
@@ -13,7 +16,7 @@ rule config_snapshot:
     conda:
         "../../envs/report.yaml"
     params:
-        config=config,
+        config=configured(),
         configfiles=[str(path) for path in workflow.configfiles],
         code=code("config_snapshot"),
     script:
