@@ -99,13 +99,21 @@ class NpyRows:
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         return self._fd
 
-    def read_into(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """Fill ``out[k]`` with row ``rows[k]``; runs of consecutive rows are read at once."""
+    def read_into(self, rows: np.ndarray, out: np.ndarray, slots: np.ndarray | None = None) -> None:
+        """Fill ``out[slots[k]]`` (default ``out[k]``) with row ``rows[k]``, reading straight into ``out``.
+
+        ``out`` is a C-contiguous uint8 (M, H, W, C) array. Runs of consecutive
+        rows that land in consecutive slots are read with one call; small rows
+        (thumbnails) whose span is compact are read as one span and gathered.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return
         if rows.min() < 0 or rows.max() >= self.shape[0]:
             raise IndexError(f"{self.path}: rows outside 0..{self.shape[0] - 1}")
+        slots = np.arange(len(rows)) if slots is None else np.asarray(slots, dtype=np.int64)
+        if not out.flags.c_contiguous:
+            raise ValueError("read_into needs a C-contiguous output array")
         fd = self._descriptor()
         low, high = int(rows.min()), int(rows.max()) + 1
         span_bytes = (high - low) * self.row_bytes
@@ -113,16 +121,16 @@ class NpyRows:
             # Small rows (thumbnails): one read of the rows' whole span beats a call per row.
             span = np.empty((high - low, *self.shape[1:]), dtype=np.uint8)
             self._pread(fd, span, low)
-            out[:] = span[rows - low]
+            out[slots] = span[rows - low]
             return
         order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        # Start a new run wherever the next wanted row is not the next row on disk.
-        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        ordered, targets = rows[order], slots[order]
+        # A new run wherever the next wanted row is not the next row on disk, or
+        # its slot is not the next slot of out.
+        breaks = np.flatnonzero((np.diff(ordered) != 1) | (np.diff(targets) != 1)) + 1
         for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)], strict=True):
-            buffer = np.empty((int(stop - start), *self.shape[1:]), dtype=np.uint8)
-            self._pread(fd, buffer, int(ordered[start]))
-            out[order[start:stop]] = buffer
+            first = int(targets[start])
+            self._pread(fd, out[first : first + int(stop - start)], int(ordered[start]))
 
     def _pread(self, fd: int, buffer: np.ndarray, first_row: int) -> None:
         """Fill ``buffer`` with consecutive rows starting at ``first_row``."""
@@ -179,13 +187,22 @@ class ShardImages:
         if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
             raise IndexError(f"positions outside 0..{len(self) - 1}")
         out = np.empty((len(positions), *self.shape[1:]), dtype=np.uint8)
+        self.read_into(positions, out)
+        return out
+
+    def read_into(
+        self, positions: np.ndarray, out: np.ndarray, slots: np.ndarray | None = None
+    ) -> None:
+        """Fill ``out[slots[k]]`` (default ``out[k]``) with image ``positions[k]``, no copy between.
+
+        ``out`` is a C-contiguous uint8 array of this reader's image shape.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        slots = np.arange(len(positions)) if slots is None else np.asarray(slots, dtype=np.int64)
         files = self.file_of[positions]
         for f in np.unique(files):
             where = np.flatnonzero(files == f)
-            block = np.empty((len(where), *self.shape[1:]), dtype=np.uint8)
-            self.files[f].read_into(self.row_of[positions[where]], block)
-            out[where] = block
-        return out
+            self.files[f].read_into(self.row_of[positions[where]], out, slots=slots[where])
 
 
 def open_images(index: pd.DataFrame) -> ShardImages:
