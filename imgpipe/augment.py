@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -109,29 +110,92 @@ def affine_maps(n: int, cfg: Mapping, device: torch.device, generator: Any = Non
     return maps
 
 
+def pixel_maps(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(n, 2, 3) maps in pixels (output pixel -> input pixel) of ``affine_maps``' normalised ones.
+
+    grid_sample's convention (align_corners=False): output pixel j has the
+    normalised coordinate u = (2j + 1) / W - 1, input coordinate s lies at pixel
+    ((s + 1) W - 1) / 2; composing both with the map gives this affine map.
+    """
+    m = maps.detach().to("cpu", torch.float64).numpy()
+    out = np.empty_like(m)
+    sides = (width, height)
+    for row, side in enumerate(sides):
+        a, b, t = m[:, row, 0], m[:, row, 1], m[:, row, 2]
+        out[:, row, 0] = a * side / width
+        out[:, row, 1] = b * side / height
+        out[:, row, 2] = side / 2 * (a * (1 / width - 1) + b * (1 / height - 1) + t + 1) - 0.5
+    return out
+
+
+def warp_uint8(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Sample a CPU uint8 NCHW batch through ``maps`` as grid_sample does, by OpenCV, in uint8.
+
+    Bilinear with black outside the image (grid_sample's zero padding), at the
+    same coordinates; OpenCV's fixed-point bilinear rounds to whole grey levels
+    (1/32 px positions), within a level or two of grid_sample on float input.
+    About 10x faster than grid_sample on a CPU: no float copy, no sampling grid.
+    """
+    n, channels, height, width = x.shape
+    source = x.contiguous().numpy()
+    out = np.empty_like(source)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for k, matrix in enumerate(pixel_maps(maps, height, width)):
+        for c in range(channels):
+            cv2.warpAffine(
+                source[k, c],
+                matrix,
+                (width, height),
+                dst=out[k, c],
+                flags=flags,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
+    return torch.from_numpy(out)
+
+
 def augment_batch(x: torch.Tensor, cfg: Mapping, generator: Any = None) -> torch.Tensor:
     """Apply the policy to a float NCHW batch in [0, 1], with independent random draws per image.
 
     Runs wherever ``x`` is (the training device). ``generator`` seeds the draws
     (the augment stage's seeded views); training draws from torch's global RNG,
-    which the LightningModule reseeds at every step.
+    which the LightningModule reseeds at every step. A uint8 batch (0-255) is
+    taken as well and comes back as float in [0, 1]; on the CPU its geometry
+    is then sampled in uint8 (``warp_uint8``: same draws, same maps).
     """
     p = policy(cfg)
     n = x.shape[0]
+    as_bytes = x.dtype == torch.uint8
     if n == 0:
-        return x
+        return x.float().div_(255.0) if as_bytes else x
+    owned = False  # whether x is a tensor made here (then changed in place: fewer copies)
     if is_geometric(p):
         maps = affine_maps(n, p, x.device, generator)
-        grid = F.affine_grid(maps, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if as_bytes and x.device.type == "cpu":
+            x = warp_uint8(x, maps)
+        else:
+            x = x.float().div_(255.0) if as_bytes else x
+            as_bytes = False
+            grid = F.affine_grid(maps, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            owned = True
+    in_range = as_bytes  # uint8 / 255 lies in [0, 1]: no clamp unless the colour changes
+    if as_bytes:
+        x, owned = x.float().div_(255.0), True
+    if not owned and (p["brightness"] or p["contrast"]):
+        x, owned = x.clone(), True
     if p["brightness"]:
         factor = _uniform(n, [1 - p["brightness"], 1 + p["brightness"]], x.device, generator)
-        x = x * factor[:, None, None, None]
+        x.mul_(factor[:, None, None, None])
+        in_range = False
     if p["contrast"]:
         factor = _uniform(n, [1 - p["contrast"], 1 + p["contrast"]], x.device, generator)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * factor[:, None, None, None] + mean
-    return x.clamp(0.0, 1.0)
+        x.sub_(mean).mul_(factor[:, None, None, None]).add_(mean)
+        in_range = False
+    if in_range:
+        return x
+    return x.clamp_(0.0, 1.0) if owned else x.clamp(0.0, 1.0)
 
 
 def iter_views(

@@ -86,11 +86,21 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def preprocess(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """uint8 NCHW batch -> normalised float batch; with ``augment``, the augmentation policy first."""
-        x = x.float().div_(255.0)
+        """uint8 NCHW batch -> normalised float batch; with ``augment``, the augmentation policy first.
+
+        The policy takes the uint8 batch itself (on a CPU its geometry is then
+        sampled in uint8, see ``imgpipe.augment.warp_uint8``); every step after
+        the first float tensor works in place on it: on a CPU each extra copy
+        of a 224 px batch costs as much as the sampling.
+        """
         if augment and self.augment_cfg.get("on_device", True):
-            x = augment_batch(x, self.augment_cfg)
-        x = (x - self.mean) / self.std
+            out = augment_batch(x, self.augment_cfg)
+        else:
+            out = x.to(torch.float32, copy=True).div_(255.0)
+        if out is x:  # a float batch the policy left as it was: not ours to change
+            out = out.clone()
+        out.sub_(self.mean).div_(self.std)
+        x = out
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
