@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from imgpipe.augment import affine_maps, augment_batch, warp_uint8
 from imgpipe.classifier_module import ImageClassifier
-from imgpipe.dataset import NpyRows, ShardImages
+from imgpipe.dataset import NpyRows, ShardImages, channel_stats
 from imgpipe.image_datamodule import ImageBatches, ImageDataModule, keep_freed_memory
 
 POLICIES = {
@@ -152,3 +152,17 @@ def test_batches_cross_as_pinned_uint8_when_asked(tmp_path):
 def test_freed_memory_is_kept_for_reuse_on_glibc():
     assert keep_freed_memory() in (True, False)  # never raises, even off glibc
     assert keep_freed_memory() == keep_freed_memory()  # set once per process
+
+
+def test_channel_stats_are_the_exact_mean_and_std_of_the_pixels(monkeypatch):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (50, 12, 10, 3), dtype=np.uint8)
+    images[:, :, :, 2] //= 4  # channels of different statistics
+    monkeypatch.setattr("imgpipe.dataset.STATS_CHUNK_BYTES", 1000)  # a few images per chunk
+    ids = np.arange(3, 50, 2)
+    mean, std = channel_stats(images, ids)
+    pixels = images[ids].reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-12)
+    flat = np.full((4, 5, 5, 1), 7, np.uint8)
+    assert channel_stats(flat) == ([7 / 255], [1e-3])  # std floored
