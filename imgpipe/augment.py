@@ -150,13 +150,21 @@ def _warp_threads() -> ThreadPoolExecutor | None:
     return _warp_pool[2]
 
 
-def warp_uint8(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+def warp_uint8(
+    x: torch.Tensor, maps: torch.Tensor | None, tables: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sample a CPU uint8 NCHW batch through ``maps`` as grid_sample does, by OpenCV, in uint8.
 
     Bilinear with black outside the image (grid_sample's zero padding), at the
     same coordinates; OpenCV's fixed-point bilinear rounds to whole grey levels
     (1/32 px positions), within a level or two of grid_sample on float input.
     About 10x faster than grid_sample on a CPU: no float copy, no sampling grid.
+
+    With ``tables`` ((C, 256) float32), each plane is then looked up in its
+    channel's table on the way out (``maps`` None: the lookup alone), and the
+    float batch comes back: float conversion and normalisation in the one
+    write of the output, while the warped plane is still in the cache.
+
     The planes are shared among torch's number of threads (OpenCV releases the
     GIL), each warp on one OpenCV thread: a 224 px warp is too small to split,
     and OpenCV's own pool only contended with torch's (1.7x slower on 2 cores).
@@ -165,29 +173,41 @@ def warp_uint8(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
     source = x.contiguous().numpy()
-    out = np.empty_like(source)
-    matrices = pixel_maps(maps, height, width)
+    if tables is None:
+        result = torch.empty(x.shape, dtype=torch.uint8)
+    else:
+        result = torch.empty(x.shape, dtype=torch.float32)
+        lookup = tables.detach().to("cpu", torch.float32).contiguous().numpy()
+    out = result.numpy()
+    matrices = None if maps is None else pixel_maps(maps, height, width)
     planes = [(k, c) for k in range(n) for c in range(channels)]
 
-    def warp(first: int, step: int) -> None:
+    def work(first: int, step: int) -> None:
+        warped = np.empty((height, width), np.uint8) if tables is not None else None
         for k, c in planes[first::step]:
+            if matrices is None:
+                cv2.LUT(source[k, c], lookup[c], dst=out[k, c])
+                continue
+            target = out[k, c] if warped is None else warped
             cv2.warpAffine(
                 source[k, c],
                 matrices[k],
                 (width, height),
-                dst=out[k, c],
+                dst=target,
                 flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                 borderMode=cv2.BORDER_CONSTANT,
                 borderValue=0,
             )
+            if warped is not None:
+                cv2.LUT(warped, lookup[c], dst=out[k, c])
 
     pool = _warp_threads() if len(planes) > 1 else None
     if pool is None:
-        warp(0, 1)
+        work(0, 1)
     else:
         step = min(torch.get_num_threads(), len(planes))
-        list(pool.map(warp, range(step), [step] * step))
-    return torch.from_numpy(out)
+        list(pool.map(work, range(step), [step] * step))
+    return result
 
 
 def augment_batch(x: torch.Tensor, cfg: Mapping, generator: Any = None) -> torch.Tensor:

@@ -181,3 +181,44 @@ def test_channel_stats_are_the_exact_mean_and_std_of_the_pixels(monkeypatch):
     np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-12)
     flat = np.full((4, 5, 5, 1), 7, np.uint8)
     assert channel_stats(flat) == ([7 / 255], [1e-3])  # std floored
+
+
+def classifier(channels: int, size: int, augment_cfg: dict) -> ImageClassifier:
+    rng = np.random.default_rng(channels)
+    return ImageClassifier(
+        {"name": "smallcnn", "channels": [4]},
+        {"lr": 0.01},
+        num_classes=2,
+        in_channels=channels,
+        image_size=size,
+        mean=rng.uniform(0.2, 0.6, channels).tolist(),
+        std=rng.uniform(0.1, 0.4, channels).tolist(),
+        augment_cfg=augment_cfg,
+    )
+
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 16), (3, 40)])
+def test_table_lookup_gives_the_float_paths_bits(channels, size):
+    module = classifier(channels, size, {"on_device": True})
+    x8 = torch.from_numpy(
+        np.random.default_rng(3).integers(0, 256, (5, channels, size, size), dtype=np.uint8)
+    )
+    float_path = (x8.float().div_(255.0) - module.mean) / module.std
+    assert torch.equal(module.preprocess(x8), float_path)
+    assert module.by_table(x8.float(), False) is None  # floats take the float path
+
+
+def test_a_warp_only_policy_is_warped_and_looked_up_in_one_pass():
+    policy = {"on_device": True, **POLICIES["zoom, rotation, shift, both flips"]}
+    module = classifier(3, 40, policy)
+    x8 = smooth_images(6, 3, 40)
+    torch.manual_seed(4)
+    fused = module.preprocess(x8, augment=True)
+    torch.manual_seed(4)  # the same draws, warped and normalised in two steps
+    maps = affine_maps(6, policy, torch.device("cpu"))
+    two_steps = (warp_uint8(x8, maps).float().div_(255.0) - module.mean) / module.std
+    assert torch.equal(fused, two_steps)
+    # Colour jitter, or images below UINT8_WARP_MIN_SIDE, take the float path.
+    assert classifier(3, 40, {**policy, "brightness": 0.2}).by_table(x8, True) is None
+    assert module.by_table(x8[:, :, :16, :16].contiguous(), True) is None
+    assert module.by_table(x8, False) is not None
