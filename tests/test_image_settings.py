@@ -7,6 +7,7 @@ short side clamped to [16, 224]; rgb when any sampled image has colour.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,15 @@ import pytest
 import yaml
 from imagefactory import write_image, write_jpeg, write_png, write_rgba_png
 from test_report import render_caption
-from workflow_utils import REPO, TINY_CONFIG, copy_workflow, deep_merge, snakemake, write_config
+from workflow_utils import (
+    REPO,
+    TINY_CONFIG,
+    copy_workflow,
+    deep_merge,
+    planned_jobs,
+    snakemake,
+    write_config,
+)
 
 from imgpipe import image_settings
 from imgpipe.config import config_errors, load_schema
@@ -219,5 +228,10 @@ def test_workflow_resolves_auto_into_image_json_and_ingests_at_that_size(tmp_pat
     log = (workdir / "logs" / "ingest" / "image_settings.log").read_text()
     assert "image.size auto -> 50" in log
     # Nothing reruns: the params hold the config as given, not the resolved values.
-    dry = snakemake(workdir, "-n", "results/ingest/shard-0/images.npy", "results/config.yaml")
+    targets = ("results/ingest/shard-0/images.npy", "results/config.yaml")
+    dry = snakemake(workdir, "-n", *targets)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # An explicit size resolves anew, and ingest (which reads image.json) follows.
+    write_config(workdir, {"image": {"size": 32}})
+    planned = planned_jobs(workdir, *targets)
+    assert planned == Counter({"image_settings": 1, "ingest_shard": 1, "config_snapshot": 1})
