@@ -173,10 +173,14 @@ def warp_uint8(
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
     source = x.contiguous().numpy()
-    if tables is None:
-        result = torch.empty(x.shape, dtype=torch.uint8)
-    else:
-        result = torch.empty(x.shape, dtype=torch.float32)
+    dtype = torch.uint8 if tables is None else torch.float32
+    # The strides of x when they are contiguous ones (a one-channel batch may carry
+    # either kind): the model then sees the layout the float path would give it,
+    # and convolutions pick the same kernels, to the bit.
+    result = (
+        torch.empty_like(x, dtype=dtype) if x.is_contiguous() else torch.empty(x.shape, dtype=dtype)
+    )
+    if tables is not None:
         lookup = tables.detach().to("cpu", torch.float32).contiguous().numpy()
     out = result.numpy()
     matrices = None if maps is None else pixel_maps(maps, height, width)

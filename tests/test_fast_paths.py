@@ -11,7 +11,12 @@ from torch.nn import functional as F
 from imgpipe.augment import affine_maps, augment_batch, warp_uint8
 from imgpipe.classifier_module import ImageClassifier
 from imgpipe.dataset import NpyRows, ShardImages, channel_stats
-from imgpipe.image_datamodule import ImageBatches, ImageDataModule, keep_freed_memory
+from imgpipe.image_datamodule import (
+    ImageBatches,
+    ImageDataModule,
+    keep_freed_memory,
+    to_uint8_nchw,
+)
 
 POLICIES = {
     "crop and flip": {"crop_area": [0.08, 1.0], "crop_ratio": [0.75, 4 / 3], "hflip": True},
@@ -199,12 +204,16 @@ def classifier(channels: int, size: int, augment_cfg: dict) -> ImageClassifier:
 
 @pytest.mark.parametrize(("channels", "size"), [(1, 16), (3, 40)])
 def test_table_lookup_gives_the_float_paths_bits(channels, size):
-    module = classifier(channels, size, {"on_device": True})
-    x8 = torch.from_numpy(
-        np.random.default_rng(3).integers(0, 256, (5, channels, size, size), dtype=np.uint8)
-    )
+    module = classifier(channels, size, {"on_device": True}).eval()
+    rows = np.random.default_rng(3).integers(0, 256, (5, size, size, channels), dtype=np.uint8)
+    x8 = to_uint8_nchw(rows)  # as the loaders make them (one channel: NHWC strides)
     float_path = (x8.float().div_(255.0) - module.mean) / module.std
-    assert torch.equal(module.preprocess(x8), float_path)
+    looked_up = module.preprocess(x8)
+    assert torch.equal(looked_up, float_path)
+    # The same strides too: convolutions pick their kernels by layout.
+    assert looked_up.stride() == float_path.stride()
+    with torch.no_grad():
+        assert torch.equal(module(looked_up), module(float_path))
     assert module.by_table(x8.float(), False) is None  # floats take the float path
 
 
