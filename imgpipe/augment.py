@@ -17,8 +17,10 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -110,29 +112,152 @@ def affine_maps(n: int, cfg: Mapping, device: torch.device, generator: Any = Non
     return maps
 
 
+def pixel_maps(maps: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(n, 2, 3) maps in pixels (output pixel -> input pixel) of ``affine_maps``' normalised ones.
+
+    grid_sample's convention (align_corners=False): output pixel j has the
+    normalised coordinate u = (2j + 1) / W - 1, input coordinate s lies at pixel
+    ((s + 1) W - 1) / 2; composing both with the map gives this affine map.
+    """
+    m = maps.detach().to("cpu", torch.float64).numpy()
+    out = np.empty_like(m)
+    sides = (width, height)
+    for row, side in enumerate(sides):
+        a, b, t = m[:, row, 0], m[:, row, 1], m[:, row, 2]
+        out[:, row, 0] = a * side / width
+        out[:, row, 1] = b * side / height
+        out[:, row, 2] = side / 2 * (a * (1 / width - 1) + b * (1 / height - 1) + t + 1) - 0.5
+    return out
+
+
+# CPU uint8 batches from this side on are warped in uint8 (warp_uint8); smaller ones
+# take grid_sample like float batches: it costs little there, and runs on small
+# images (the demo's 16 px digits) keep their exact results.
+UINT8_WARP_MIN_SIDE = 32
+_warp_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _warp_threads() -> ThreadPoolExecutor | None:
+    """This process's threads for warp_uint8 (torch's thread count; None for one thread).
+
+    Kept per process id: a pool inherited through fork has no threads.
+    """
+    global _warp_pool
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return None
+    if _warp_pool is None or _warp_pool[:2] != (os.getpid(), threads):
+        _warp_pool = (os.getpid(), threads, ThreadPoolExecutor(threads, "imgpipe-warp"))
+    return _warp_pool[2]
+
+
+def warp_uint8(
+    x: torch.Tensor, maps: torch.Tensor | None, tables: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sample a CPU uint8 NCHW batch through ``maps`` as grid_sample does, by OpenCV, in uint8.
+
+    Bilinear with black outside the image (grid_sample's zero padding), at the
+    same coordinates; OpenCV's fixed-point bilinear rounds to whole grey levels
+    (1/32 px positions), within a level or two of grid_sample on float input.
+    About 10x faster than grid_sample on a CPU: no float copy, no sampling grid.
+
+    With ``tables`` ((C, 256) float32), each plane is then looked up in its
+    channel's table on the way out (``maps`` None: the lookup alone), and the
+    float batch comes back: float conversion and normalisation in the one
+    write of the output, while the warped plane is still in the cache.
+
+    The planes are shared among torch's number of threads (OpenCV releases the
+    GIL), each warp on one OpenCV thread: a 224 px warp is too small to split,
+    and OpenCV's own pool only contended with torch's (1.7x slower on 2 cores).
+    """
+    n, channels, height, width = x.shape
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    source = x.contiguous().numpy()
+    dtype = torch.uint8 if tables is None else torch.float32
+    # The strides of x when they are contiguous ones (a one-channel batch may carry
+    # either kind): the model then sees the layout the float path would give it,
+    # and convolutions pick the same kernels, to the bit.
+    result = (
+        torch.empty_like(x, dtype=dtype) if x.is_contiguous() else torch.empty(x.shape, dtype=dtype)
+    )
+    if tables is not None:
+        lookup = tables.detach().to("cpu", torch.float32).contiguous().numpy()
+    out = result.numpy()
+    matrices = None if maps is None else pixel_maps(maps, height, width)
+    planes = [(k, c) for k in range(n) for c in range(channels)]
+
+    def work(first: int, step: int) -> None:
+        warped = np.empty((height, width), np.uint8) if tables is not None else None
+        for k, c in planes[first::step]:
+            if matrices is None:
+                cv2.LUT(source[k, c], lookup[c], dst=out[k, c])
+                continue
+            target = out[k, c] if warped is None else warped
+            cv2.warpAffine(
+                source[k, c],
+                matrices[k],
+                (width, height),
+                dst=target,
+                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
+            if warped is not None:
+                cv2.LUT(warped, lookup[c], dst=out[k, c])
+
+    pool = _warp_threads() if len(planes) > 1 else None
+    if pool is None:
+        work(0, 1)
+    else:
+        step = min(torch.get_num_threads(), len(planes))
+        list(pool.map(work, range(step), [step] * step))
+    return result
+
+
 def augment_batch(x: torch.Tensor, cfg: Mapping, generator: Any = None) -> torch.Tensor:
     """Apply the policy to a float NCHW batch in [0, 1], with independent random draws per image.
 
     Runs wherever ``x`` is (the training device). ``generator`` seeds the draws
     (the augment stage's seeded views); training draws from torch's global RNG,
-    which the LightningModule reseeds at every step.
+    which the LightningModule reseeds at every step. A uint8 batch (0-255) is
+    taken as well and comes back as float in [0, 1]; on the CPU, from
+    UINT8_WARP_MIN_SIDE px on, its geometry is then sampled in uint8
+    (``warp_uint8``: same draws, same maps).
     """
     p = policy(cfg)
     n = x.shape[0]
+    as_bytes = x.dtype == torch.uint8
     if n == 0:
-        return x
+        return x.float().div_(255.0) if as_bytes else x
+    owned = False  # whether x is a tensor made here (then changed in place: fewer copies)
     if is_geometric(p):
         maps = affine_maps(n, p, x.device, generator)
-        grid = F.affine_grid(maps, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if as_bytes and x.device.type == "cpu" and min(x.shape[2:]) >= UINT8_WARP_MIN_SIDE:
+            x = warp_uint8(x, maps)
+        else:
+            x = x.float().div_(255.0) if as_bytes else x
+            as_bytes = False
+            grid = F.affine_grid(maps, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            owned = True
+    in_range = as_bytes  # uint8 / 255 lies in [0, 1]: no clamp unless the colour changes
+    if as_bytes:
+        x, owned = x.float().div_(255.0), True
+    if not owned and (p["brightness"] or p["contrast"]):
+        x, owned = x.clone(), True
     if p["brightness"]:
         factor = _uniform(n, [1 - p["brightness"], 1 + p["brightness"]], x.device, generator)
-        x = x * factor[:, None, None, None]
+        x.mul_(factor[:, None, None, None])
+        in_range = False
     if p["contrast"]:
         factor = _uniform(n, [1 - p["contrast"], 1 + p["contrast"]], x.device, generator)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * factor[:, None, None, None] + mean
-    return x.clamp(0.0, 1.0)
+        x.sub_(mean).mul_(factor[:, None, None, None]).add_(mean)
+        in_range = False
+    if in_range:
+        return x
+    return x.clamp_(0.0, 1.0) if owned else x.clamp(0.0, 1.0)
 
 
 def iter_views(

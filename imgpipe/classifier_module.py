@@ -14,7 +14,14 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from imgpipe.augment import augment_batch
+from imgpipe.augment import (
+    UINT8_WARP_MIN_SIDE,
+    affine_maps,
+    augment_batch,
+    is_geometric,
+    policy,
+    warp_uint8,
+)
 from imgpipe.models import build_model, head_parameters, optimizer_groups
 
 # One-cycle momentum dips to this share of train.momentum at the learning-rate peak
@@ -86,14 +93,59 @@ class ImageClassifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def preprocess(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """uint8 NCHW batch -> normalised float batch; with ``augment``, the augmentation policy first."""
-        x = x.float().div_(255.0)
-        if augment and self.augment_cfg.get("on_device", True):
-            x = augment_batch(x, self.augment_cfg)
-        x = (x - self.mean) / self.std
+        """uint8 NCHW batch -> normalised float batch; with ``augment``, the augmentation policy first.
+
+        On a CPU a uint8 batch is normalised by a table lookup (``by_table``),
+        with the policy's warp in the same pass when that is all it does;
+        otherwise the policy takes the uint8 batch (from 32 px on a CPU its
+        geometry is sampled in uint8: ``imgpipe.augment.warp_uint8``) and every
+        step after the first float tensor works in place on it: on a CPU each
+        extra pass over a 224 px batch costs about as much as the sampling.
+        """
+        policy_on = augment and self.augment_cfg.get("on_device", True)
+        out = self.by_table(x, policy_on)
+        if out is None:
+            if policy_on:
+                out = augment_batch(x, self.augment_cfg)
+            else:
+                out = x.to(torch.float32, copy=True).div_(255.0)
+            if out is x:  # a float batch given (and left as it was): not ours to change
+                out = out.clone()
+            out.sub_(self.mean).div_(self.std)
+        x = out
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def normalisation_tables(self) -> torch.Tensor:
+        """(C, 256) float32: each channel's normalised value of every grey level.
+
+        Computed with the float path's own operations ((v / 255 - mean) / std,
+        in float32), so a lookup gives the same bits.
+        """
+        levels = torch.arange(256, dtype=torch.float32, device=self.mean.device).div_(255.0)
+        return levels.view(1, 256).sub(self.mean.view(-1, 1)).div(self.std.view(-1, 1))
+
+    def by_table(self, x: torch.Tensor, policy_on: bool) -> torch.Tensor | None:
+        """A CPU uint8 batch normalised by table lookup, warped first when the policy only moves pixels.
+
+        None where this does not apply: a float or GPU batch, a policy with
+        colour jitter (it works on floats), or a policy that moves the pixels
+        of images below UINT8_WARP_MIN_SIDE (grid_sample's path keeps their
+        results exactly as they were). The draws are the policy's own.
+        """
+        if x.dtype != torch.uint8 or x.device.type != "cpu" or x.ndim != 4 or len(x) == 0:
+            return None
+        maps = None
+        if policy_on:
+            p = policy(self.augment_cfg)
+            if p["brightness"] or p["contrast"]:
+                return None
+            if is_geometric(p):
+                if min(x.shape[2:]) < UINT8_WARP_MIN_SIDE:
+                    return None
+                maps = affine_maps(len(x), p, x.device)
+        return warp_uint8(x, maps, tables=self.normalisation_tables())
 
     def setup(self, stage: str) -> None:
         """On GPUs, make the weights channels-last (faster convolutions) before DDP wraps the model."""

@@ -245,6 +245,33 @@ def read_header(data: bytes) -> Header | None:
     return _pil_header(data)
 
 
+# Bytes read for a PNG or JPEG header: the frame size sits in the first few hundred
+# bytes, after EXIF / ICC segments at most; a longer header is read whole.
+HEADER_BYTES = 1 << 16
+
+
+def read_file_header(path: str | os.PathLike) -> Header | None:
+    """The header of an image file, reading only its first HEADER_BYTES when it is a PNG or JPEG.
+
+    Other formats (and a JPEG whose frame header lies further in) are read
+    whole: their containers are checked against the file's full size. Raises
+    OSError, Truncated or ValueError as ``read_header`` does.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        prefix = os.pread(fd, HEADER_BYTES, 0)
+    finally:
+        os.close(fd)
+    if len(prefix) == HEADER_BYTES and prefix.startswith((PNG_SIGNATURE, JPEG_SOI)):
+        try:
+            return read_header(prefix)
+        except Truncated:
+            pass  # the frame header lies beyond the prefix
+    elif len(prefix) < HEADER_BYTES:
+        return read_header(prefix)  # the whole file
+    return read_header(read_bytes(path))
+
+
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     """Turn an image stored with EXIF orientation 1-8 upright (as PIL's ImageOps.exif_transpose)."""
     if orientation == 2:

@@ -293,6 +293,7 @@ def load_stats(path: str | os.PathLike) -> pd.DataFrame:
 
 def run_ingest_shard(job: StageJob) -> pd.DataFrame:
     """The ingest_shard stage: decode, measure and resize this shard's share of the listing."""
+    from imgpipe.image_settings import load_settings
     from imgpipe.listing import load_files
 
     # One job per core: the shards are the parallelism, not OpenCV's threads.
@@ -302,7 +303,7 @@ def run_ingest_shard(job: StageJob) -> pd.DataFrame:
         load_files(job.input["listing"]),
         shard,
         job.params["shards"],
-        job.params["image"],
+        load_settings(job.input["image"]),  # image.size / mode resolved (auto -> inferred)
         job.params["max_pixels"],
         job.output["stats"],
         job.output["images"],

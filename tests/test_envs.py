@@ -27,6 +27,7 @@ ENVS = REPO / "envs"
 ENV_OF_SCRIPT = {
     "demo_data": "data",
     "list_images": "data",
+    "image_settings": "data",
     "ingest_shard": "data",
     "clean": "data",
     "split": "data",

@@ -768,6 +768,12 @@ TRIALS = Paramspace(
 def code(script):
     return code_fingerprint(Path({repo!r}) / "scripts" / f"{{script}}.py")
 
+# What workflow/rules/common.smk gives the report rules.
+IMAGE_SETTINGS = "results/ingest/image.json"
+
+def configured():
+    return {{key: value for key, value in config.items() if key != "progress"}}
+
 include: {rules!r}
 """
 
@@ -779,6 +785,10 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["cv"]["k"] = 3  # the fake results' folds
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    # image.size / mode as the image_settings rule resolved them (auto in the config).
+    resolved = {"size": 16, "mode": "gray", "fit": "pad", "reasons": {}}
+    (tmp_path / "results" / "ingest").mkdir(parents=True)
+    (tmp_path / "results" / "ingest" / "image.json").write_text(json.dumps(resolved))
     snakefile = tmp_path / "Snakefile"
     rules = str(REPO / "workflow" / "rules" / "report.smk")
     snakefile.write_text(TEST_SNAKEFILE.format(repo=str(REPO), rules=rules))
@@ -789,8 +799,10 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     assert parse(page).sections == SECTION_IDS
     assert "Not run" not in page
     snapshot = yaml.safe_load((tmp_path / "results" / "config.yaml").read_text())
-    # The progress switch decides no result: the snapshot (and a run's identity) leaves it out.
-    assert snapshot == {k: v for k, v in config.items() if k != "progress"}
+    # The progress switch decides no result: the snapshot (and a run's identity) leaves it out;
+    # image.size / mode hold the values resolved for the data.
+    expected = {k: v for k, v in config.items() if k != "progress"}
+    assert snapshot == {**expected, "image": {"size": 16, "mode": "gray", "fit": "pad"}}
     assert (tmp_path / "logs" / "report.log").read_text().count("headline numbers") == 1
     runs = tmp_path / "results" / "runs.csv"
     assert len(pd.read_csv(runs)) == 1

@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -97,6 +98,41 @@ def tree_stamp():
 def code(script):
     """Fingerprint of scripts/<script>.py and every imgpipe module it imports (reruns on edits)."""
     return code_fingerprint(WORKFLOW_DIR / "scripts" / f"{script}.py")
+
+
+##### image settings #####
+
+# image.size / image.mode as ingest used them (auto resolved from the data) live
+# in this file, an input of ingest and of the config snapshot; rules never take
+# them from the config.
+IMAGE_SETTINGS = "results/ingest/image.json"
+IMAGE_CONFIG = config["image"]
+# The report's captions read the config only: once a run has resolved the
+# settings they find them under this key (no rule's params hold it).
+RESOLVED_IMAGE_KEY = "image_resolved"
+
+
+def resolved_image():
+    """The image section with auto replaced by image.json's values (the config's own before it exists)."""
+    resolved = dict(IMAGE_CONFIG)
+    if Path(IMAGE_SETTINGS).is_file():
+        with open(IMAGE_SETTINGS, encoding="utf-8") as fh:
+            settings = json.load(fh)
+        resolved.update({key: settings[key] for key in ("size", "mode", "fit")})
+    return resolved
+
+
+def configured():
+    """The config as given and validated (defaults filled in), without the resolved image key
+    and the progress switch (it decides no result)."""
+    return {
+        key: value
+        for key, value in config.items()
+        if key not in (RESOLVED_IMAGE_KEY, "progress")
+    }
+
+
+config[RESOLVED_IMAGE_KEY] = resolved_image()
 
 
 def shard_stats(wildcards):

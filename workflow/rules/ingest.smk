@@ -19,11 +19,32 @@ rule list_images:
         "../../scripts/list_images.py"
 
 
+# image.size / image.mode: the configured values, or (auto) inferred from the
+# headers of a sample of the listed files (imgpipe.image_settings).
+rule image_settings:
+    input:
+        listing=rules.list_images.output.listing,
+    output:
+        settings=IMAGE_SETTINGS,
+    log:
+        "logs/ingest/image_settings.log",
+    benchmark:
+        "benchmarks/ingest/image_settings.tsv"
+    conda:
+        "../../envs/data.yaml"
+    params:
+        image=IMAGE_CONFIG,
+        code=code("image_settings"),
+    script:
+        "../../scripts/image_settings.py"
+
+
 # Scatter: ingest.shards jobs each decode, measure and resize every
 # ingest.shards-th file of the listing; clean gathers them.
 rule ingest_shard:
     input:
         listing=rules.list_images.output.listing,
+        image=rules.image_settings.output.settings,
     output:
         stats="results/ingest/shard-{shard}/stats.csv",
         images="results/ingest/shard-{shard}/images.npy",
@@ -38,7 +59,6 @@ rule ingest_shard:
     params:
         shards=config["ingest"]["shards"],
         max_pixels=config["ingest"]["max_pixels"],
-        image=config["image"],
         code=code("ingest_shard"),
     script:
         "../../scripts/ingest_shard.py"

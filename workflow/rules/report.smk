@@ -6,6 +6,9 @@ from imgpipe.report import input_paths
 # report's own params (the report section) rerun nothing else. The progress
 # switch changes no result: it is left out.
 rule config_snapshot:
+    input:
+        # image.size / image.mode as resolved for this data (auto -> inferred).
+        image=IMAGE_SETTINGS,
     output:
         config="results/config.yaml",
     log:
@@ -14,7 +17,7 @@ rule config_snapshot:
     conda:
         "../../envs/report.yaml"
     params:
-        config={key: value for key, value in config.items() if key != "progress"},
+        config=configured(),
         configfiles=[str(path) for path in workflow.configfiles],
         code=code("config_snapshot"),
     script:
