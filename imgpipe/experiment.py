@@ -131,13 +131,15 @@ def job_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def resume_key(kind: str, job: StageJob, *parts: Any) -> str:
+def resume_key(kind: str, job: StageJob, *parts: Any, name: str | None = None) -> str:
     """The key of a job's resume state: its kind, settings, code fingerprint and input files.
 
     A rerun after a kill resumes only when nothing that decides the result
     changed: a new config, an edit of the code it runs or new inputs start afresh.
     """
-    return job_key(kind, *parts, job.code, input_stamp(job.input))
+    digest = job_key(kind, *parts, job.code, input_stamp(job.input))
+    # Readable folder names (.imgpipe/resume/final-<hash>, cv-fold-2-<hash>, ...).
+    return f"{name or kind}-{digest}"
 
 
 def input_stamp(paths: Mapping[str, Any] | list) -> list:
@@ -233,7 +235,7 @@ def run_sweep_trial(job: StageJob) -> dict:
     log.info("trial %s: %s", trial, overrides)
     data = load_training_data(job.input)
     out_dir = Path(job.output["summary"]).parent
-    key = resume_key("sweep", job, model_cfg, train_cfg, str(out_dir))
+    key = resume_key("sweep", job, model_cfg, train_cfg, str(out_dir), name=f"sweep-{trial}")
     result = run_training(
         data,
         data.ids("train"),
@@ -306,7 +308,7 @@ def run_cv_fold(job: StageJob) -> dict:
         len(held_out),
     )
     out_dir = Path(summary_path).parent
-    key = resume_key("cv", job, fold, model_cfg, train_cfg, best)
+    key = resume_key("cv", job, fold, model_cfg, train_cfg, best, name=f"cv-fold-{fold}")
     result = run_training(
         data,
         train_ids,

@@ -29,7 +29,7 @@ from workflow_utils import (
 from imgpipe.classifier_module import ImageClassifier
 from imgpipe.dataset import load_images
 from imgpipe.predict import load_classifier
-from imgpipe.training import checkpoint_loads, resume_point
+from imgpipe.training import checkpoint_loads, logged_epochs, resume_point
 
 
 class Payload:
@@ -236,9 +236,11 @@ def kill_points(workdir: Path):
     def fresh(pattern):
         return lambda t: bool(fresh_files(workdir, pattern, t))
 
-    def training(log_pattern, output_pattern):
-        # Mid-training: a job of this rule started, has not finished, and wrote a checkpoint
-        # since we first saw its log (the log's mtime moves on with every epoch line).
+    def training(log_pattern, output_pattern, state_pattern):
+        # Mid-training: a job of this rule started, has not finished, and its own resume
+        # state (.imgpipe/resume/<job>-<key>: other training jobs may run beside it) holds a
+        # checkpoint written since we first saw its log, with that epoch's history on disk
+        # (a kill between the two is rightly not resumed, so it would test nothing).
         first_seen: dict[int, int] = {}
 
         def reached(t):
@@ -246,7 +248,8 @@ def kill_points(workdir: Path):
             if len(logs) <= len(fresh_files(workdir, output_pattern, t)):
                 return False
             start = first_seen.setdefault(t, time.time_ns())
-            return bool(fresh_files(workdir, ".imgpipe/resume/*/checkpoints/last.ckpt", start))
+            checkpoints = fresh_files(workdir, f"{state_pattern}/checkpoints/last.ckpt", start)
+            return any(resumable(path.parent.parent) for path in checkpoints)
 
         return reached
 
@@ -255,16 +258,33 @@ def kill_points(workdir: Path):
         (
             "mid-training, a sweep trial",
             "sweep_trial",
-            training("logs/sweep/lr~*.log", "results/sweep/trials/*/summary.json"),
+            training(
+                "logs/sweep/lr~*.log",
+                "results/sweep/trials/*/summary.json",
+                ".imgpipe/resume/sweep-*",
+            ),
         ),
         (
             "mid-training, the final model",
             "train_final",
-            training("logs/train/final.log", "results/train/final/summary.json"),
+            training(
+                "logs/train/final.log",
+                "results/train/final/summary.json",
+                ".imgpipe/resume/final-*",
+            ),
         ),
         ("during clustering", "cluster", fresh("logs/cluster/*.log")),
         ("during the report", "report", fresh("logs/report.log")),
     ]
+
+
+def resumable(state_dir: Path) -> bool:
+    """Whether a resume folder holds a last.ckpt whose epochs are all in the logged history."""
+    try:
+        state = torch.load(state_dir / "checkpoints" / "last.ckpt", weights_only=True)
+        return set(range(int(state["epoch"]) + 1)) <= logged_epochs(state_dir / "logs")
+    except Exception:  # being written, or removed after success: not (yet) resumable
+        return False
 
 
 def run_until(workdir: Path, reached, timeout: float = 600) -> bool:
