@@ -248,15 +248,22 @@ def run_ours(
 ) -> tuple[float, pd.DataFrame, pd.DataFrame]:
     """Index + clean like the workflow; return (seconds, rejected table, index table)."""
     from imgpipe.clean import CleanSettings, clean_shards
+    from imgpipe.image_settings import resolve_settings
     from imgpipe.listing import list_images
 
     start = time.perf_counter()
     files = list_images(root, config["data"]["extensions"])
     files_csv = work / "files.csv"
     files.to_csv(files_csv, index=False)
+    # As the image_settings rule: image.size / mode "auto" inferred from the files' headers.
+    ok = files.loc[files["status"] == "ok", "path"].tolist()
+    image = {
+        k: v
+        for k, v in resolve_settings(config["image"], ok).items()
+        if k in ("size", "mode", "fit")
+    }
     jobs = [
-        (files_csv, s, shards, config["image"], config["clean"]["max_pixels"], work)
-        for s in range(shards)
+        (files_csv, s, shards, image, config["ingest"]["max_pixels"], work) for s in range(shards)
     ]
     with ProcessPoolExecutor(shards, mp_context=FRESH_PROCESSES) as pool:
         list(pool.map(_ingest_one, jobs))
