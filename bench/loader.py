@@ -235,34 +235,15 @@ def make_preprocessor(channels: int, size: int, device: str):
     return module.to(device)
 
 
-def run_imgpipe_loader(
-    work: Path, batch: int, workers: int, device: str, max_batches: int = 0
-) -> dict:
-    """Images/s of imgpipe's training loader + on-device preprocessing (an epoch, or max_batches)."""
+def time_batches(batches, device: str, max_batches: int, transform) -> dict:
+    """Images/s of a loader's batches moved to the device and transformed (the first batch warms up)."""
     import torch
 
-    from imgpipe.dataset import ShardImages
-    from imgpipe.image_datamodule import ImageDataModule
-
-    index, labels = load_index(work)
-    images = ShardImages(index)
-    data = ImageDataModule(
-        images,
-        labels,
-        np.arange(len(index)),
-        [],
-        batch_size=batch,
-        num_workers=workers,
-        pin_memory=device == "cuda",
-    )
-    module = make_preprocessor(images.shape[3], images.shape[1], device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    seen, start = 0, None
-    shape = None
-    for step, (x, _) in enumerate(data.train_dataloader()):
+    seen, start, shape = 0, None, None
+    for step, (x, _) in enumerate(batches):
         x = x.to(device, non_blocking=True)
-        out = module.preprocess(x, augment=True)
-        shape = tuple(out.shape)
+        shape = tuple(transform(x).shape)
         if step == 0:
             sync()
             start = time.perf_counter()
@@ -279,6 +260,31 @@ def run_imgpipe_loader(
         "batch_shape": shape,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def run_imgpipe_loader(
+    work: Path, batch: int, workers: int, device: str, max_batches: int = 0
+) -> dict:
+    """Images/s of imgpipe's training loader + on-device preprocessing (an epoch, or max_batches)."""
+
+    from imgpipe.dataset import ShardImages
+    from imgpipe.image_datamodule import ImageDataModule
+
+    index, labels = load_index(work)
+    images = ShardImages(index)
+    data = ImageDataModule(
+        images,
+        labels,
+        np.arange(len(index)),
+        [],
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=device == "cuda",
+    )
+    module = make_preprocessor(images.shape[3], images.shape[1], device)
+    return time_batches(
+        data.train_dataloader(), device, max_batches, lambda x: module.preprocess(x, augment=True)
+    )
 
 
 def run_torchvision_loader(
@@ -309,27 +315,7 @@ def run_torchvision_loader(
         persistent_workers=workers > 0,
         drop_last=True,
     )
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    seen, start, shape = 0, None, None
-    for step, (x, _) in enumerate(loader):
-        x = x.to(device, non_blocking=True)
-        shape = tuple(x.shape)
-        if step == 0:
-            sync()
-            start = time.perf_counter()
-            continue
-        seen += len(x)
-        if step == max_batches:
-            break
-    sync()
-    seconds = time.perf_counter() - start
-    return {
-        "images_per_s": seen / seconds,
-        "seconds": seconds,
-        "images": seen,
-        "batch_shape": shape,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    return time_batches(loader, device, max_batches, lambda x: x)
 
 
 def tiny_net(num_classes: int, in_channels: int, image_size: int):

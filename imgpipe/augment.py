@@ -273,17 +273,6 @@ def iter_views(
         yield views.mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def augment_images(
-    images: np.ndarray, cfg: Mapping, copies: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (views uint8 (N*copies, H, W, C), position of each view's source image)."""
-    check_images(images)
-    sources = np.repeat(np.arange(len(images)), copies)
-    if copies == 0 or len(images) == 0:
-        return np.zeros((0, *images.shape[1:]), dtype=np.uint8), sources
-    return np.concatenate(list(iter_views(images, cfg, copies, seed))), sources
-
-
 def check_images(images: Any) -> None:
     """Refuse anything but a uint8 NHWC array with 1 or 3 channels."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):

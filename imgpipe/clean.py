@@ -92,21 +92,6 @@ class CleanSettings:
 # ----------------------------------------------------------------------------- reading
 
 
-def parse_hashes(values: Sequence) -> np.ndarray:
-    """Turn 64-bit hashes written as hex text (16 digits, or 0x...) or integers into uint64."""
-    out = np.zeros(len(values), dtype=np.uint64)
-    for k, value in enumerate(values):
-        if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
-            continue
-        if isinstance(value, str):
-            text = value.strip().lower()
-            number = int(text, 16) if len(text) == 16 or text.startswith("0x") else int(text)
-        else:
-            number = int(value)
-        out[k] = np.uint64(number & 0xFFFFFFFFFFFFFFFF)
-    return out
-
-
 def read_stats(
     stats_paths: Sequence[str | os.PathLike], image_paths: Sequence[str | os.PathLike]
 ) -> pd.DataFrame:
@@ -365,21 +350,6 @@ def hash_join(
                     yield q[keep], b[keep]
 
     yield from _rechunk(found(), chunk)
-
-
-def hash_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs (i < j) whose 64-bit hashes differ in at most ``max_distance`` bits, sorted; (i, j, distance).
-
-    No cap: memory grows with the number of pairs returned (use hash_join to
-    stream them).
-    """
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    parts = list(hash_join(hashes, hashes, max_distance, same=True))
-    i = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    j = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-    order = np.lexsort((j, i))
-    i, j = i[order].astype(np.int64), j[order].astype(np.int64)
-    return i, j, np.bitwise_count(hashes[i] ^ hashes[j]).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- the near-duplicate test
@@ -739,32 +709,6 @@ def _stars(
             correlation[group[others[taken]]] = r[taken]
             untaken[others[taken]] = False
     return leader, distance, correlation
-
-
-def leader_groups(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Greedy star clustering of n rows from linked pairs: group id (the leader's position) per row.
-
-    Walking rows in order, a row not yet taken leads a new group and takes
-    every untaken row it is linked to (the reference for the stars that
-    link_components draws without listing all pairs).
-    """
-    group = np.arange(n, dtype=np.int64)
-    if len(i) == 0:
-        return group
-    a, b = np.concatenate([i, j]), np.concatenate([j, i])
-    order = np.lexsort((b, a))
-    a, b = a[order], b[order]
-    starts = np.searchsorted(a, np.arange(n + 1))
-    taken = np.zeros(n, dtype=bool)
-    for row in np.unique(a):  # rows without any link stay their own group
-        if taken[row]:
-            continue
-        taken[row] = True
-        partners = b[starts[row] : starts[row + 1]]
-        partners = partners[~taken[partners]]
-        group[partners] = row
-        taken[partners] = True
-    return group
 
 
 def find_test_leaks(

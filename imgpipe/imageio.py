@@ -443,15 +443,6 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def read_image(path: str, mode: str = "rgb", max_pixels: int = 100_000_000) -> Decoded:
-    """Read and decode one file (see decode_image); an OS error gives status ``unreadable``."""
-    try:
-        data = read_bytes(path)
-    except OSError as err:
-        return _refused("unreadable", f"{type(err).__name__}: {err.strerror or err}")
-    return decode_image(data, mode, max_pixels)
-
-
 def fit_square(image: np.ndarray, size: int, fit: str = "pad") -> np.ndarray:
     """Resize an HxWxC image to size x size x C keeping its aspect ratio.
 

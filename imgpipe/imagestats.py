@@ -15,15 +15,6 @@ MEASURE_MAX_SIDE = 256
 PHASH_MARGIN = 0.05
 
 
-def to_gray(image: np.ndarray) -> np.ndarray:
-    """Return a uint8 single-channel view of an HxW, HxWx1 or HxWx3 (BGR) uint8 image."""
-    if image.ndim == 2:
-        return image
-    if image.shape[2] == 1:
-        return image[:, :, 0]
-    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-
-
 def _measure_copy(gray: np.ndarray) -> np.ndarray:
     long_side = max(gray.shape)
     if long_side <= MEASURE_MAX_SIDE:

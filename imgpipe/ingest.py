@@ -202,14 +202,6 @@ def prepare_images(
     yield from _finish(pending, size, fit)
 
 
-def ingest_file(
-    path: str, mode: str, size: int, fit: str, max_pixels: int
-) -> tuple[tuple, np.ndarray | None]:
-    """One file's fields ``bytes`` to ``thumb`` and its resized image (None if refused)."""
-    cfg = {"size": size, "mode": mode, "fit": fit}
-    return next(prepare_images([path], cfg, max_pixels))
-
-
 def _open_array(path: str, shape: tuple[int, ...]) -> np.ndarray:
     """A zero-filled uint8 .npy file of ``shape`` opened for writing (memory-mapped)."""
     if 0 in shape:  # numpy cannot memory-map an empty array

@@ -6,9 +6,10 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from imgpipe.augment import (
     augment_batch,
-    augment_images,
     augment_pool,
+    check_images,
     is_geometric,
+    iter_views,
     policy,
 )
 from imgpipe.demo import digits_images
@@ -35,6 +36,17 @@ DEFAULT = {
     "brightness": 0.2,
     "contrast": 0.2,
 }
+
+
+def augment_images(
+    images: np.ndarray, cfg: dict, copies: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """All views of images, in memory (what augment_pool streams to disk): (views, source rows)."""
+    check_images(images)
+    sources = np.repeat(np.arange(len(images)), copies)
+    if copies == 0 or len(images) == 0:
+        return np.zeros((0, *images.shape[1:]), dtype=np.uint8), sources
+    return np.concatenate(list(iter_views(images, cfg, copies, seed))), sources
 
 
 def digits(n=60, size=16):

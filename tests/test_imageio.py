@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from imgpipe import imageio
-from imgpipe.imageio import decode_image, fit_square, read_image
+from imgpipe.imageio import decode_image, fit_square
+from imgpipe.ingest import decode_file as read_file
 
 
 def decode_file(path, mode="rgb", max_pixels=100_000_000):
@@ -281,9 +282,10 @@ def test_max_pixels_applies_to_every_format(tmp_path, ext):
     assert (result.reason, result.width, result.height) == ("too_large", 30, 20)
 
 
-def test_read_image_os_errors_are_unreadable(tmp_path):
-    assert read_image(str(tmp_path / "missing.png")).reason == "unreadable"
-    assert read_image(str(tmp_path)).reason == "unreadable"
+def test_os_errors_are_unreadable(tmp_path):
+    for path in (tmp_path / "missing.png", tmp_path):
+        fields, image = read_file(str(path), "rgb", 10**8)
+        assert fields[6:8] == ("rejected", "unreadable") and image is None
 
 
 def test_unknown_mode_is_refused():

@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from imgpipe import imagestats, ingest
 from imgpipe.imageio import decode_image, fit_square
-from imgpipe.ingest import STATS_COLUMNS, index_shard, load_stats, phash_values, shard_positions
+from imgpipe.ingest import (
+    STATS_COLUMNS,
+    index_shard,
+    load_stats,
+    phash_values,
+    prepare_images,
+    shard_positions,
+)
 from imgpipe.listing import list_images
 
 EXTS = [".png", ".jpg", ".bmp", ".tif", ".gif", ".webp"]
@@ -93,7 +100,9 @@ def test_shards_partition_real_listing_and_rows_point_at_images(
                 decoded = decode_image(Path(row.path).read_bytes(), "gray")
                 np.testing.assert_array_equal(images[row.row], fit_square(decoded.image, 16, "pad"))
                 # The batched path records what the one-file path measures.
-                fields, _ = ingest.ingest_file(row.path, "gray", 16, "pad", 10**8)
+                fields, _ = next(
+                    prepare_images([row.path], {"size": 16, "mode": "gray", "fit": "pad"}, 10**8)
+                )
                 recorded = stats.loc[row.Index, STATS_COLUMNS[5:]].tolist()
                 assert recorded == list(fields)
             else:

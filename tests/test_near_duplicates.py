@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from pair_utils import hash_pairs
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from test_clean import decide, filler, stats_row, texture, write_shards
@@ -204,7 +205,7 @@ def test_components_of_a_chain_in_the_workflow_split_and_folds(tmp_path):
 def test_no_candidate_cap_for_identical_hashes(tmp_path):
     # 300 identical hashes: every one of the 44,850 pairs is a candidate.
     hashes = np.full(300, 0x0123456789ABCDEF, dtype=np.uint64)
-    i, j, d = clean.hash_pairs(hashes, SETTINGS.near_duplicate_distance)
+    i, j, d = hash_pairs(hashes, SETTINGS.near_duplicate_distance)
     assert len(i) == 300 * 299 // 2 and (d == 0).all()
 
     # 300 noisy copies of one image (one hash): one component, one star.
