@@ -216,11 +216,12 @@ def main() -> None:
         )
     fit_total = best["lightning fit"]["fit_seconds"]
     print(f"fit() end to end (Trainer setup, checkpoint, history): {fit_total:.2f} s")
-    ratio = best["lightning fit"]["images_per_s"] / best["hand loop"]["images_per_s"]
-    print(f"ratio lightning fit / hand loop: {ratio:.2f}x")
     if "lightning stock" in best:
         stock = best["lightning stock"]["images_per_s"] / best["hand loop"]["images_per_s"]
-        print(f"ratio lightning stock settings / hand loop: {stock:.2f}x")
+        print(f"lightning stock settings vs hand loop: ratio {stock:.2f}")
+    # The headline, last: imgpipe's fit() as a speed ratio to the hand-written loop.
+    ratio = best["lightning fit"]["images_per_s"] / best["hand loop"]["images_per_s"]
+    print(f"lightning fit vs hand loop: ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":

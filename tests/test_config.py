@@ -20,6 +20,27 @@ def test_shipped_config_is_valid():
     check_config(default_config(), SCHEMA)
 
 
+def documented_configs() -> list[tuple[str, dict]]:
+    """Every YAML block of the README and docs/ that holds a data section: a config to try."""
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in doc.read_text().split("```yaml\n")[1:]:
+            parsed = yaml.safe_load(block.split("```", 1)[0])
+            if isinstance(parsed, dict) and "data" in parsed:
+                found.append((doc.name, parsed))
+    return found
+
+
+def test_configs_in_the_docs_are_valid():
+    configs = documented_configs()
+    assert {name for name, _ in configs} >= {"README.md", "photos.md"}
+    for name, config in configs:
+        try:
+            check_config(config, SCHEMA)
+        except ConfigError as err:
+            pytest.fail(f"a config in {name}: {err}")
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "named"),
     [
