@@ -9,13 +9,26 @@ over config/config.yaml; unit tests take its model / train sections from the
 from __future__ import annotations
 
 import copy
+import shutil
+from collections import Counter
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import yaml
 from hypothesis import settings
-from workflow_utils import REPO, TINY_CONFIG, deep_merge
+from workflow_utils import (
+    FINISHED_RUN_CONFIG,
+    REPO,
+    TINY_CONFIG,
+    copy_workflow,
+    deep_merge,
+    digits_tree,
+    planned_jobs,
+    snakemake,
+    write_config,
+)
 
 from imgpipe.demo import digits_images
 
@@ -68,3 +81,28 @@ def fit_on(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, views=(None,
 
     images, labels = data
     return fit(images, labels, train_ids, val_ids, *views, model_cfg, train_cfg, out_dir, **kw)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """One completed run of every stage (FINISHED_RUN_CONFIG), made once for the whole session.
+
+    For tests that read a finished run or work on a copy of it (finished_copy): rerun
+    scope, the report, the terminal's progress lines (``terminal.txt`` beside it), the
+    crash test's reference. Never change it: copy it.
+    """
+    workdir = copy_workflow(tmp_path_factory.mktemp("finished") / "wf")
+    digits_tree(workdir / "data")
+    write_config(workdir, FINISHED_RUN_CONFIG)
+    run = snakemake(workdir)
+    (workdir.parent / "terminal.txt").write_text(run.stdout + "\n" + run.stderr)
+    return workdir
+
+
+@pytest.fixture
+def finished_copy(finished_run, tmp_path) -> Path:
+    """A private copy of the finished run (mtimes kept): nothing is planned in it."""
+    workdir = tmp_path / "wf"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    assert planned_jobs(workdir) == Counter()
+    return workdir

@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 import torch
 from workflow_utils import (
-    TINY_CONFIG,
+    FINISHED_RUN_CONFIG,
     copy_workflow,
-    deep_merge,
     digits_tree,
     fresh_files,
     planned_jobs,
@@ -227,7 +226,6 @@ COMPARED = [
     "results/cluster/pixels/assignments.csv",
     "results/cluster/embeddings/assignments.csv",
 ]
-CRASH_CONFIG = {"data": {"root": "data"}, "train": {"max_epochs": 3}}
 
 
 def kill_points(workdir: Path):
@@ -323,14 +321,12 @@ def comparable(workdir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_killed_runs_resume_to_identical_results(tmp_path):
-    reference = copy_workflow(tmp_path / "reference")
+def test_killed_runs_resume_to_identical_results(finished_run, tmp_path):
+    # The reference: the session's finished run, made from the same data and config.
+    expected = comparable(finished_run)
     crashed = copy_workflow(tmp_path / "crashed")
-    for workdir in (reference, crashed):
-        digits_tree(workdir / "data")
-        write_config(workdir, deep_merge(TINY_CONFIG, CRASH_CONFIG))
-    snakemake(reference)
-    expected = comparable(reference)
+    digits_tree(crashed / "data")
+    write_config(crashed, FINISHED_RUN_CONFIG)
 
     survived = []
     for name, rule, reached in kill_points(crashed):

@@ -8,14 +8,7 @@ import re
 import pandas as pd
 import pytest
 from test_training import tensorboard_hparams, tensorboard_scalars
-from workflow_utils import (
-    TINY_CONFIG,
-    copy_workflow,
-    deep_merge,
-    digits_tree,
-    snakemake,
-    write_config,
-)
+from workflow_utils import FINISHED_RUN_CONFIG, snakemake, write_config
 
 
 def epoch_lines(terminal: str, job: str) -> list[tuple[int, int]]:
@@ -25,12 +18,11 @@ def epoch_lines(terminal: str, job: str) -> list[tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_a_tiny_run_shows_progress_writes_tensorboard_and_logs_each_run_once(tmp_path):
-    workdir = copy_workflow(tmp_path / "wf")
-    digits_tree(workdir / "data")
-    write_config(workdir, deep_merge(TINY_CONFIG, {"data": {"root": "data"}}))
-    results = workdir / "results"
-    terminal = "\n".join([(run := snakemake(workdir)).stdout, run.stderr])
+def test_a_tiny_run_shows_progress_writes_tensorboard_and_logs_each_run_once(
+    finished_run, finished_copy
+):
+    results = finished_run / "results"
+    terminal = (finished_run.parent / "terminal.txt").read_text()
 
     # Each training job's epoch lines on the terminal: one per epoch it trained, in order.
     trials = sorted(p.name for p in (results / "sweep" / "trials").iterdir())
@@ -44,7 +36,7 @@ def test_a_tiny_run_shows_progress_writes_tensorboard_and_logs_each_run_once(tmp
         assert epochs >= 1
         lines = epoch_lines(terminal, job)
         assert [i for i, _ in lines] == list(range(1, epochs + 1)), (job, lines)
-        assert {n for _, n in lines} <= {max_epochs, TINY_CONFIG["train"]["max_epochs"]}
+        assert {n for _, n in lines} <= {max_epochs, FINISHED_RUN_CONFIG["train"]["max_epochs"]}
     # The data stages' closing progress lines, each with its job.
     for line in (
         r"^\[ingest/shard-0\] shard 0: \d+/\d+ files in ",
@@ -53,8 +45,8 @@ def test_a_tiny_run_shows_progress_writes_tensorboard_and_logs_each_run_once(tmp
     ):
         assert re.search(line, terminal, re.MULTILINE), line
     # The log files hold the same lines, and no carriage-return bar.
-    assert "epoch 1/" in (workdir / "logs" / "train" / "final.log").read_text()
-    for log in (workdir / "logs").rglob("*.log"):
+    assert "epoch 1/" in (finished_run / "logs" / "train" / "final.log").read_text()
+    for log in (finished_run / "logs").rglob("*.log"):
         assert "\r" not in log.read_text(errors="replace"), log
 
     # TensorBoard: one run per training job, the trials' hyper-parameters their overrides.
@@ -79,7 +71,9 @@ def test_a_tiny_run_shows_progress_writes_tensorboard_and_logs_each_run_once(tmp
         else:  # the folds and the final model train with the winner's settings
             assert hparams["train.lr"] == pytest.approx(best["train.lr"])
 
-    # runs.csv: one row per run of the DAG.
+    # runs.csv: one row per run of the DAG (the next runs in a copy of the finished run).
+    workdir = finished_copy
+    results = workdir / "results"
     log = results / "runs.csv"
     assert len(pd.read_csv(log)) == 1
     rerun = snakemake(workdir)  # nothing to do: no job, no row

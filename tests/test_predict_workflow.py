@@ -6,21 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from workflow_utils import (
-    TINY_CONFIG,
-    copy_workflow,
-    deep_merge,
-    digits_tree,
-    planned_jobs,
-    snakemake,
-    tree_digest,
-    write_config,
-)
+from workflow_utils import planned_jobs, snakemake, tree_digest, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +33,15 @@ def imgpipe_predict(workdir, *args) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_train_evaluate_export_predict(tmp_path):
-    workdir = copy_workflow(tmp_path / "wf")
-    digits_tree(workdir / "data")
-    config = write_config(
-        workdir,
-        deep_merge(
-            TINY_CONFIG,
-            {
-                "data": {"root": "data"},
-                "sweep": {"enabled": False},
-                "predict": {"input": "data", "name": "demo", "batch_size": 16},
-            },
-        ),
-    )
+def test_train_evaluate_export_predict(finished_copy, tmp_path):
+    # A finished run (train and evaluate done) gains a predict section: adding it
+    # schedules the export and the prediction and reruns nothing upstream.
+    workdir = finished_copy
+    config = write_config(workdir, {"predict": {"input": "data", "name": "demo", "batch_size": 16}})
+    assert planned_jobs(workdir, "results/evaluate/metrics.json", "export", "predict") == {
+        "export": 1,
+        "predict": 1,
+    }
     before = tree_digest(workdir / "data")
     snakemake(workdir, "results/evaluate/metrics.json", "export", "predict")
     results = workdir / "results"
@@ -92,7 +79,8 @@ def test_train_evaluate_export_predict(tmp_path):
     # imgpipe predict on the test split gives evaluate's labels, from the checkpoint and ONNX.
     evaluation = pd.read_csv(results / "evaluate/predictions.csv", dtype=str)
     manifest = workdir / "test_split.csv"
-    rel = [os.path.relpath(p, workdir) for p in evaluation["path"]]
+    # Its paths are the finished run's (<run>/data/<class>/<file>): the same files in the copy.
+    rel = [str(Path(p).relative_to(Path(p).parents[2])) for p in evaluation["path"]]
     pd.DataFrame({"path": rel, "label": evaluation["label"]}).to_csv(manifest, index=False)
     tables = {}
     for name, model in (

@@ -832,19 +832,6 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     assert report_categories(tmp_path / "report.html") == {"Summary"}
 
 
-@pytest.mark.skipif(
-    not (REPO / "results" / "report" / "summary.json").exists(),
-    reason="needs a finished run of the whole workflow in results/",
-)
-def test_snakemake_report_of_a_real_run_has_every_category(tmp_path):
-    snakemake(REPO, "--report", str(tmp_path / "report.html"), timeout=600)
-    expected = {"Data", "Augmentation", "Training", "Cross-validation", "Test", "Clustering"}
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    if config["sweep"]["enabled"]:
-        expected.add("Sweep")
-    assert expected <= report_categories(tmp_path / "report.html")
-
-
 # ----------------------------------------------------------------------------- browser
 
 

@@ -36,7 +36,6 @@ from workflow_utils import (
     TINY_CONFIG,
     copy_workflow,
     deep_merge,
-    digits_tree,
     planned_jobs,
     snakemake,
     tree_digest,
@@ -281,25 +280,6 @@ def test_default_config_plans_the_whole_dag(tmp_path):
 
 
 # ----------------------------------------------------------------------------- rerun scope
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """One completed tiny run (every stage) shared by the rerun-scope and report tests."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("finished") / "wf")
-    digits_tree(workdir / "data")
-    write_config(workdir, deep_merge(TINY_CONFIG, {"data": {"root": "data"}}))
-    snakemake(workdir)
-    return workdir
-
-
-@pytest.fixture
-def finished_copy(finished_run, tmp_path) -> Path:
-    """A private copy of the finished run (mtimes kept): nothing is planned in it."""
-    workdir = tmp_path / "wf"
-    shutil.copytree(finished_run, workdir, symlinks=True)
-    assert planned_jobs(workdir) == Counter()
-    return workdir
 
 
 # Rules downstream of the final model / of the sweep winner, with their job counts.

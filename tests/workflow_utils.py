@@ -38,6 +38,13 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+# The shared finished run (conftest's finished_run): the tiny config on digits_tree's
+# data, with a third epoch so that a training job can be killed between two checkpoints.
+FINISHED_RUN_CONFIG = deep_merge(
+    TINY_CONFIG, {"data": {"root": "data"}, "train": {"max_epochs": 3}}
+)
+
+
 def copy_workflow(dest: Path) -> Path:
     """Copy the parts of the repository a run needs into ``dest`` (edits there stay there)."""
     dest.mkdir(parents=True, exist_ok=True)
