@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -124,7 +125,15 @@ LAYOUT_KEYS = ("num_nodes", "gpus_per_node", "cpu_devices", "threads", "num_work
 
 def imported_modules(path: str | Path) -> set[str]:
     """imgpipe modules a Python file imports anywhere (top level or inside functions), by AST."""
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
+    stat = Path(path).stat()
+    return set(_imported_modules(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+# Every rule's fingerprint walks the same modules: parse each file once per
+# version of it (keyed by mtime and size), not once per rule.
+@functools.cache
+def _imported_modules(path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -137,7 +146,7 @@ def imported_modules(path: str | Path) -> set[str]:
             parts = name.split(".")
             if parts[0] == "imgpipe" and len(parts) >= 2:
                 found.add(parts[1])
-    return {name for name in found if (PACKAGE_DIR / f"{name}.py").is_file()}
+    return frozenset(name for name in found if (PACKAGE_DIR / f"{name}.py").is_file())
 
 
 def import_closure(path: str | Path) -> list[str]:

@@ -2,7 +2,7 @@ rule augment:
     input:
         index=rules.clean.output.index,
         split=rules.split.output.split,
-        arrays=shard_images,
+        arrays=SHARD_IMAGES,
     output:
         images="results/augment/images.npy",
         index="results/augment/index.csv",

@@ -1,7 +1,7 @@
 rule clean:
     input:
-        stats=shard_stats,
-        images=shard_images,
+        stats=SHARD_STATS,
+        images=SHARD_IMAGES,
     output:
         index="results/clean/index.csv",
         rejected="results/clean/rejected.csv",

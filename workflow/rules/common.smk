@@ -135,12 +135,9 @@ def configured():
 config[RESOLVED_IMAGE_KEY] = resolved_image()
 
 
-def shard_stats(wildcards):
-    return expand("results/ingest/shard-{shard}/stats.csv", shard=SHARDS)
-
-
-def shard_images(wildcards):
-    return expand("results/ingest/shard-{shard}/images.npy", shard=SHARDS)
+# The shards' files, listed once (not an input function evaluated per job).
+SHARD_STATS = expand("results/ingest/shard-{shard}/stats.csv", shard=SHARDS)
+SHARD_IMAGES = expand("results/ingest/shard-{shard}/images.npy", shard=SHARDS)
 
 
 ##### training jobs #####
@@ -154,7 +151,7 @@ GPUS_PER_JOB = 1 if local_gpus_present() else 0
 TRAIN_INPUTS = {
     "index": "results/clean/index.csv",
     "split": "results/split/split.csv",
-    "arrays": shard_images,
+    "arrays": SHARD_IMAGES,
     "aug_images": "results/augment/images.npy",
     "aug_index": "results/augment/index.csv",
 }
@@ -230,7 +227,7 @@ def cluster_inputs(wildcards):
     inputs = {
         "index": "results/clean/index.csv",
         "split": "results/split/split.csv",
-        "arrays": shard_images(wildcards),
+        "arrays": SHARD_IMAGES,
     }
     if wildcards.features == "embeddings":
         inputs["model"] = "results/train/final/model.ckpt"

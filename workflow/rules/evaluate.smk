@@ -2,7 +2,7 @@ rule evaluate:
     input:
         index=rules.clean.output.index,
         split=rules.split.output.split,
-        arrays=shard_images,
+        arrays=SHARD_IMAGES,
         model=rules.train_final.output.model,
         history=rules.train_final.output.history,
     output:
