@@ -11,7 +11,7 @@ import numpy as np
 # Images larger than this (long side) are measured on a downscaled copy: the
 # statistics below are scale-robust and decoding dominates anyway.
 MEASURE_MAX_SIDE = 256
-# pHash threshold margin, as a fraction of the DCT coefficients' spread (see phash).
+# Hash threshold margin, as a fraction of the DCT coefficients' spread (see thumbnail_hashes).
 PHASH_MARGIN = 0.05
 
 
@@ -56,57 +56,6 @@ def sharpness(gray: np.ndarray) -> float:
     gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=1)
     gradient = cv2.norm(gx, cv2.NORM_L2SQR) + cv2.norm(gy, cv2.NORM_L2SQR)
     return cv2.norm(lap, cv2.NORM_L2SQR) / gradient if gradient > 0 else 0.0
-
-
-@functools.lru_cache(maxsize=1024)
-def _phash_projection(n: int) -> np.ndarray:
-    """8 x n matrix: box-filter resampling of n pixels to 32, then the 8 lowest DCT-II rows.
-
-    Applied on both sides (P_h @ gray @ P_w.T) it gives the 8x8 low-frequency
-    block of cv2.dct(resize(gray, 32x32, INTER_AREA)) in two small matrix
-    products, without the resize and the full 32x32 DCT.
-    """
-    edges = np.linspace(0.0, n, _PHASH_GRID + 1)
-    left, right = np.arange(n)[None, :], np.arange(1, n + 1)[None, :]
-    # Overlap of source pixel [i, i+1) with target cell [edges[k], edges[k+1]).
-    overlap = np.clip(
-        np.minimum(right, edges[1:, None]) - np.maximum(left, edges[:-1, None]), 0, None
-    )
-    resample = overlap / overlap.sum(axis=1, keepdims=True)
-    k, x = np.arange(8)[:, None], np.arange(_PHASH_GRID)[None, :]
-    dct = np.cos(np.pi * (2 * x + 1) * k / (2 * _PHASH_GRID)) * np.sqrt(2 / _PHASH_GRID)
-    dct[0] /= np.sqrt(2)  # orthonormal, as cv2.dct
-    return (dct @ resample).astype(np.float32)
-
-
-_PHASH_GRID = 32
-
-
-def phash(gray: np.ndarray) -> int:
-    """64-bit DCT perceptual hash of a grey image (pHash, with a noise margin on the threshold).
-
-    As pHash / imagehash.phash: shrink to 32x32 (box filter), keep the 8x8
-    lowest DCT frequencies, set the bits above the median of the 63 non-DC
-    ones. The threshold is raised by 5% of their spread: on plain synthetic
-    images (letters, squares) symmetry makes many coefficients ~0, right at
-    the median, and plain pHash flips those bits on any noise; with the
-    margin a noisy copy stays within 4 bits in 99% of cases (96% without).
-    """
-    small = _measure_copy(gray)
-    rows, cols = small.shape
-    low = (_phash_projection(rows) @ small.astype(np.float32) @ _phash_projection(cols).T).ravel()
-    rest = low[1:]
-    # Median of the 63 non-DC coefficients is the 32nd smallest; OpenCV's std
-    # (numpy's median and std cost more than the whole hash on small images).
-    spread = cv2.meanStdDev(rest)[1][0, 0]
-    threshold = np.partition(rest, 31)[31] + PHASH_MARGIN * spread
-    return int(np.packbits(low > threshold).view(">u8")[0])
-
-
-def hamming(a: np.ndarray, b: int) -> np.ndarray:
-    """Hamming distances between an array of 64-bit hashes and one hash."""
-    x = np.bitwise_xor(a.astype(np.uint64), np.uint64(b))
-    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
 
 
 # ----------------------------------------------------------------------------- near-duplicate signature
@@ -245,11 +194,12 @@ def _hash_projection(n: int) -> np.ndarray:
 def thumbnail_hashes(thumbs: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
     """64-bit hashes (uint64) of (n, h, w) same-shape thumbnails, one array per crop in HASH_SHIFTS.
 
-    Each is the pHash of the crop (see phash: bits of the 8 x 8 DCT above the
-    median of the 63 non-DC coefficients plus PHASH_MARGIN of their spread),
-    taken after resampling the crop to 8 x 8 and blurring it (see
-    _hash_projection). A shift too large for the thumbnail hashes the whole
-    of it.
+    Each is a pHash of the crop: the bits of its 8 x 8 low-frequency DCT above
+    the median of the 63 non-DC coefficients plus PHASH_MARGIN of their spread
+    (the margin keeps bits of near-zero coefficients, common on plain synthetic
+    images, from flipping on noise), taken after resampling the crop to 8 x 8
+    and blurring it (see _hash_projection). A shift too large for the
+    thumbnail hashes the whole of it.
     """
     out = {}
     stack = thumbs.astype(np.float64)

@@ -5,10 +5,8 @@ path is kept lean (one read, one decode, OpenCV rather than PIL, rows kept as
 tuples and turned into one DataFrame at the end): on small images the fixed
 per-file cost dominates.
 
-stats.csv keeps hashes as text: ``sha256`` and ``pixel_hash`` in hex, ``phash``
-as ``0x`` + 16 hex digits (a 64-bit integer would not survive a CSV reader that
-turns a column with empty cells into floats). ``load_stats`` reads it back and
-``phash_values`` gives the uint64 hashes.
+stats.csv keeps hashes as text: ``sha256`` and ``pixel_hash`` in hex;
+``load_stats`` reads them back as text.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import pandas as pd
 
 from imgpipe.atomic import atomic_path, write_csv
 from imgpipe.imageio import MODES, decode_image, fit_square, read_bytes
-from imgpipe.imagestats import format_thumbnail, gray_stats, phash, thumbnail
+from imgpipe.imagestats import format_thumbnail, gray_stats, thumbnail
 from imgpipe.logs import Progress
 from imgpipe.stage import StageJob
 
@@ -44,7 +42,6 @@ STATS_COLUMNS = [
     "reason",
     "detail",
     "pixel_hash",
-    "phash",
     "mean",
     "std",
     "p01",
@@ -66,7 +63,6 @@ TEXT_COLUMNS = [
     "reason",
     "detail",
     "pixel_hash",
-    "phash",
     "thumb",
 ]
 
@@ -84,16 +80,6 @@ def pixel_hash(image: np.ndarray) -> str:
     digest.update(np.asarray(image.shape, np.int64).tobytes())
     digest.update(np.ascontiguousarray(image).data)
     return digest.hexdigest()
-
-
-def format_phash(value: int) -> str:
-    """A 64-bit perceptual hash as text that CSV readers keep exact (``0x`` + 16 hex digits)."""
-    return f"{value:#018x}"
-
-
-def phash_values(hashes: pd.Series) -> np.ndarray:
-    """The uint64 perceptual hashes of a stats.csv ``phash`` column (for imagestats.hamming)."""
-    return np.array([int(h, 16) for h in hashes], dtype=np.uint64)
 
 
 def stats_table(records: list[tuple]) -> pd.DataFrame:
@@ -148,16 +134,15 @@ def measure_images(images: list[np.ndarray]) -> list[tuple]:
         for image in images
     ]
     stats = [gray_stats(gray) for gray in grays]
-    phashes = [format_phash(phash(gray)) for gray in grays]
     thumbs = [format_thumbnail(thumbnail(gray)) for gray in grays]
     pixel_hashes = [pixel_hash(image) for image in images]
     return [
-        (h, p, s["mean"], s["std"], s["p01"], s["p99"], s["blur"], t)
-        for h, p, s, t in zip(pixel_hashes, phashes, stats, thumbs, strict=True)
+        (h, s["mean"], s["std"], s["p01"], s["p99"], s["blur"], t)
+        for h, s, t in zip(pixel_hashes, stats, thumbs, strict=True)
     ]
 
 
-NOT_MEASURED = (None,) * 8
+NOT_MEASURED = (None,) * 7  # pixel_hash .. thumb of a file that was not decoded
 # The fields prepare_images gives per file: stats.csv's columns ``bytes`` to ``thumb``.
 PREPARED_COLUMNS = STATS_COLUMNS[STATS_COLUMNS.index("bytes") :]
 

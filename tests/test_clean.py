@@ -98,7 +98,6 @@ def stats_row(
         "reason": "",
         "detail": "",
         "pixel_hash": hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()[:32],
-        "phash": f"{imagestats.phash(gray):016x}",
         **imagestats.gray_stats(gray),
         "thumb": imagestats.format_thumbnail(imagestats.thumbnail(gray)),
     }
@@ -113,7 +112,6 @@ def failed_row(label: str, relpath: str, reason: str) -> tuple[dict, np.ndarray]
         reason=reason,
         detail=f"{reason} at ingest",
         pixel_hash="",
-        phash="",
         thumb="",
     )
     return row, np.zeros((SIZE, SIZE, 1), np.uint8)
@@ -234,7 +232,7 @@ def test_rows_without_hashes_are_never_duplicates_of_each_other(tmp_path):
     rng = np.random.default_rng(13)
     rows = filler(rng)
     for row, _ in rows[:3]:
-        row["pixel_hash"], row["phash"] = "", ""
+        row["pixel_hash"] = ""
     assert decide(rows, tmp_path).kept.all()
 
 

@@ -95,7 +95,7 @@ def photo(rng: np.random.Generator) -> np.ndarray:
 def measured_row(gray: np.ndarray, label: str, relpath: str, source: str = "train") -> dict:
     """The stats.csv row ingest writes for a decoded grey image (fields from measure_images)."""
     fields = measure_images([gray])[0]
-    names = ["pixel_hash", "phash", "mean", "std", "p01", "p99", "blur", "thumb"]
+    names = ["pixel_hash", "mean", "std", "p01", "p99", "blur", "thumb"]
     h, w = gray.shape[:2]
     return {
         "path": f"/data/{source}/{relpath}",
