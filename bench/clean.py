@@ -3,7 +3,7 @@
 Generates a tree of small PNGs (digits, letters, shapes, photo-like textures,
 8..64 px) with planted defects, then times on the same tree, in one run:
 
-(a) ours: imgpipe.scan.list_images, imgpipe.ingest.index_shard for 2 shards in
+(a) ours: imgpipe.listing.list_images, imgpipe.ingest.index_shard for 2 shards in
     2 processes (like the workflow), imgpipe.clean.run_clean;
 (b) cleanvision's Imagelab with its default checks (pip install cleanvision==0.3.7,
     the project's ``bench`` extra);
@@ -18,6 +18,7 @@ and the fraction of clean images each flags. No assertions.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -391,6 +392,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-cleanvision", action="store_true")
     args = parser.parse_args()
+    if not args.skip_cleanvision and importlib.util.find_spec("cleanvision") is None:
+        sys.exit(
+            "bench/clean.py compares with cleanvision, which is not installed: "
+            "pip install '.[bench]' (or run with --skip-cleanvision)"
+        )
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     base = args.keep or Path(tempfile.mkdtemp(prefix="imgpipe-bench-"))
     try:
