@@ -152,12 +152,13 @@ def lightning_stock(images, labels, train_ids, val_ids, model_cfg, train_cfg, gp
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             trainer.fit(module, datamodule=data)
         seconds = time.perf_counter() - start
+        val_acc = float(trainer.callback_metrics.get("val_acc", float("nan")))
     seen = (
         train_cfg["max_epochs"]
         * (len(train_ids) // train_cfg["batch_size"])
         * train_cfg["batch_size"]
     )
-    return {"images_per_s": seen / seconds, "seconds": seconds, "val_acc": float("nan")}
+    return {"images_per_s": seen / seconds, "seconds": seconds, "val_acc": val_acc}
 
 
 def main() -> None:
