@@ -340,13 +340,17 @@ def test_quality_checks_use_the_models_clean_settings(trained, tmp_path):
 # ----------------------------------------------------------------------------- the command
 
 
+def predict_command(model, source, out, *extra: str) -> int:
+    """``imgpipe predict MODEL SOURCE -o OUT [extra...]`` run in this process: its exit code."""
+    return cli.main(["predict", str(model), str(source), "-o", str(out), *extra])
+
+
 def test_command_on_a_labelled_tree_prints_and_writes_accuracy_and_macro_f1(
     trained, tmp_path, capsys
 ):
     out = tmp_path / "out" / "predictions.csv"
     before = tree_digest(trained["tree"])
-    code = cli.main(["predict", str(trained["ckpt"]), str(trained["tree"]), "-o", str(out), "-q"])
-    assert code == 0
+    assert predict_command(trained["ckpt"], trained["tree"], out, "-q") == 0
     printed = capsys.readouterr().out
     table = read_predictions(out)
     assert len(table) == 80 and (table["rejected"] == "").all()
@@ -369,48 +373,19 @@ def test_command_on_a_manifest_and_on_an_unlabelled_folder(trained, tmp_path, ca
     rows = [f"{tree}/0/000.png,0", f"{tree}/1/000.png,1", f"{tree}/1/001.png,", "missing.png,2"]
     manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
     # Absolute paths outside the manifest's folder are refused, as in training.
-    assert (
-        cli.main(
-            ["predict", str(trained["ckpt"]), str(manifest), "-o", str(tmp_path / "m.csv"), "-q"]
-        )
-        == 0
-    )
+    assert predict_command(trained["ckpt"], manifest, tmp_path / "m.csv", "-q") == 0
     table = read_predictions(tmp_path / "m.csv")
     assert set(table["rejected"]) == {"outside_root", "missing_file"}
     local = tmp_path / "local"
     shutil.copytree(tree / "2", local / "imgs")
     (local / "list.csv").write_text("path,label\nimgs/000.png,2\nimgs/001.png,2\nimgs/002.png,\n")
-    assert (
-        cli.main(
-            [
-                "predict",
-                str(trained["ckpt"]),
-                str(local / "list.csv"),
-                "-o",
-                str(tmp_path / "l.csv"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert predict_command(trained["ckpt"], local / "list.csv", tmp_path / "l.csv", "-q") == 0
     table = read_predictions(tmp_path / "l.csv")
     assert (table["rejected"] == "").all() and len(table) == 3
     # One image without a label: the manifest does not count as labelled.
     assert (table["given_label"] == "").all()
     capsys.readouterr()
-    assert (
-        cli.main(
-            [
-                "predict",
-                str(trained["ckpt"]),
-                str(local / "imgs"),
-                "-o",
-                str(tmp_path / "u.csv"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert predict_command(trained["ckpt"], local / "imgs", tmp_path / "u.csv", "-q") == 0
     printed = capsys.readouterr().out
     assert "20 files: 20 predicted" in printed and "accuracy" not in printed
 
@@ -418,17 +393,7 @@ def test_command_on_a_manifest_and_on_an_unlabelled_folder(trained, tmp_path, ca
 def test_command_refuses_cuda_without_a_gpu_in_one_line(trained, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    code = cli.main(
-        [
-            "predict",
-            str(trained["ckpt"]),
-            str(trained["tree"]),
-            "-o",
-            str(tmp_path / "p.csv"),
-            "--device",
-            "cuda",
-        ]
-    )
+    code = predict_command(trained["ckpt"], trained["tree"], tmp_path / "p.csv", "--device", "cuda")
     assert code == 1
     assert (
         capsys.readouterr().err.strip()
@@ -491,9 +456,9 @@ def test_torchscript_takes_float_pixels_too(trained, exported):
 
 
 def test_command_with_the_onnx_file_gives_the_checkpoints_labels(trained, exported, tmp_path):
-    args = [str(trained["tree"]), "--batch-size", "7", "-q"]
-    assert cli.main(["predict", str(trained["ckpt"]), *args, "-o", str(tmp_path / "t.csv")]) == 0
-    assert cli.main(["predict", str(exported["onnx"]), *args, "-o", str(tmp_path / "o.csv")]) == 0
+    args = ["--batch-size", "7", "-q"]
+    assert predict_command(trained["ckpt"], trained["tree"], tmp_path / "t.csv", *args) == 0
+    assert predict_command(exported["onnx"], trained["tree"], tmp_path / "o.csv", *args) == 0
     torch_rows, onnx_rows = (
         read_predictions(tmp_path / "t.csv"),
         read_predictions(tmp_path / "o.csv"),
