@@ -6,6 +6,7 @@ import ast
 import functools
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -103,15 +104,196 @@ def sweep_key_errors(config: Mapping, schema: Mapping) -> list[str]:
     return lines
 
 
+def subschema(schema: Mapping, key: str) -> dict | None:
+    """The schema of the dotted config key ``key`` (``train.lr``), with the root's ``$defs``.
+
+    None when the schema has no such key.
+    """
+    node: Mapping = schema
+    for part in key.split("."):
+        node = resolve_ref(schema, node).get("properties", {}).get(part)
+        if node is None:
+            return None
+    return {**resolve_ref(schema, node), "$defs": schema.get("$defs", {})}
+
+
+def resolve_ref(schema: Mapping, node: Mapping) -> Mapping:
+    """Follow a node's local ``$ref`` (``#/$defs/name``) to the definition, merged with its siblings."""
+    while "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[1]
+        node = {**schema["$defs"][name], **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+def value_errors(value: Any, node: Mapping) -> list[str]:
+    """The schema's complaints about one value checked against one key's schema (strict types)."""
+    return [error.message for error in StrictValidator(node).iter_errors(value)]
+
+
+def sweep_value_errors(config: Mapping, schema: Mapping) -> list[str]:
+    """Grid values and range ends the schema of the key they set refuses (and unknown model names).
+
+    A trial takes its values from the sweep, not from the checked sections, so
+    without this a bad value failed only inside its trial.
+    """
+    sweep = config.get("sweep", {})
+    lines = []
+    for part in ("grid", "ranges"):
+        for key, values in (sweep.get(part) or {}).items():
+            node = subschema(schema, key)
+            if node is None:
+                continue  # sweep_key_errors names it
+            for value in values:
+                problems = value_errors(value, node)
+                if not problems and key == "model.name":
+                    error = model_name_error(value)
+                    problems = [str(error).removeprefix("model.name: ")] if error else []
+                lines += [f"sweep.{part}.{key}: {problem}" for problem in problems]
+    return lines
+
+
+def model_name_error(name: str) -> str | None:
+    """Why ``model.name`` names no model that can be built (None when it does).
+
+    Imported here, not at the top: torchvision and timm load only for names that
+    need their registries, so a smallcnn config keeps Snakemake's start-up fast.
+    """
+    from imgpipe import model_names
+
+    error = model_names.model_name_error(name)
+    return None if error is None else str(error)
+
+
+def model_errors(config: Mapping) -> list[str]:
+    """``model.name`` checked at start-up, not when the first trial builds the model."""
+    name = config.get("model", {}).get("name")
+    error = model_name_error(name) if isinstance(name, str) else None
+    return [error] if error else []
+
+
 def check_config(config: Mapping, schema: Mapping) -> None:
     """Raise ConfigError listing every bad key, or return when the config is valid."""
     problems = (
         config_errors(config, schema)
         or cross_key_errors(config)
         or sweep_key_errors(config, schema)
+        or sweep_value_errors(config, schema)
+        or model_errors(config)
     )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------- --config strings
+
+# Snakemake reads nested --config values (cv='{"k": 3}') with YAML's BaseLoader:
+# every scalar arrives as a string. These turn such a string into the type the
+# schema declares for its key; a string that does not parse stays a string, so
+# the schema's message names the key.
+NULL_WORDS = ("null", "Null", "NULL", "~")
+INTEGER_RE = re.compile(r"^[-+]?\d+$")
+
+
+def _parse_integer(text: str) -> int | None:
+    return int(text) if INTEGER_RE.match(text.strip()) else None
+
+
+def _parse_number(text: str) -> float | int | None:
+    whole = _parse_integer(text)
+    if whole is not None:
+        return whole
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _parse_boolean(text: str) -> bool | None:
+    return {"true": True, "false": False}.get(text.strip().lower())
+
+
+PARSERS = {"integer": _parse_integer, "number": _parse_number, "boolean": _parse_boolean}
+
+
+def declared_types(schema: Mapping, node: Mapping) -> list[str]:
+    """Every JSON type a key's schema allows (its type, its enum's values, oneOf / anyOf branches)."""
+    node = resolve_ref(schema, node)
+    types = node.get("type", [])
+    found = [types] if isinstance(types, str) else list(types)
+    names = {bool: "boolean", int: "integer", float: "number", type(None): "null", str: "string"}
+    found += [names.get(type(value), "string") for value in node.get("enum", [])]
+    for branch in node.get("oneOf", []) + node.get("anyOf", []):
+        found += declared_types(schema, branch)
+    return list(dict.fromkeys(found))
+
+
+def coerce_scalar(text: str, schema: Mapping, node: Mapping) -> Any:
+    """``text`` as the type its key declares, or ``text`` itself when it is valid or parses as none.
+
+    A string the key accepts stays a string (``auto``), except a null word where
+    null is allowed (``test_root: null`` arrives as ``'null'``). Of the parsed
+    candidates the first one the key accepts wins, else the first one parsed, so
+    that ``cv.k: '1'`` reports ``1 is less than the minimum of 2``.
+    """
+    types = declared_types(schema, node)
+    if "null" in types and text in NULL_WORDS:
+        return None
+    full = {**resolve_ref(schema, node), "$defs": schema.get("$defs", {})}
+    if not value_errors(text, full):
+        return text
+    candidates = [
+        parsed for kind in types if kind in PARSERS and (parsed := PARSERS[kind](text)) is not None
+    ]
+    for candidate in candidates:
+        if not value_errors(candidate, full):
+            return candidate
+    return candidates[0] if candidates else text
+
+
+def coerce_strings(value: Any, schema: Mapping, node: Mapping | None = None) -> Any:
+    """A copy of ``value`` (a config or part of it) with its strings read as their keys' types.
+
+    Walks the schema beside the value: object properties, array items, and the
+    sweep's grid / ranges, whose values take the schema of the key they set.
+    Keys the schema does not know are copied unchanged (the schema names them).
+    """
+    node = resolve_ref(schema, schema if node is None else node)
+    if isinstance(value, str):
+        return coerce_scalar(value, schema, node)
+    if isinstance(value, list):
+        items = node.get("items")
+        return [coerce_strings(v, schema, items) if items else v for v in value]
+    if isinstance(value, Mapping):
+        properties = node.get("properties", {})
+        return {
+            key: coerce_strings(child, schema, properties[key]) if key in properties else child
+            for key, child in value.items()
+        }
+    return value
+
+
+def coerce_config(config: Mapping, schema: Mapping) -> dict:
+    """The config with every string read as its key's declared type (see coerce_strings).
+
+    Run on the merged config right before validation, and only there.
+    """
+    coerced = coerce_strings(config, schema)
+    sweep = coerced.get("sweep")
+    if isinstance(sweep, dict):
+        for part in ("grid", "ranges"):
+            if isinstance(sweep.get(part), dict):
+                sweep[part] = {
+                    key: coerce_swept(values, key, schema) for key, values in sweep[part].items()
+                }
+    return coerced
+
+
+def coerce_swept(values: Any, key: str, schema: Mapping) -> Any:
+    """A sweep's list of values for ``key``, each read as the type ``key`` declares."""
+    node = subschema(schema, key)
+    if node is None or not isinstance(values, list):
+        return values
+    return [coerce_strings(value, schema, node) for value in values]
 
 
 # The final model's process layout: sweep trials and k-fold jobs always train in

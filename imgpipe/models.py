@@ -19,10 +19,8 @@ standard layout.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +30,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from imgpipe.errors import DataError
+from imgpipe.model_names import FACTORY_RE, timm_name_error, torchvision_names, unknown_name
 
 # Below this input size the ResNet family gets the small-input stem and VGG drops pools.
 SMALL_INPUT = 64
@@ -269,11 +268,6 @@ def replace_global_pools(module: nn.Module) -> None:
 # ---------------------------------------------------------------- torchvision models
 
 
-def torchvision_names() -> list[str]:
-    """Every torchvision classification model name."""
-    return tvm.list_models(module=tvm)
-
-
 def strip_last_linear(net: nn.Module, name: str) -> tuple[str, int]:
     """Replace the model's last nn.Linear (its classifier) by an identity; its path and in_features."""
     linears = [(path, m) for path, m in net.named_modules() if isinstance(m, nn.Linear)]
@@ -377,18 +371,14 @@ def timm_backbone(name: str, in_channels: int) -> tuple[nn.Module, int, tuple[st
     """``timm/<name>`` built without classifier: (backbone, feature width, head keys)."""
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" (close: {', '.join('timm/' + c for c in close)})" if close else ""
-        raise DataError(f"model.name: timm has no model {name!r}{hint}")
+    error = timm_name_error(name)
+    if error is not None:
+        raise error
     net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
     width = int(getattr(net, "head_hidden_size", None) or net.num_features)
     classifier = net.pretrained_cfg.get("classifier") or ()
     head_keys = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     return net, width, head_keys
-
-
-FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def factory_model(name: str, num_classes: int, in_channels: int, image_size: int) -> Classifier:
@@ -418,23 +408,6 @@ def factory_model(name: str, num_classes: int, in_channels: int, image_size: int
 
 
 # ---------------------------------------------------------------- building
-
-
-def unknown_name(name: str) -> DataError:
-    """The error for a model name that is no smallcnn, torchvision, timm/ or factory name."""
-    close = difflib.get_close_matches(name, ["smallcnn", *torchvision_names()], n=5, cutoff=0.5)
-    hint = f"; close: {', '.join(close)}" if close else ""
-    try:
-        import timm
-
-        if timm.is_model(name):
-            hint += f"; timm has it: timm/{name}"
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return DataError(
-        f"model.name: unknown model {name!r} (smallcnn, a torchvision classification model, "
-        f"timm/<name> or package.module:factory{hint})"
-    )
 
 
 def _forward_error(model: Classifier, in_channels: int, size: int) -> str | None:

@@ -46,3 +46,11 @@ def make_no_linear(num_classes, in_channels, image_size):
 
 def make_not_a_module(num_classes, in_channels, image_size):
     return "a string"
+
+
+# Not factories: refused by the start-up check of model.name (tests/test_config.py).
+WIDTH = 8
+
+
+def takes_one(num_classes):
+    return TinyNet(num_classes, 3)

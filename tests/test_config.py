@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgpipe.config import ConfigError, check_config, config_errors, load_schema
+from imgpipe.config import (
+    ConfigError,
+    check_config,
+    coerce_config,
+    config_errors,
+    load_schema,
+    subschema,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(ROOT / "config" / "schema.yaml")
@@ -103,3 +110,170 @@ def test_sweep_keys_must_name_a_setting():
     config["sweep"]["grid"] = {"train.learning_rate": [0.1]}
     with pytest.raises(ConfigError, match="sweep.grid.train.learning_rate"):
         check_config(config, SCHEMA)
+
+
+# ----------------------------------------------------------------- --config strings (issue 19)
+
+
+@pytest.mark.parametrize(
+    ("section", "given", "expected"),
+    [
+        ("cv", {"k": "3"}, {"k": 3}),
+        ("cv", {"adapt_k": "true"}, {"adapt_k": True}),
+        ("train", {"lr": "0.5", "weight_decay": "1e-4"}, {"lr": 0.5, "weight_decay": 1e-4}),
+        ("train", {"freeze": "2", "threads": "null"}, {"freeze": 2, "threads": None}),
+        (
+            "train",
+            {"freeze": "backbone", "precision": "32-true"},
+            {"freeze": "backbone", "precision": "32-true"},
+        ),
+        ("image", {"size": "64", "mode": "auto"}, {"size": 64, "mode": "auto"}),
+        ("image", {"size": "auto"}, {"size": "auto"}),
+        ("data", {"root": "123", "test_root": "null"}, {"root": "123", "test_root": None}),
+        (
+            "augment",
+            {"scale": ["0.8", "1.2"], "hflip": "False"},
+            {"scale": [0.8, 1.2], "hflip": False},
+        ),
+        (
+            "clean",
+            {"near_duplicates": "off", "blur": "null"},
+            {"near_duplicates": "off", "blur": None},
+        ),
+        ("model", {"channels": ["8", "16"]}, {"channels": [8, 16]}),
+    ],
+)
+def test_strings_are_read_as_the_declared_type(section, given, expected):
+    config = {"data": {"root": "demo"}, section: given}
+    coerced = coerce_config(config, SCHEMA)
+    assert coerced[section] == {**coerced[section], **expected}
+    for key, value in expected.items():
+        assert type(coerced[section][key]) is type(value), (key, coerced[section][key])
+    check_config(coerced, SCHEMA)
+    assert config[section] == given  # the input is not changed
+
+
+def test_a_string_that_does_not_parse_stays_and_is_named():
+    coerced = coerce_config({"data": {"root": "demo"}, "cv": {"k": "three"}}, SCHEMA)
+    assert coerced["cv"]["k"] == "three"
+    with pytest.raises(ConfigError, match=r"cv\.k: 'three' is not of type 'integer'"):
+        check_config(coerced, SCHEMA)
+
+
+def test_a_parsed_value_out_of_range_is_reported_as_a_number():
+    coerced = coerce_config({"data": {"root": "demo"}, "cv": {"k": "1"}}, SCHEMA)
+    with pytest.raises(ConfigError, match=r"cv\.k: 1 is less than the minimum of 2"):
+        check_config(coerced, SCHEMA)
+
+
+def test_integral_strings_stay_strict():
+    # "2.0" for an integer parses as a float, which the strict validator refuses.
+    coerced = coerce_config({"data": {"root": "demo"}, "ingest": {"shards": "2.0"}}, SCHEMA)
+    with pytest.raises(ConfigError, match=r"ingest\.shards:"):
+        check_config(coerced, SCHEMA)
+
+
+def test_sweep_values_are_read_as_the_type_of_the_key_they_set():
+    config = {
+        "data": {"root": "demo"},
+        "sweep": {
+            "grid": {
+                "train.lr": ["0.01", "0.1"],
+                "train.max_epochs": ["2"],
+                "model.name": ["smallcnn"],
+            },
+            "ranges": {"train.lr": ["1e-4", "0.1"], "train.deterministic": ["true", "false"]},
+        },
+    }
+    sweep = coerce_config(config, SCHEMA)["sweep"]
+    assert sweep["grid"] == {
+        "train.lr": [0.01, 0.1],
+        "train.max_epochs": [2],
+        "model.name": ["smallcnn"],
+    }
+    assert sweep["ranges"] == {"train.lr": [1e-4, 0.1], "train.deterministic": [True, False]}
+
+
+def test_coercion_follows_one_of_and_any_of():
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"oneOf": [{"enum": ["auto"]}, {"type": "integer", "minimum": 1}]},
+            "x": {"anyOf": [{"type": "null"}, {"type": "number"}]},
+        },
+    }
+    assert coerce_config({"n": "4", "x": "null"}, schema) == {"n": 4, "x": None}
+    assert coerce_config({"n": "auto", "x": "0.5"}, schema) == {"n": "auto", "x": 0.5}
+
+
+def test_subschema_by_dotted_key():
+    assert subschema(SCHEMA, "train.lr")["exclusiveMinimum"] == 0
+    assert subschema(SCHEMA, "train.max_epochs")["minimum"] == 1  # through a $ref
+    assert subschema(SCHEMA, "train.nope") is None
+
+
+# ----------------------------------------------------------------- sweep values and model names
+
+
+@pytest.mark.parametrize(
+    ("part", "key", "values", "named"),
+    [
+        ("grid", "train.lr", [-1, 0.01], "sweep.grid.train.lr: -1 is less than or equal"),
+        ("grid", "train.optimizer", ["adam9"], "sweep.grid.train.optimizer: 'adam9' is not one of"),
+        ("grid", "model.dropout", [0.1, 1.5], "sweep.grid.model.dropout: 1.5"),
+        ("grid", "train.max_epochs", [2.0], "sweep.grid.train.max_epochs: 2.0 is not of type"),
+        ("ranges", "train.lr", [0.0, 0.1], "sweep.ranges.train.lr: 0.0 is less than or equal"),
+        ("ranges", "train.momentum", [0.5, 1.0], "sweep.ranges.train.momentum: 1.0"),
+        (
+            "grid",
+            "model.name",
+            ["smallcnn", "resnet9999"],
+            "sweep.grid.model.name: unknown model 'resnet9999'",
+        ),
+    ],
+)
+def test_sweep_values_are_checked_against_the_key_they_set(part, key, values, named):
+    config = default_config()
+    config["sweep"]["method"] = "grid" if part == "grid" else "random"
+    config["sweep"][part] = {key: values}
+    with pytest.raises(ConfigError) as err:
+        check_config(config, SCHEMA)
+    assert named in str(err.value), str(err.value)
+
+
+def test_valid_sweep_values_pass():
+    config = default_config()
+    config["sweep"]["grid"] = {"train.lr": [0.001, 0.01], "model.name": ["smallcnn", "resnet18"]}
+    config["sweep"]["ranges"] = {"train.lr": [0.0001, 0.1], "train.optimizer": ["adamw", "sgd"]}
+    check_config(config, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("resnet9999", r"model\.name: unknown model 'resnet9999' .*close: resnet"),
+        ("timm/resnet9999", r"model\.name: timm has no model 'resnet9999'"),
+        ("os:system", r"model\.name: os:system names Python's standard library"),
+        ("json.decoder:JSONDecoder", r"model\.name: .*standard library"),
+        ("no_such_package.nets:make", r"model\.name: cannot import no_such_package\.nets:make"),
+        ("custom_nets:no_such_factory", r"model\.name: cannot import custom_nets:no_such_factory"),
+        ("custom_nets:TinyNet.forward", r"model\.name: unknown model"),
+        ("custom_nets:WIDTH", r"model\.name: custom_nets:WIDTH is a int, not a callable"),
+        (
+            "custom_nets:takes_one",
+            r"model\.name: custom_nets:takes_one cannot be called as takes_one",
+        ),
+    ],
+)
+def test_bad_model_names_are_refused_at_start_up(name, message):
+    config = default_config()
+    config["model"]["name"] = name
+    with pytest.raises(ConfigError, match=message):
+        check_config(config, SCHEMA)
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet18", "timm/resnet10t", "custom_nets:make"])
+def test_known_model_names_pass(name):
+    config = default_config()
+    config["model"]["name"] = name
+    check_config(config, SCHEMA)

@@ -163,6 +163,10 @@ def workflow(tmp_path_factory):
         (["--config", "train={'lr': .nan}"], "train.lr"),
         (["--config", "ingest={'shards': 2.0}"], "ingest.shards"),
         (["--config", "model={'name': 'smallcnn', 'dropout': 1.5}"], "model.dropout"),
+        (["--config", "cv={'k': 'three'}"], "cv.k"),
+        (["--config", "sweep={'grid': {'train.lr': [-1, 0.01]}}"], "sweep.grid.train.lr"),
+        (["--config", "model={'name': 'resnet9999'}"], "model.name"),
+        (["--config", "model={'name': 'os:system'}"], "model.name"),
     ],
 )
 def test_snakemake_refuses_bad_config_before_any_job(workflow, args, key):

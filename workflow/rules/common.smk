@@ -16,6 +16,7 @@ sys.path.insert(0, str(WORKFLOW_DIR))
 from imgpipe.config import (
     LAYOUT_KEYS,
     check_config,
+    coerce_config,
     code_fingerprint,
     load_schema,
     local_gpus_present,
@@ -26,7 +27,11 @@ from imgpipe.sweep import overrides, trial_table
 ##### config validation #####
 
 SCHEMA_PATH = WORKFLOW_DIR / "config" / "schema.yaml"
-check_config(config, load_schema(SCHEMA_PATH))
+SCHEMA = load_schema(SCHEMA_PATH)
+# Nested --config values arrive as strings (Snakemake reads them with YAML's
+# BaseLoader): read each as the type its key declares, then validate.
+config.update(coerce_config(config, SCHEMA))
+check_config(config, SCHEMA)
 # Fills in the schema's defaults for keys a user's config leaves out.
 validate(config, schema=str(SCHEMA_PATH))
 
