@@ -105,7 +105,7 @@ def main() -> None:
         export_torchscript(eager, folder / "model.pt")
         runtimes = {
             "pytorch eager": eager,
-            "torchscript": load_model(folder / "model.pt", device="cpu"),
+            "torchscript": load_model(folder / "model.pt", device="cpu", trust_torchscript=True),
             "onnxruntime": load_model(folder / "model.onnx", device="cpu", threads=args.threads),
         }
         image = eager.image

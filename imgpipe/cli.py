@@ -20,6 +20,15 @@ from pathlib import Path
 from imgpipe.errors import DataError
 
 
+def factory_name(text: str) -> str:
+    """``--model-factory``'s value: a ``package.module:factory`` name."""
+    from imgpipe.modelfile import is_factory_name
+
+    if not is_factory_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not package.module:factory")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of ``imgpipe``."""
     top = argparse.ArgumentParser(prog="imgpipe", description="Use a trained imgpipe model.")
@@ -52,6 +61,20 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="summary / metrics JSON (default: <output stem>.metrics.json beside the output)",
     )
+    predict.add_argument(
+        "--model-factory",
+        default=None,
+        type=factory_name,
+        metavar="PKG.MOD:FACTORY",
+        help="for a model trained from your own package.module:factory: name it again "
+        "(a model file never chooses code to run; it must be the file's factory)",
+    )
+    predict.add_argument(
+        "--trust-torchscript",
+        action="store_true",
+        help="load a TorchScript model.pt: it is a program, so only a file you trust "
+        "(the exported model.onnx needs no such trust)",
+    )
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress log on stderr")
     return top
 
@@ -74,7 +97,13 @@ def predict_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     # No --device: cuda when torch sees a GPU (an ONNX model: the CPU).
-    model = load_model(args.model, device=args.device, threads=args.threads)
+    model = load_model(
+        args.model,
+        device=args.device,
+        threads=args.threads,
+        model_factory=args.model_factory,
+        trust_torchscript=args.trust_torchscript,
+    )
     summary = predict_files(
         model,
         args.input,

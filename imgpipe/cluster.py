@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -563,6 +564,12 @@ def run_cluster(job: StageJob, embed: Callable[..., np.ndarray] | None = None) -
     from threadpoolctl import threadpool_limits
 
     faiss.omp_set_num_threads(job.threads)
+    if embed is None:
+        from imgpipe.modelfile import configured_factories
+        from imgpipe.predict import embed as model_embed
+
+        # A model built by package.module:factory loads when the user's config names it.
+        embed = partial(model_embed, model_factory=configured_factories(job.config))
     with threadpool_limits(limits=job.threads):
         return cluster_images(
             job.input["index"],

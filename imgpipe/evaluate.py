@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -172,7 +173,11 @@ def run_evaluate(job: StageJob, predict: Callable[..., np.ndarray] | None = None
     from imgpipe.split import load_split
 
     if predict is None:
-        from imgpipe.predict import predict_proba as predict
+        from imgpipe.modelfile import configured_factories
+        from imgpipe.predict import predict_proba
+
+        # A model built by package.module:factory loads when the user's config names it.
+        predict = partial(predict_proba, model_factory=configured_factories(job.config))
     index = load_index(job.input["index"])
     rows = rows_of_test_set(index, load_split(job.input["split"]))
     probs = predict(job.input["model"], open_images(index), ids=rows["id"].to_numpy())

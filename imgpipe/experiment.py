@@ -320,7 +320,10 @@ def run_cv_fold(job: StageJob) -> dict:
         key,
         tensorboard_dir=tensorboard_dir_for("cv", f"fold-{fold}"),
     )
-    probs = predict_proba(out_dir / "model.ckpt", data.images, ids=held_out)
+    # The fold's model was built from this config's model.name: its factory, if any, is trusted.
+    probs = predict_proba(
+        out_dir / "model.ckpt", data.images, ids=held_out, model_factory=model_cfg["name"]
+    )
     oof = pd.DataFrame(probs, columns=[f"p{c}" for c in range(probs.shape[1])])
     oof.insert(0, "label", data.labels[held_out])
     oof.insert(0, "fold", fold)
@@ -399,7 +402,7 @@ def run_train_final(job: StageJob) -> dict:
             key,
             tensorboard_dir=tensorboard_dir_for("final", "final"),
         )
-    record_test_metrics(job, out_dir / "model.ckpt")
+    record_test_metrics(job, out_dir / "model.ckpt", model_cfg["name"])
     log.info(
         "final model: epoch %d of %d, %.0f images/s on %d %s device(s)",
         summary["best_epoch"],
@@ -411,7 +414,9 @@ def run_train_final(job: StageJob) -> dict:
     return summary
 
 
-def record_test_metrics(job: StageJob, model_path: str | os.PathLike) -> dict:
+def record_test_metrics(
+    job: StageJob, model_path: str | os.PathLike, model_name: str | None = None
+) -> dict:
     """Complete the final model file: the clean settings it expects and its test-set metrics.
 
     Inference only (nothing is chosen on the test images): the TEST role is
@@ -441,7 +446,8 @@ def record_test_metrics(job: StageJob, model_path: str | os.PathLike) -> dict:
     metadata["extensions"] = list(extensions)
     metrics: dict[str, Any] = {"n_test": len(test_ids)}
     if len(test_ids):
-        probs = predict_proba(model_path, data.images, ids=test_ids)
+        # model_name: the config's (a package.module:factory among them is trusted).
+        probs = predict_proba(model_path, data.images, ids=test_ids, model_factory=model_name)
         headline = headline_metrics(data.labels[test_ids], probs.argmax(axis=1))
         metrics |= {k: headline[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
         log.info(

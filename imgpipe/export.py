@@ -30,7 +30,7 @@ from torch import nn
 
 from imgpipe.atomic import atomic_path, write_json
 from imgpipe.errors import DataError
-from imgpipe.modelfile import METADATA_KEY
+from imgpipe.modelfile import METADATA_KEY, configured_factories
 from imgpipe.predict import SIDECAR_SUFFIX, Model, load_model
 from imgpipe.stage import StageJob
 
@@ -158,7 +158,9 @@ def _verify(model: Model, exported_path: Path, meta: dict[str, Any], what: str) 
     beside = Path(f"{exported_path}{SIDECAR_SUFFIX}")
     try:
         write_json(meta, beside)
-        return _check_parity(model, load_model(exported_path, device="cpu"), what)
+        # The file was written just now, by this very job: trusted, TorchScript included.
+        exported = load_model(exported_path, device="cpu", trust_torchscript=True)
+        return _check_parity(model, exported, what)
     finally:
         beside.unlink(missing_ok=True)
 
@@ -223,7 +225,9 @@ def run_export(job: StageJob) -> dict[str, Any]:
     """The export stage: results/export/model.onnx and model.pt, each with its JSON sidecar."""
     torch.set_num_threads(max(1, int(job.threads)))
     opset = int((job.params.get("export") or {}).get("opset", DEFAULT_OPSET))
-    model = load_model(job.input["model"], device="cpu")
+    # A model built by package.module:factory loads when the user's config names it.
+    factories = configured_factories(job.config)
+    model = load_model(job.input["model"], device="cpu", model_factory=factories)
     onnx_meta = export_onnx(model, job.output["onnx"], opset)
     script_meta = export_torchscript(model, job.output["torchscript"])
     for path in (job.output["onnx"], job.output["torchscript"]):

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgpipe.errors import DataError
-from imgpipe.modelfile import METADATA_KEY, checkpoint_metadata
+from imgpipe.modelfile import METADATA_KEY, TORCHSCRIPT_NOTE, checked_metadata
 
 if TYPE_CHECKING:
     import torch
@@ -48,25 +48,73 @@ DEFAULT_MAX_PIXELS = 100_000_000
 # ----------------------------------------------------------------------------- arrays
 
 
-def _classifier_from_state(state: Mapping[str, Any]) -> ImageClassifier:
-    from imgpipe.classifier_module import ImageClassifier
+# The factory (or factories) a caller names at load time for a model built by
+# ``package.module:factory``: the file's own name is never enough.
+Factories = str | Iterable[str] | None
 
-    hparams = dict(state["hyper_parameters"])
-    # The trained weights come from the checkpoint: never read the pretrained file again.
-    hparams["model_cfg"] = {**hparams["model_cfg"], "weights": None}
+
+def _classifier_from_state(
+    state: Any, model_factory: Factories = None
+) -> tuple[ImageClassifier, dict[str, Any]]:
+    """The checked checkpoint's ImageClassifier (eval mode, on the CPU) and its metadata.
+
+    Every field is checked (``imgpipe.modelfile.validate_model_file``) before
+    anything is built; the state dict must fit the architecture exactly.
+    """
+    from imgpipe.classifier_module import ImageClassifier
+    from imgpipe.modelfile import validate_model_file
+
+    hparams, weights, metadata = validate_model_file(state, model_factory)
     module = ImageClassifier(**hparams)
-    module.load_state_dict(state["state_dict"])
-    return module.eval()
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = [
+        f"{key} {tuple(weights[key].shape)} (model {tuple(value.shape)})"
+        for key, value in expected.items()
+        if key in weights and weights[key].shape != value.shape
+    ]
+    if missing or unexpected or mismatched:
+        found = [
+            f"{what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''} ({len(keys)})"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("other shape", mismatched),
+            )
+            if keys
+        ]
+        raise DataError(
+            f"its tensors do not fit the {hparams['model_cfg']['name']} it describes: "
+            + "; ".join(found)
+        )
+    module.load_state_dict(weights, strict=True)
+    return module.eval(), metadata
+
+
+def _checkpoint_classifier(
+    path: str | os.PathLike, model_factory: Factories
+) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Read, check and build a checkpoint; any refusal is one DataError line naming the file."""
+    from imgpipe.modelfile import read_checkpoint
+
+    try:
+        return _classifier_from_state(read_checkpoint(path), model_factory)
+    except DataError as err:
+        raise DataError(f"{os.fspath(path)}: {err}") from None
 
 
 def load_classifier(
-    checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu"
+    checkpoint_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    model_factory: Factories = None,
 ) -> ImageClassifier:
-    """Rebuild the ImageClassifier of a checkpoint (weights-only load: no pickled code runs)."""
-    import torch
+    """Rebuild the ImageClassifier of a checkpoint: weights-only load, every field checked first.
 
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    return _classifier_from_state(state).to(device).eval()
+    ``model_factory``: the ``package.module:factory`` (or several) the caller
+    trusts, for a model built by one; a name in the file alone is never run.
+    """
+    return _checkpoint_classifier(checkpoint_path, model_factory)[0].to(device).eval()
 
 
 def _batched(
@@ -75,6 +123,7 @@ def _batched(
     batch_size: int,
     features: bool,
     ids: np.ndarray | None = None,
+    model_factory: Factories = None,
 ) -> np.ndarray:
     import torch
 
@@ -86,7 +135,7 @@ def _batched(
     # Holds one GPU (when there are GPUs) for the whole pass, so inference never
     # shares a device with a training job or another inference.
     with claim_for_inference() as device:
-        module = load_classifier(checkpoint_path, device)
+        module = load_classifier(checkpoint_path, device, model_factory)
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
                 pixels = to_uint8_nchw(images[ids[start : start + batch_size]])
@@ -104,9 +153,10 @@ def predict_proba(
     images: Images,
     batch_size: int = 512,
     ids: np.ndarray | None = None,
+    model_factory: Factories = None,
 ) -> np.ndarray:
     """Class probabilities (N, num_classes) of uint8 (N, S, S, C) images (or of ``images[ids]``)."""
-    return _batched(checkpoint_path, images, batch_size, features=False, ids=ids)
+    return _batched(checkpoint_path, images, batch_size, False, ids, model_factory)
 
 
 def embed(
@@ -114,9 +164,10 @@ def embed(
     images: Images,
     batch_size: int = 512,
     ids: np.ndarray | None = None,
+    model_factory: Factories = None,
 ) -> np.ndarray:
     """Penultimate-layer features (N, D) of uint8 (N, S, S, C) images (or of ``images[ids]``)."""
-    return _batched(checkpoint_path, images, batch_size, features=True, ids=ids)
+    return _batched(checkpoint_path, images, batch_size, True, ids, model_factory)
 
 
 # ----------------------------------------------------------------------------- the model file
@@ -192,44 +243,61 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _load_checkpoint(path: str, device: str, threads: int | None) -> Model:
+def _load_checkpoint(path: str, device: str, model_factory: Factories) -> Model:
     import torch
 
     from imgpipe.image_datamodule import to_uint8_nchw
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "hyper_parameters" not in state or "state_dict" not in state:
-        raise DataError(f"{path}: not an imgpipe model file (no hyper_parameters / state_dict)")
-    module = _classifier_from_state(state).to(device)
+    module, metadata = _checkpoint_classifier(path, model_factory)
+    module = module.to(device)
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = module.preprocess(to_uint8_nchw(images).to(device))
             return torch.softmax(module(x).float(), dim=1).cpu().numpy()
 
-    return Model(path, "checkpoint", device, checkpoint_metadata(state), run, module)
+    return Model(path, "checkpoint", device, metadata, run, module)
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON sidecar of an exported model (``<model file>.json``)."""
+    """The JSON sidecar of an exported model (``<model file>.json``), its ``imgpipe`` entry checked."""
     sidecar = Path(f"{os.fspath(path)}{SIDECAR_SUFFIX}")
     try:
-        return json.loads(sidecar.read_text(encoding="utf-8"))
+        found = json.loads(sidecar.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(
             f"{path}: its sidecar {sidecar.name} (preprocessing and class names) is missing"
         ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: its sidecar {sidecar.name} is no JSON file ({err})") from None
+    if not isinstance(found, dict) or METADATA_KEY not in found:
+        raise DataError(f"{path}: its sidecar {sidecar.name} has no {METADATA_KEY!r} entry")
+    try:
+        found[METADATA_KEY] = checked_metadata(
+            found[METADATA_KEY], f"{sidecar.name}: {METADATA_KEY}"
+        )
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+    return found
 
 
-def _load_torchscript(path: str, device: str, threads: int | None) -> Model:
+def _load_torchscript(path: str, device: str, trust_torchscript: bool) -> Model:
     import torch
 
     from imgpipe.image_datamodule import to_uint8_nchw
 
+    if not trust_torchscript:
+        raise DataError(f"{path}: refused: {TORCHSCRIPT_NOTE}")
     sidecar = read_sidecar(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        scripted = torch.jit.load(path, map_location=device).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            scripted = torch.jit.load(path, map_location=device).eval()
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(
+            f"{path}: cannot be read as a TorchScript file ({type(err).__name__}: {first[:80]})"
+        ) from None
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -254,27 +322,72 @@ def onnx_session(path: str, device: str = "cpu", threads: int | None = None) -> 
                 "(install onnxruntime-gpu, or use --device cpu)"
             )
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(path, options, providers=providers)
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(
+            f"{path}: cannot be read as an ONNX model ({type(err).__name__}: {first[:120]})"
+        ) from None
+
+
+def check_onnx_shapes(path: str, session: Any, metadata: Mapping[str, Any]) -> None:
+    """The ONNX graph takes (N, C, S, S) images and gives (N, classes), as its sidecar says."""
+    image = metadata["image"]
+    channels = 3 if image["mode"] == "rgb" else 1
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    want_in = [channels, image["size"], image["size"]]
+    want_out = [len(metadata["class_names"])]
+    got_in = list(inputs[0].shape[1:]) if len(inputs) == 1 else None
+    got_out = list(outputs[0].shape[1:]) if len(outputs) == 1 else None
+    if (
+        got_in is None
+        or len(inputs[0].shape) != 4
+        or any(isinstance(g, int) and g != w for g, w in zip(got_in, want_in, strict=True))
+    ):
+        shapes = [list(i.shape) for i in inputs]
+        raise DataError(
+            f"{path}: the ONNX graph takes {shapes}, its sidecar says one input "
+            f"[batch, {', '.join(map(str, want_in))}]"
+        )
+    if (
+        got_out is None
+        or len(got_out) != 1
+        or (isinstance(got_out[0], int) and got_out != want_out)
+    ):
+        shapes = [list(o.shape) for o in outputs]
+        raise DataError(
+            f"{path}: the ONNX graph gives {shapes}, its sidecar names {want_out[0]} classes"
+        )
 
 
 def _load_onnx(path: str, device: str, threads: int | None) -> Model:
     sidecar = read_sidecar(path)
     session = onnx_session(path, device, threads)
+    metadata = dict(sidecar[METADATA_KEY])
+    check_onnx_shapes(path, session, metadata)
     name = session.get_inputs()[0].name
 
     def run(images: np.ndarray) -> np.ndarray:
         return session.run(None, {name: np.ascontiguousarray(images.transpose(0, 3, 1, 2))})[0]
 
-    return Model(path, "onnx", device, dict(sidecar[METADATA_KEY]), run, session)
+    return Model(path, "onnx", device, metadata, run, session)
 
 
 def load_model(
-    path: str | os.PathLike, device: str | None = "cpu", threads: int | None = None
+    path: str | os.PathLike,
+    device: str | None = "cpu",
+    threads: int | None = None,
+    model_factory: Factories = None,
+    trust_torchscript: bool = False,
 ) -> Model:
     """A ready model from its file alone: ``model.ckpt``, or ``model.onnx`` / ``model.pt`` with sidecar.
 
     ``device``: cpu, cuda, or None for cuda when available. ``threads``: CPU
     threads of an ONNX Runtime session (torch uses ``torch.set_num_threads``).
+    Nothing a file names is imported or run: a checkpoint whose model was built
+    by ``package.module:factory`` loads only when ``model_factory`` names that
+    factory; a TorchScript file (a program) only with ``trust_torchscript``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -288,8 +401,8 @@ def load_model(
         return _load_onnx(path, device, threads)
     device = resolve_device(device)
     if suffix == ".pt":
-        return _load_torchscript(path, device, threads)
-    return _load_checkpoint(path, device, threads)
+        return _load_torchscript(path, device, trust_torchscript)
+    return _load_checkpoint(path, device, model_factory)
 
 
 # ----------------------------------------------------------------------------- listing

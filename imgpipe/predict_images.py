@@ -323,6 +323,17 @@ def predict_files(
     return summary
 
 
+def rule_factories(job: StageJob) -> tuple[str, ...]:
+    """The factories the predict rule trusts: ``predict.model_factory`` and those the config trains with.
+
+    Both come from the user's config, never from the model file.
+    """
+    from imgpipe.modelfile import configured_factories, factory_names
+
+    named = factory_names(job.params["settings"].get("model_factory"))
+    return tuple(dict.fromkeys((*named, *configured_factories(job.config))))
+
+
 def run_predict(job: StageJob) -> dict[str, Any]:
     """The predict stage: the final model on ``predict.input`` into results/predict/<name>/."""
     import torch
@@ -332,7 +343,7 @@ def run_predict(job: StageJob) -> dict[str, Any]:
     settings = job.params["settings"]
     torch.set_num_threads(max(1, int(job.threads)))
     with claim_for_inference() as device:
-        model = load_model(job.input["model"], device=device)
+        model = load_model(job.input["model"], device=device, model_factory=rule_factories(job))
         summary = predict_files(
             model,
             settings["input"],

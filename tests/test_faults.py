@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from workflow_utils import (
 
 from imgpipe.classifier_module import ImageClassifier
 from imgpipe.dataset import load_images
+from imgpipe.errors import DataError
 from imgpipe.predict import load_classifier
 from imgpipe.training import checkpoint_loads, logged_epochs, resume_point
 
@@ -78,7 +78,7 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save(small_checkpoint(extra=Payload()), path)
     Payload.ran = False
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(DataError, match="pickled Python object .* could run code"):
         load_classifier(path)
     assert not Payload.ran
 

@@ -414,7 +414,7 @@ def test_onnx_and_torchscript_match_pytorch(trained, exported):
     images = trained["images"]
     reference = load_model(trained["ckpt"]).probabilities(images)
     for path in (exported["onnx"], exported["pt"]):
-        model = load_model(path)
+        model = load_model(path, trust_torchscript=True)
         found = model.probabilities(images)
         assert max_difference(reference, found) <= 1e-4, path
         assert (found.argmax(1) == reference.argmax(1)).all(), path
@@ -447,7 +447,7 @@ def test_onnx_and_torchscript_match_pytorch(trained, exported):
 
 
 def test_torchscript_takes_float_pixels_too(trained, exported):
-    scripted = load_model(exported["pt"]).module
+    scripted = load_model(exported["pt"], trust_torchscript=True).module
     batch = torch.from_numpy(trained["images"][:8].transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
         np.testing.assert_allclose(
