@@ -223,7 +223,7 @@ def checked_model_name(name: Any, factories: Iterable[str] = ()) -> str:
     ``timm/<name>`` (timm's registry), or a ``package.module:factory`` the
     caller names in ``factories`` (``--model-factory``, the user's config).
     """
-    from imgpipe.models import torchvision_names
+    from imgpipe.model_names import torchvision_names
 
     if not isinstance(name, str):
         raise DataError(f"model_cfg.name is {_shown(name)}, expected a model name")
