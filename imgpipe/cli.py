@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="summary / metrics JSON (default: <output stem>.metrics.json beside the output)",
     )
+    predict.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read symlinks whose target lies outside INPUT (default: refused as outside_root)",
+    )
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress log on stderr")
     return top
 
@@ -82,6 +87,7 @@ def predict_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         montage=args.montage,
         metrics=metrics_path(args.output, args.metrics),
+        follow_symlinks=args.follow_symlinks,
     )
     rejected = summary["rejected"]
     reasons = ", ".join(f"{reason} {count}" for reason, count in rejected.items())
