@@ -348,10 +348,11 @@ def run_list_images(job: StageJob) -> pd.DataFrame:
 def tree_fingerprint(root: str | os.PathLike, follow_symlinks: bool = False) -> str:
     """A hash of the names, sizes, modes and mtimes under ``root``: it changes when its files do.
 
-    One ``os.scandir`` walk, one stat per entry and no file is opened, so it is
+    One ``os.scandir`` walk, one stat per file and no file is opened, so it is
     cheap enough to compute while Snakemake builds its DAG (the listing jobs
-    take it as a param and rerun when it changes). Hidden folders are not
-    descended (the listing does not list them); symlinked folders only with
+    take it as a param and rerun when it changes). Folders count by their
+    names and contents, files by name, size, mode and mtime (a symlink by its
+    target's, a broken one by its own). Hidden folders are not descended (the listing does not list them); symlinked folders only with
     ``follow_symlinks`` (else their targets inside the root are walked
     anyway). A manifest (a file) is fingerprinted by its own size and mtime.
     """
@@ -374,12 +375,17 @@ def tree_fingerprint(root: str | os.PathLike, follow_symlinks: bool = False) -> 
             continue
         for entry in entries:
             name = rel + b"/" + os.fsencode(entry.name)
-            try:
-                info = entry.stat()
-            except OSError:  # a broken or looping symlink: its name is enough
-                info = entry.stat(follow_symlinks=False)
-            _digest_stat(digest, name, info)
-            if not entry.is_dir() or is_hidden(entry.name):
+            if not _is_folder(entry):
+                try:
+                    info = entry.stat()
+                except OSError:  # a broken or looping symlink: its name is enough
+                    info = entry.stat(follow_symlinks=False)
+                _digest_stat(digest, name, info)
+                continue
+            # A folder by its name and contents, not its mtime (which changes with
+            # every temporary file made and removed in it).
+            digest.update(name + b"/\n")
+            if is_hidden(entry.name):
                 continue
             if entry.is_symlink():
                 real = os.path.realpath(entry.path)
@@ -388,6 +394,14 @@ def tree_fingerprint(root: str | os.PathLike, follow_symlinks: bool = False) -> 
                 seen.add(real)
             stack.append((entry.path, name))
     return digest.hexdigest()
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is a folder or a link to one (a looping link is not)."""
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP: is_dir only swallows FileNotFoundError
+        return False
 
 
 def _digest_stat(digest: Any, name: bytes, info: os.stat_result) -> None:
