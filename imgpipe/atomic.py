@@ -92,10 +92,22 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     write_text(text + "\n", path)
 
 
+# CSV files are UTF-8, except that a file name which is not valid UTF-8 (POSIX
+# names are bytes) keeps its raw bytes: Python decodes such a name with
+# surrogateescape (os.fsdecode), and writing / reading with the same error
+# handler gives back the very bytes, so the path still opens the file.
+CSV_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
 def write_csv(table: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> None:
-    """Write a DataFrame as CSV atomically (its index too when ``index``)."""
+    """Write a DataFrame as CSV atomically (its index too when ``index``); byte names round-trip."""
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=index)
+        table.to_csv(tmp, index=index, **CSV_ENCODING)
+
+
+def read_csv(path: str | os.PathLike, **options: Any) -> pd.DataFrame:
+    """``pandas.read_csv`` of a CSV this package wrote: file names that are not UTF-8 come back intact."""
+    return pd.read_csv(path, encoding="utf-8", encoding_errors="surrogateescape", **options)
 
 
 def write_yaml(obj: Any, path: str | os.PathLike) -> None:

@@ -75,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
         help="load a TorchScript model.pt: it is a program, so only a file you trust "
         "(the exported model.onnx needs no such trust)",
     )
+    predict.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read symlinks whose target lies outside INPUT (default: refused as outside_root)",
+    )
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress log on stderr")
     return top
 
@@ -111,6 +116,7 @@ def predict_command(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         montage=args.montage,
         metrics=metrics_path(args.output, args.metrics),
+        follow_symlinks=args.follow_symlinks,
     )
     rejected = summary["rejected"]
     reasons = ", ".join(f"{reason} {count}" for reason, count in rejected.items())

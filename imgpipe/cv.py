@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from imgpipe.atomic import write_csv
+from imgpipe.atomic import read_csv, write_csv
 from imgpipe.errors import DataError
 from imgpipe.stage import StageJob
 
@@ -172,7 +172,7 @@ def summarise_cv(
             fold_rows.append({key: summary[key] for key in ("fold", *METRIC_KEYS)})
     table = summarise_folds(pd.DataFrame(fold_rows))
     write_csv(table, outputs["summary"])
-    oof = pd.concat([pd.read_csv(path) for path in oof_paths], ignore_index=True)
+    oof = pd.concat([read_csv(path) for path in oof_paths], ignore_index=True)
     oof = oof.dropna(axis=1, how="all").sort_values("id").reset_index(drop=True)
     write_csv(oof, outputs["oof"])
     probs = oof[[f"p{c}" for c in range(len(names))]].to_numpy()

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from imgpipe.atomic import read_csv
+
 INDEX_COLUMNS = [
     "id",
     "path",
@@ -41,7 +43,7 @@ CHUNK_IMAGES = 1024
 
 def load_index(path: str | os.PathLike) -> pd.DataFrame:
     """Read index.csv with labels and paths as text and ids, groups and rows as integers."""
-    index = pd.read_csv(
+    index = read_csv(
         path,
         dtype={name: str for name in _TEXT_COLUMNS},
         keep_default_na=False,

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from imgpipe.atomic import write_csv, write_json
+from imgpipe.atomic import read_csv, write_csv, write_json
 from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import NpyRows, ShardImages, label_codes, load_index, open_images
 from imgpipe.split import load_split, role_ids
@@ -62,7 +62,7 @@ class TrainingData:
 def load_training_data(inputs: Mapping[str, str]) -> TrainingData:
     """Open the training data named by ``inputs`` (index, split, aug_images, aug_index): nothing is read yet."""
     index = load_index(inputs["index"])
-    aug_index = pd.read_csv(inputs["aug_index"])
+    aug_index = read_csv(inputs["aug_index"])
     aug_images = NpyRows(inputs["aug_images"]) if len(aug_index) else None
     return TrainingData(
         index=index,
@@ -279,7 +279,7 @@ def run_cv_fold(job: StageJob) -> dict:
 
     fold = int(job.wildcards["fold"])
     oof_path, summary_path = job.output["oof"], job.output["summary"]
-    folds = pd.read_csv(job.input["folds"])
+    folds = read_csv(job.input["folds"])
     if fold >= folds_used(folds):
         log.info("fold %d skipped: only %d folds are used", fold, folds_used(folds))
         write_csv(pd.DataFrame(columns=["id", "fold", "label"]), oof_path)

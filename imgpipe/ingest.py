@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from imgpipe.atomic import atomic_path, write_csv
+from imgpipe.atomic import atomic_path, read_csv, write_csv
 from imgpipe.imageio import MODES, decode_image, fit_square, read_bytes
 from imgpipe.imagestats import format_thumbnail, gray_stats, thumbnail
 from imgpipe.logs import Progress
@@ -260,7 +260,7 @@ def index_shard(
 def load_stats(path: str | os.PathLike) -> pd.DataFrame:
     """Read a shard's stats.csv with hashes and text kept as strings and counts as integers."""
     dtypes = {c: str for c in TEXT_COLUMNS} | {c: "Int64" for c in INT_COLUMNS}
-    return pd.read_csv(
+    return read_csv(
         path,
         dtype=dtypes,
         keep_default_na=False,

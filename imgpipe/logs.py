@@ -209,7 +209,8 @@ def logged(log_path: str | os.PathLike | None, job_name: str = "") -> Iterator[l
         closer: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        stream = open(log_path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        # backslashreplace: a logged file name that is not UTF-8 shows as \\xNN, never fails.
+        stream = open(log_path, "w", encoding="utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115
         closer = stream
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

@@ -59,21 +59,25 @@ def clean_settings_metadata(clean_section: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def list_inputs(
-    source: str | os.PathLike, extensions: Sequence[str], class_names: Sequence[str] = ()
+    source: str | os.PathLike,
+    extensions: Sequence[str],
+    class_names: Sequence[str] = (),
+    follow_symlinks: bool = False,
 ) -> tuple[pd.DataFrame, bool]:
     """The files to predict (``imgpipe.listing`` columns) and whether ``source`` carries labels.
 
     ``source`` is a folder (any layout: images in the root, in class folders,
     nested) or a CSV manifest with columns ``path,label`` (labels may be empty).
     The listing's refusals apply (hidden, unsupported extension, broken symlink,
-    missing file, ...); an image outside any class folder, or with an empty
+    missing file, a symlink leading outside ``source`` unless ``follow_symlinks``,
+    ...); an image outside any class folder, or with an empty
     label, is simply unlabelled. The input is *labelled* when every image
     candidate has a label and at least one label is a class of the model: a
     ``<class>/<image>`` tree or a labelled manifest.
     """
     from imgpipe.listing import COLUMNS, _manifest_file_problem, list_source
 
-    rows = list_source(source, extensions, "predict")
+    rows = list_source(source, extensions, "predict", follow_symlinks)
     table = pd.DataFrame(rows, columns=COLUMNS, dtype=str)
     unlabelled = np.flatnonzero((table["reason"] == "no_class").to_numpy())
     if len(unlabelled):
@@ -204,6 +208,7 @@ def predict_files(
     montage: str | os.PathLike | None = None,
     metrics: str | os.PathLike | None = None,
     extensions: Sequence[str] | None = None,
+    follow_symlinks: bool = False,
 ) -> dict[str, Any]:
     """Predict every file of a folder or manifest into ``output`` (CSV); return the summary.
 
@@ -216,14 +221,17 @@ def predict_files(
     batch, not the input. ``montage``: PNG of the most and least confident
     images. ``metrics``: JSON of the counts, and for a labelled input the
     accuracy, macro F1 and per-class table over the images whose label is a
-    class of the model. The input is only read.
+    class of the model. ``follow_symlinks``: read symlinks whose target lies
+    outside ``source`` (else refused as ``outside_root``). The input is only
+    read. A path that is not valid UTF-8 is written byte for byte (see
+    ``imgpipe.atomic.CSV_ENCODING``).
     """
-    from imgpipe.atomic import atomic_path, write_json
+    from imgpipe.atomic import CSV_ENCODING, atomic_path, write_json
 
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     names = model.class_names
-    files, labelled = list_inputs(source, extensions or model.extensions, names)
+    files, labelled = list_inputs(source, extensions or model.extensions, names, follow_symlinks)
     code_of = {name: code for code, name in enumerate(names)}
     k = min(TOP_K, len(names))
     counts: Counter = Counter()
@@ -277,7 +285,7 @@ def predict_files(
             y_true.append(np.asarray(codes_true, np.int32))
             y_pred.append(np.asarray(codes_pred, np.int32))
 
-    with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(output) as tmp, open(tmp, "w", newline="", **CSV_ENCODING) as fh:
         writer = csv.writer(fh)
         writer.writerow(PREDICTION_COLUMNS)
         pending: list[Screened] = []
@@ -351,6 +359,7 @@ def run_predict(job: StageJob) -> dict[str, Any]:
             batch_size=int(settings.get("batch_size", 256)),
             montage=job.output["montage"],
             metrics=job.output["metrics"],
+            follow_symlinks=bool(settings.get("follow_symlinks", False)),
         )
     if summary.get("metrics"):
         found = summary["metrics"]

@@ -35,6 +35,8 @@ import pandas as pd
 import yaml
 
 from imgpipe.atomic import plain, write_csv, write_text
+from imgpipe.atomic import read_csv as read_table_file
+from imgpipe.listing import printable
 from imgpipe.plots import png_bytes, pyplot
 from imgpipe.stage import StageJob
 
@@ -360,7 +362,7 @@ def read_json(inputs: Mapping[str, Any], key: str) -> dict | None:
 
 def _read_table(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+        return read_table_file(path, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
 
@@ -661,7 +663,7 @@ def read_runs(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame(columns=list(RUN_COLUMNS))
-    return pd.read_csv(path, dtype={"run_id": str, "config_hash": str, "data_fingerprint": str})
+    return read_table_file(path, dtype={"run_id": str, "config_hash": str, "data_fingerprint": str})
 
 
 def run_row(
@@ -1577,8 +1579,9 @@ def write_report(
         runs=runs,
         current_run=current,
     )
-    write_text(page, html_path)
-    write_text(json.dumps(numbers, indent=2, ensure_ascii=False) + "\n", summary_path)
+    # A file name that is not UTF-8 (kept byte for byte in the CSVs) is shown as \xNN.
+    write_text(printable(page), html_path)
+    write_text(printable(json.dumps(numbers, indent=2, ensure_ascii=False)) + "\n", summary_path)
     return numbers
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from imgpipe.atomic import write_csv
+from imgpipe.atomic import read_csv, write_csv
 from imgpipe.errors import DataError
 from imgpipe.stage import StageJob
 
@@ -192,7 +192,7 @@ def check_test_source(index_df: pd.DataFrame, test_root_set: bool) -> None:
 
 def load_split(path: str | os.PathLike) -> pd.Series:
     """split.csv as a Series: role (train / val / test) by image id."""
-    split = pd.read_csv(path)
+    split = read_csv(path)
     unknown = sorted(set(split["role"]) - set(ROLES))
     if unknown:
         raise ValueError(f"{path}: unknown role(s) {unknown}")

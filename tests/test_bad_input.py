@@ -22,6 +22,7 @@ from imagefactory import (
     write_exif_rotated_jpeg,
     write_multipage_tiff,
     write_palette_png,
+    write_png,
     write_rgba_png,
     write_text_as_png,
     write_truncated,
@@ -37,6 +38,7 @@ from workflow_utils import (
     write_config,
 )
 
+from imgpipe.atomic import read_csv
 from imgpipe.demo import digits_images
 
 AS_ROOT = os.geteuid() == 0
@@ -99,6 +101,9 @@ BAD = {
     ),
     "2/with space ñ.png": (lambda p: cv2.imwrite(str(p), digit(2, 0)) or p, None),
     "2/locked.png": (lambda p: cv2.imwrite(str(p), digit(2, 1)), None if AS_ROOT else "unreadable"),
+    # Latin-1 file names (bytes that are not UTF-8), as os.fsdecode gives them.
+    "2/caf\udce9.png": (lambda p: write_png(p, digit(2, 2)), None),
+    "0/d\udce9fect.png": (write_corrupt_png, "unreadable"),
 }
 
 
@@ -133,9 +138,9 @@ def test_bad_tree_runs_whole_dag_and_records_every_reason(bad_tree):
     assert (workdir / "results/report/index.html").is_file()
     assert tree_digest(root) == before, "the data tree changed"
 
-    files = pd.read_csv(workdir / "results/ingest/files.csv", keep_default_na=False)
-    rejected = pd.read_csv(workdir / "results/clean/rejected.csv", keep_default_na=False)
-    index = pd.read_csv(workdir / "results/clean/index.csv", keep_default_na=False)
+    files = read_csv(workdir / "results/ingest/files.csv", keep_default_na=False)
+    rejected = read_csv(workdir / "results/clean/rejected.csv", keep_default_na=False)
+    index = read_csv(workdir / "results/clean/index.csv", keep_default_na=False)
     reasons = dict(zip(rejected["relpath"], rejected["reason"], strict=True))
     for rel, (_, reason) in BAD.items():
         if reason is None:
@@ -151,6 +156,11 @@ def test_bad_tree_runs_whole_dag_and_records_every_reason(bad_tree):
     assert not (files["label"] == "empty").any()
     kept = set(index["relpath"])
     assert "2/with space ñ.png" in kept
+    # A Latin-1 name is ingested, its path is the file's own bytes, the report shows it as \xNN.
+    assert "2/caf\udce9.png" in kept
+    assert os.fsencode(root / "2" / "caf\udce9.png") in {os.fsencode(p) for p in index["path"]}
+    html = (workdir / "results/report/index.html").read_text(encoding="utf-8")
+    assert "d\\xe9fect.png" in html
     assert {f"{ODD_CLASS}/{n}.png" for n in range(4)} <= kept
     assert set(index["label"]) >= {"0", "1", "2", "3", ODD_CLASS}
     assert len(rejected) == len(files) - len(index)

@@ -15,7 +15,7 @@ import pytest
 
 from imgpipe.atomic import write_csv as write_csv_atomic
 from imgpipe.errors import DataError
-from imgpipe.listing import COLUMNS, list_images, load_files
+from imgpipe.listing import COLUMNS, list_images, load_files, tree_fingerprint
 
 EXTS = [".png", ".jpg", ".jpeg"]
 IMG = factory.pattern(8, 8)
@@ -93,7 +93,7 @@ def test_extensions_case_insensitive_both_ways(tmp_path):
 
 
 @pytest.mark.timeout(60)  # without loop detection the walk never ends
-def test_symlinks_followed_dangling_and_loops(tmp_path):
+def test_symlinks_followed_dangling_and_loops_with_follow_symlinks(tmp_path):
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     factory.make_tree(elsewhere, {"x.png": IMG, "sub/y.png": IMG})
     factory.make_tree(
@@ -109,7 +109,7 @@ def test_symlinks_followed_dangling_and_loops(tmp_path):
             "linked_class": factory.symlink(elsewhere),
         },
     )
-    table = list_images(data, EXTS)
+    table = list_images(data, EXTS, follow_symlinks=True)
     rows = by_relpath(table)
     assert rows["cat/link.png"].status == "ok"
     assert rows["cat/dangling.png"].reason == "broken_symlink"
@@ -120,6 +120,87 @@ def test_symlinks_followed_dangling_and_loops(tmp_path):
     assert rows["linked_class/x.png"].status == "ok"
     assert rows["linked_class/sub/y.png"].label == "linked_class"
     assert len(table) == 9  # finite: every loop was cut
+
+
+def symlinked_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A data root with links inside it and links (file, folder, via a folder) leading out."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    factory.make_tree(elsewhere, {"x.png": IMG, "sub/y.png": IMG})
+    factory.make_tree(
+        data,
+        {
+            "cat/a.png": IMG,
+            "cat/inside.png": factory.symlink("a.png"),
+            "cat/dangling.png": factory.symlink(tmp_path / "gone.png"),
+            "cat/up": factory.symlink(".."),
+            "cat/link.png": factory.symlink(elsewhere / "x.png"),
+            "cat/via_folder": factory.symlink(elsewhere / "sub"),
+            "alias": factory.symlink("cat"),
+            "linked_class": factory.symlink(elsewhere),
+        },
+    )
+    return data, elsewhere
+
+
+@pytest.mark.timeout(60)
+def test_symlinks_leading_out_of_the_root_are_refused_by_default(tmp_path):
+    data, elsewhere = symlinked_tree(tmp_path)
+    # The root itself reached through a link: its resolved path is the reference.
+    os.symlink(data, tmp_path / "root_link")
+    for root in (data, tmp_path / "root_link"):
+        rows = by_relpath(list_images(root, EXTS))
+        for rel in ("cat/a.png", "cat/inside.png", "alias/a.png", "alias/inside.png"):
+            assert rows[rel].status == "ok", rel  # links that stay inside keep working
+        assert rows["cat/dangling.png"].reason == "broken_symlink"
+        assert rows["cat/up"].reason == "symlink_loop"
+        for rel in ("cat/link.png", "cat/via_folder", "linked_class"):
+            assert rows[rel].reason == "outside_root", rel
+        assert repr(str(elsewhere / "x.png")) in rows["cat/link.png"].detail
+        assert "folder, not listed" in rows["linked_class"].detail
+        # Nothing outside the root was listed (or read) through the links.
+        assert not any("x.png" in rel and "link" not in rel for rel in rows), sorted(rows)
+        assert not any(rel.startswith(("linked_class/", "cat/via_folder/")) for rel in rows)
+
+
+@pytest.mark.timeout(60)
+def test_follow_symlinks_reads_outside_targets(tmp_path):
+    data, _ = symlinked_tree(tmp_path)
+    rows = by_relpath(list_images(data, EXTS, follow_symlinks=True))
+    for rel in (
+        "cat/link.png",
+        "cat/via_folder/y.png",
+        "linked_class/x.png",
+        "linked_class/sub/y.png",
+    ):
+        assert rows[rel].status == "ok", rel
+    assert "outside_root" not in {row.reason for row in rows.values()}
+
+
+def test_manifest_rows_leading_out_through_links_are_refused(tmp_path):
+    base, elsewhere = tmp_path / "ds", tmp_path / "elsewhere"
+    factory.make_tree(elsewhere, {"x.png": IMG, "sub/y.png": IMG})
+    factory.make_tree(
+        base,
+        {
+            "a.png": IMG,
+            "inside.png": factory.symlink("a.png"),
+            "link.png": factory.symlink(elsewhere / "x.png"),
+            "folder": factory.symlink(elsewhere / "sub"),
+        },
+    )
+    rows = [("a.png", "cat"), ("inside.png", "cat"), ("link.png", "cat"), ("folder/y.png", "cat")]
+    manifest = write_manifest(base / "m.csv", rows)
+    refused = by_relpath(list_images(manifest, EXTS))
+    assert {rel: row.reason for rel, row in refused.items()} == {
+        "a.png": "",
+        "inside.png": "",
+        "link.png": "outside_root",
+        "folder/y.png": "outside_root",
+    }
+    assert refused["link.png"].detail.startswith("line 4: symlink target ")
+    assert str(elsewhere / "sub" / "y.png") in refused["folder/y.png"].detail
+    followed = list_images(manifest, EXTS, follow_symlinks=True)
+    assert (followed["status"] == "ok").all()
 
 
 def test_fifo_is_unreadable_not_a_hang(tmp_path):
@@ -177,17 +258,35 @@ def test_unreadable_folder_and_file(tmp_path):
     assert rows["dog/locked"].reason == "unreadable"
 
 
-def test_undecodable_file_name_is_recorded(tmp_path):
-    factory.make_tree(tmp_path, {"cat/a.png": IMG})
-    raw = os.path.join(os.fsencode(tmp_path), b"cat", b"bad\xff.png")
-    with open(raw, "wb") as fh:
-        fh.write(b"x")
-    table = list_images(tmp_path, EXTS)
-    bad = table[table["relpath"].str.startswith("cat/bad")]
-    assert bad["reason"].tolist() == ["unreadable"]
+def test_latin1_file_name_is_ingested_and_its_path_round_trips(tmp_path):
+    from imgpipe.ingest import index_shard, load_stats
+
+    root = tmp_path / "d"
+    factory.make_tree(root, {"cat/a.png": IMG})
+    png = factory.make_tree(tmp_path / "src", {"x.png": IMG})["x.png"].read_bytes()
+    # POSIX names are bytes: a Latin-1 file name, and a Latin-1 class folder.
+    raw_file = os.path.join(os.fsencode(root), b"cat", b"caf\xe9.png")
+    raw_class = os.path.join(os.fsencode(root), b"d\xe9j\xe0", b"b.png")
+    os.mkdir(os.path.dirname(raw_class))
+    for raw in (raw_file, raw_class):
+        with open(raw, "wb") as fh:
+            fh.write(png)
+    table = list_images(root, EXTS)
+    assert (table["status"] == "ok").all(), table[["relpath", "reason", "detail"]]
     out = tmp_path / "files.csv"
-    write_csv_atomic(table, out)  # the row can be written as UTF-8
-    assert len(load_files(out)) == 2
+    write_csv_atomic(table, out)
+    assert b"caf\xe9.png" in out.read_bytes()  # the name's own bytes, not an escape
+    back = load_files(out)
+    assert {os.fsencode(p) for p in back["path"]} >= {raw_file, raw_class}
+    # The label is text for people: the byte that is not UTF-8 shown as \xNN.
+    assert set(back["label"]) == {"cat", "d\\xe9j\\xe0"}
+    stats = index_shard(
+        back, 0, 1, {"size": 8, "mode": "gray"}, 10**8, tmp_path / "s.csv", tmp_path / "i.npy"
+    )
+    assert (stats["status"] == "ok").all(), stats[["relpath", "reason", "detail"]]
+    again = load_stats(tmp_path / "s.csv")
+    assert {os.fsencode(p) for p in again["path"]} >= {raw_file, raw_class}
+    assert len(set(again["sha256"])) == 1  # all three decoded from the same bytes
 
 
 def test_test_root_listed_with_source_test(tmp_path):
@@ -294,3 +393,70 @@ def test_csv_round_trip_keeps_text(tmp_path):
     back = load_files(out)
     assert back["label"].tolist() == ["007", "NA"]  # not 7, not NaN
     np.testing.assert_array_equal(back.to_numpy(), table.to_numpy())
+
+
+def test_tree_fingerprint_follows_every_change_at_any_depth(tmp_path):
+    root = tmp_path / "d"
+    factory.make_tree(root, {"cat/a.png": IMG, "cat/2020/jan/b.png": IMG, ".cache/x.png": IMG})
+    first = tree_fingerprint(root)
+    assert tree_fingerprint(root) == first  # stable while nothing changes
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)  # copy2: same names, sizes, modes and mtimes
+    assert tree_fingerprint(copy) == first
+    # A temporary file made and removed changes folder mtimes only: no rerun.
+    (root / "cat" / "2020" / "tmp").write_bytes(b"x")
+    (root / "cat" / "2020" / "tmp").unlink()
+    assert tree_fingerprint(root) == first
+    (root / ".cache" / "y.png").write_bytes(b"x")  # inside a hidden folder: never listed
+    assert tree_fingerprint(root) == first
+
+    seen = {first}
+
+    def changed() -> bool:
+        found = tree_fingerprint(root)
+        new = found not in seen
+        seen.add(found)
+        return new
+
+    (root / "cat" / "2020" / "jan" / "new.png").write_bytes(b"x")  # added, three levels down
+    assert changed()
+    (root / "cat" / "2020" / "jan" / "new.png").write_bytes(b"xy")  # replaced in place
+    assert changed()
+    os.utime(root / "cat" / "a.png", ns=(0, 0))  # touched
+    assert changed()
+    os.chmod(root / "cat" / "a.png", 0o600)  # made (un)readable
+    assert changed()
+    (root / "cat" / "2020" / "jan" / "b.png").rename(root / "cat" / "2020" / "jan" / "c.png")
+    assert changed()
+    (root / "cat" / "2020" / "jan" / "c.png").unlink()
+    assert changed()
+
+
+@pytest.mark.timeout(60)
+def test_tree_fingerprint_of_links_and_manifests(tmp_path):
+    data, elsewhere = symlinked_tree(tmp_path)
+    factory.make_tree(data, {"cat/loop.png": factory.symlink("loop.png")})  # ELOOP on stat
+    plain, followed = tree_fingerprint(data), tree_fingerprint(data, follow_symlinks=True)
+    (elsewhere / "sub" / "z.png").write_bytes(b"x")  # behind a link that leads out
+    assert tree_fingerprint(data) == plain  # refused anyway: not a reason to rerun
+    assert tree_fingerprint(data, follow_symlinks=True) != followed
+    manifest = write_manifest(data / "m.csv", [("cat/a.png", "cat")])
+    before = tree_fingerprint(manifest)
+    write_manifest(manifest, [("cat/a.png", "cat"), ("alias/a.png", "cat")])
+    assert tree_fingerprint(manifest) != before
+
+
+def test_tree_fingerprint_walk_cost_on_20000_files(tmp_path):
+    """One scandir walk: 20,000 files in 100 folders fingerprint in well under a second."""
+    import time
+
+    root = tmp_path / "big"
+    for folder in range(100):
+        (root / f"c{folder % 4}" / f"f{folder}").mkdir(parents=True)
+        for n in range(200):
+            (root / f"c{folder % 4}" / f"f{folder}" / f"{n}.png").write_bytes(b"")
+    start = time.perf_counter()
+    tree_fingerprint(root)
+    elapsed = time.perf_counter() - start
+    print(f"tree_fingerprint of 20,000 files: {elapsed * 1000:.0f} ms")
+    assert elapsed < 5  # generous: a shared CI machine; measured ~0.1 s locally

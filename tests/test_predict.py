@@ -110,7 +110,8 @@ def exported(trained, tmp_path_factory):
 
 
 def read_predictions(path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    """predictions.csv as text (a file name that is not UTF-8 comes back as os.fsdecode made it)."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
 
 
 # ----------------------------------------------------------------------------- the model file
@@ -388,6 +389,48 @@ def test_command_on_a_manifest_and_on_an_unlabelled_folder(trained, tmp_path, ca
     assert predict_command(trained["ckpt"], local / "imgs", tmp_path / "u.csv", "-q") == 0
     printed = capsys.readouterr().out
     assert "20 files: 20 predicted" in printed and "accuracy" not in printed
+
+
+def test_predict_refuses_links_leading_out_and_keeps_byte_names(trained, tmp_path, capsys):
+    tree, folder = trained["tree"], tmp_path / "incoming"
+    make_tree(
+        folder,
+        {
+            "a.png": (tree / "0" / "000.png").read_bytes(),
+            "inside.png": symlink("a.png"),
+            "out.png": symlink(tree / "1" / "000.png"),
+        },
+    )
+    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.png")  # a Latin-1 file name
+    with open(latin1, "wb") as fh:
+        fh.write((tree / "2" / "000.png").read_bytes())
+    out = tmp_path / "p.csv"
+    assert predict_command(trained["ckpt"], folder, out, "-q") == 0
+    assert "4 files: 3 predicted, 1 rejected (outside_root 1)" in capsys.readouterr().out
+    table = read_predictions(out)
+    rejected = dict(zip(table["relpath"], table["rejected"], strict=True))
+    assert rejected == {
+        "a.png": "",
+        "caf\udce9.png": "",
+        "inside.png": "",
+        "out.png": "outside_root",
+    }
+    assert latin1 in {os.fsencode(path) for path in table["path"]}  # the same bytes back
+    assert predict_command(trained["ckpt"], folder, out, "-q", "--follow-symlinks") == 0
+    assert (read_predictions(out)["rejected"] == "").all()
+    # The predict rule: its config section's follow_symlinks.
+    settings = {"input": str(folder), "name": "n", "follow_symlinks": True}
+    job = StageJob(
+        input={"model": str(trained["ckpt"]), "images": str(folder)},
+        output={
+            "predictions": str(tmp_path / "rule" / "predictions.csv"),
+            "montage": str(tmp_path / "rule" / "montage.png"),
+            "metrics": str(tmp_path / "rule" / "metrics.json"),
+        },
+        params={"settings": settings},
+        threads=1,
+    )
+    assert run_predict(job)["predicted"] == 4
 
 
 def test_command_refuses_cuda_without_a_gpu_in_one_line(trained, tmp_path, capsys):

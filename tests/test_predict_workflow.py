@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,21 @@ def test_train_evaluate_export_predict(finished_copy, tmp_path):
         tables["ckpt"]["probability"].astype(float),
         atol=1e-4,
     )
+
+
+def test_predict_runs_again_when_images_are_added_to_its_input(finished_copy):
+    workdir = finished_copy
+    incoming = workdir / "incoming"
+    (incoming / "batch").mkdir(parents=True)
+    for name in ("000.png", "001.png"):
+        shutil.copy2(workdir / "data" / "0" / name, incoming / "batch" / name)
+    write_config(workdir, {"predict": {"input": "incoming", "name": "new"}})
+    snakemake(workdir, "predict")
+    assert planned_jobs(workdir, "predict") == {}  # finished: nothing to do
+    # Added inside a subfolder: no mtime of the input folder itself changes.
+    shutil.copy2(workdir / "data" / "1" / "000.png", incoming / "batch" / "002.png")
+    assert planned_jobs(workdir, "predict") == {"predict": 1}
+    snakemake(workdir, "predict")
+    predicted = pd.read_csv(workdir / "results/predict/new/predictions.csv", dtype=str)
+    assert predicted["relpath"].tolist() == [f"batch/00{n}.png" for n in range(3)]
+    assert planned_jobs(workdir, "predict") == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -441,6 +442,20 @@ def test_sweep_table_is_sorted_best_first(tmp_path, metric):
     # val_acc 0.91, 0.95, 0.93 -> 0.003, 0.01, 0.001; val_loss 0.4, 0.2, 0.3 -> 0.003, 0.01, 0.001
     assert order[1] < order[2] < order[0]
     assert report.headline(inputs)["sweep"]["best_trial"] == "lr~0.003"
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_with_its_bytes_escaped(tmp_path):
+    from imgpipe.atomic import read_csv, write_csv
+
+    inputs = write_fake_results(tmp_path)
+    rejected = read_csv(inputs["rejected"], keep_default_na=False)
+    latin1 = os.fsdecode(b"cat/caf\xe9.png")  # as the listing gives a Latin-1 name
+    rejected.loc[len(rejected)] = [f"/data/{latin1}", latin1, "cat", "train", "not_image", "x"]
+    write_csv(rejected, inputs["rejected"])  # the name's own byte, as the pipeline writes it
+    out = tmp_path / "out"
+    report.write_report(inputs, out / "index.html", out / "summary.json", {"title": "t"})
+    page = (out / "index.html").read_text(encoding="utf-8")  # valid UTF-8
+    assert "cat/caf\\xe9.png" in page
 
 
 def test_rejected_files_are_capped_per_reason(tmp_path):

@@ -10,6 +10,7 @@ whole DAG.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -354,6 +355,25 @@ def test_code_edit_reruns_the_rules_running_that_module(finished_copy, module, e
     with (finished_copy / "imgpipe" / f"{module}.py").open("a", encoding="utf-8") as source:
         source.write("\n# an edit that changes the code fingerprint\n")
     assert planned_jobs(finished_copy) == expected
+
+
+@pytest.mark.slow
+def test_changed_or_added_images_plan_the_listing_again(finished_copy):
+    # finished_copy has checked that the finished run plans nothing.
+    image = finished_copy / "data" / "0" / "000.png"
+    original, stat = image.read_bytes(), image.stat()
+    # Replaced in place: no folder's mtime changes (the old stamp missed it).
+    shutil.copyfile(finished_copy / "data" / "1" / "000.png", image)
+    planned = planned_jobs(finished_copy)
+    assert planned["list_images"] == 1 and planned["report"] == 1, planned
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert planned_jobs(finished_copy) == Counter()  # the same tree again: nothing to do
+    # Added two levels down: the fingerprint covers every depth.
+    deeper = finished_copy / "data" / "2" / "2024" / "may"
+    deeper.mkdir(parents=True)
+    shutil.copyfile(finished_copy / "data" / "2" / "000.png", deeper / "new.png")
+    assert planned_jobs(finished_copy)["list_images"] == 1
 
 
 # ----------------------------------------------------------------------------- report

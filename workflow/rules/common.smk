@@ -21,6 +21,7 @@ from imgpipe.config import (
     load_schema,
     local_gpus_present,
 )
+from imgpipe.listing import tree_fingerprint
 from imgpipe.logs import PROGRESS_VAR, progress_wanted
 from imgpipe.sweep import overrides, trial_table
 
@@ -79,25 +80,18 @@ def listing_inputs(wildcards):
 
 
 def tree_stamp():
-    """A cheap fingerprint of the data folders: mtimes of each root and its class folders.
+    """A fingerprint of the contents of data.root and data.test_root (names, sizes, mtimes).
 
-    Adding or removing an image directly in a class folder changes that
-    folder's mtime, so the listing reruns; deeper changes need
-    ``-R list_images``. Costs one stat per class, never a walk of the tree.
+    Computed once while the DAG is built (one os.scandir walk, no file read):
+    adding, removing, replacing or touching an image at any depth changes it,
+    and list_images reruns (a params change).
     """
-    stamp = []
-    for key in ("root", "test_root"):
-        value = config["data"].get(key)
-        if not value or value == "demo":
-            continue
-        root = Path(value)
-        stamp.append([value, root.stat().st_mtime_ns])
-        if root.is_dir():
-            with os.scandir(root) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        stamp.append([entry.name, entry.stat().st_mtime_ns])
-    return sorted(stamp)
+    follow = config["data"].get("follow_symlinks", False)
+    return {
+        key: tree_fingerprint(config["data"][key], follow)
+        for key in ("root", "test_root")
+        if config["data"].get(key) and config["data"][key] != "demo"
+    }
 
 
 def code(script):

@@ -20,6 +20,11 @@ if config.get("predict"):
         threads: 4
         params:
             settings=config["predict"],
+            # Reruns when files are added to, removed from or changed in the input.
+            images=tree_fingerprint(
+                config["predict"]["input"],
+                config["predict"].get("follow_symlinks", False),
+            ),
             code=code("predict"),
         script:
             "../../scripts/predict.py"
