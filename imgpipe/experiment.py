@@ -274,7 +274,9 @@ def run_cv_fold(job: StageJob) -> dict:
     summary marked ``skipped``; the fold's model and history (written beside
     them) are not declared outputs for that reason.
     """
+    from imgpipe.baselines import both_baselines
     from imgpipe.cv import fold_metrics, folds_used
+    from imgpipe.dataset import class_names
     from imgpipe.predict import predict_proba
 
     fold = int(job.wildcards["fold"])
@@ -327,6 +329,11 @@ def run_cv_fold(job: StageJob) -> dict:
     oof.insert(0, "id", held_out)
     write_csv(oof, oof_path)
     metrics = fold_metrics(data.labels[held_out], probs.argmax(axis=1))
+    # The reference points on the same images: fitted on what the fold's model
+    # trained on, scored on its held-out images (imgpipe.baselines).
+    baselines = both_baselines(
+        data.images, data.labels, train_ids, held_out, class_names(data.index)
+    )
     summary = {
         **result,
         **metrics,
@@ -334,9 +341,20 @@ def run_cv_fold(job: StageJob) -> dict:
         "n_train": len(train_ids),
         "n_inner_val": len(val_ids),
         "n_held_out": len(held_out),
+        "baselines": baselines,
     }
     write_json(summary, summary_path)
     return summary
+
+
+def final_roles(swept: bool) -> tuple[list[str], list[str]]:
+    """(roles trained on, roles validated on) of the final model; evaluate's baselines use the same.
+
+    After a sweep, which chose the settings and how many epochs they need: the
+    whole training pool (train + val), no validation. Without one: train, with
+    val picking the epoch.
+    """
+    return (["train", "val"], []) if swept else (["train"], ["val"])
 
 
 def run_train_final(job: StageJob) -> dict:
@@ -350,14 +368,10 @@ def run_train_final(job: StageJob) -> dict:
 
     best = read_best(job.input.get("best"))
     model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
+    train_roles, val_roles = final_roles(bool(best))
     if best:
         log.info("sweep winner %s: %s", best.get("trial"), best.get("overrides"))
-        # The sweep chose the settings and how many epochs they need: the whole
-        # training pool (train + val), the winner's schedule, no validation.
         train_cfg = validated_recipe(train_cfg, best)
-        train_roles, val_roles = ["train", "val"], []
-    else:
-        train_roles, val_roles = ["train"], ["val"]
     nodes, gpus = train_cfg["num_nodes"], train_cfg["gpus_per_node"]
     out_dir = Path(job.output["model"]).parent
     key = resume_key("final", job, model_cfg, train_cfg)

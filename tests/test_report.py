@@ -134,6 +134,8 @@ def write_fake_results(
         write_history(r / "cv" / f"fold-{k}" / "history.csv", 2, seed=10 + k, validated=False)
     (r / "train" / "final").mkdir(parents=True)
     write_history(r / "train" / "final" / "history.csv", 2, seed=20, validated=not sweep)
+    final_summary = {"best_epoch": 1, "epochs": 2, "stopped_early": False}
+    (r / "train" / "final" / "summary.json").write_text(json.dumps(final_summary))
     folds = pd.DataFrame(
         {
             "fold": [0, 1, 2],
@@ -405,6 +407,7 @@ def test_summary_json_matches_the_inputs(tmp_path):
     metrics = json.loads(Path(inputs["test_metrics"]).read_text())
     assert numbers["test"] == {
         "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
         "f1_macro": metrics["f1_macro"],
         "n_test": metrics["n_test"],
     }
