@@ -372,3 +372,45 @@ def warning_line(
     if causes:
         text += " (likely causes: " + "; ".join(causes) + ")"
     return text
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def labelled_input_baselines(
+    y_true: np.ndarray, class_names: Sequence[str], metadata: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The baselines ``imgpipe predict`` can score on a labelled input (codes into ``class_names``).
+
+    The majority class is the model's most common *training* class when the
+    model file stores ``train_class_counts`` (files of this version), else the
+    labelled input's own most common class (said in ``majority.from``). The
+    linear baseline needs the training pixels: not available here; the model
+    file's own test metrics are given for comparison when it carries them.
+    """
+    from imgpipe.metrics import headline_metrics
+
+    y_true = np.asarray(y_true, np.int64)
+    if len(y_true) == 0:
+        return {"majority": {"skipped": "no labelled image of a class of the model"}}
+    counts = metadata.get("train_class_counts")
+    if isinstance(counts, Mapping) and any(counts.values()):
+        majority = int(np.argmax([int(counts.get(name, 0)) for name in class_names]))
+        source = "the model's training images"
+    else:
+        majority = int(np.bincount(y_true, minlength=len(class_names)).argmax())
+        source = "this labelled input (the model file stores no training class counts)"
+    scores = headline_metrics(y_true, np.full(len(y_true), majority))
+    result: dict[str, Any] = {
+        "majority": {
+            "class": str(class_names[majority]),
+            "from": source,
+            **{key: scores[key] for key in SCORE_KEYS},
+        },
+        "linear_pixels": {
+            "skipped": "needs the training images: see the training run's report",
+        },
+    }
+    if metadata.get("test_metrics"):
+        result["model_test_metrics"] = dict(metadata["test_metrics"])
+    return result

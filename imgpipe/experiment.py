@@ -431,13 +431,15 @@ def record_test_metrics(job: StageJob, model_path: str | os.PathLike) -> dict:
     Inference only (nothing is chosen on the test images): the TEST role is
     predicted with the model just trained and ``test_metrics`` (n_test,
     accuracy, balanced_accuracy, f1_macro, as ``imgpipe.evaluate`` computes
-    them) join the file's ``imgpipe`` entry, with the quality-check settings of
+    them) join the file's ``imgpipe`` entry, with ``train_class_counts`` (its
+    training images per class) and the quality-check settings of
     ``clean`` and ``ingest.max_pixels`` that prediction applies to new files.
     The file is rewritten atomically; returns the entry.
     """
     import torch
 
     from imgpipe.atomic import plain
+    from imgpipe.dataset import class_names
     from imgpipe.metrics import headline_metrics
     from imgpipe.modelfile import METADATA_KEY, QUALITY_KEYS
     from imgpipe.predict import DEFAULT_EXTENSIONS, predict_proba
@@ -453,6 +455,12 @@ def record_test_metrics(job: StageJob, model_path: str | os.PathLike) -> dict:
     metadata["max_pixels"] = int((job.config.get("ingest") or {}).get("max_pixels", 100_000_000))
     extensions = (job.config.get("data") or {}).get("extensions") or DEFAULT_EXTENSIONS
     metadata["extensions"] = list(extensions)
+    # The final model's training images per class: `imgpipe predict` scores the
+    # majority-class baseline of a labelled input with them.
+    train_ids = data.ids(*final_roles(bool(read_best(job.input.get("best"))))[0])
+    names = class_names(data.index)
+    counts = np.bincount(data.labels[train_ids], minlength=len(names))
+    metadata["train_class_counts"] = {name: int(n) for name, n in zip(names, counts, strict=True)}
     metrics: dict[str, Any] = {"n_test": len(test_ids)}
     if len(test_ids):
         probs = predict_proba(model_path, data.images, ids=test_ids)

@@ -310,6 +310,7 @@ def predict_files(
         scores = classification_metrics(truth, guess, names)
         summary["metrics"] = {"n_labelled": scores.pop("n"), **scores}
         summary["labels_not_in_model"] = dict(sorted(unknown_labels.items()))
+        add_baselines(summary, truth, model.metadata)
     if metrics is not None:
         write_json(summary, metrics)
     if montage is not None:
@@ -321,6 +322,16 @@ def predict_files(
         summary["rejected"],
     )
     return summary
+
+
+def add_baselines(summary: dict[str, Any], truth: np.ndarray, metadata: Mapping) -> None:
+    """Add ``baselines`` (and ``warning`` when the model does not beat them) to a labelled summary."""
+    from imgpipe.baselines import labelled_input_baselines, warning_line
+
+    summary["baselines"] = labelled_input_baselines(truth, summary["class_names"], metadata)
+    line = warning_line(summary["metrics"], summary["baselines"])
+    if line:
+        summary["warning"] = line
 
 
 def run_predict(job: StageJob) -> dict[str, Any]:
@@ -349,4 +360,8 @@ def run_predict(job: StageJob) -> dict[str, Any]:
             found["f1_macro"],
             found["n_labelled"],
         )
+    if summary.get("warning"):
+        from imgpipe.logs import TERMINAL
+
+        log.warning("WARNING: %s", summary["warning"], extra={TERMINAL: True})
     return summary
