@@ -227,3 +227,36 @@ def test_each_fold_and_the_cv_summary_carry_the_baselines(tmp_path, monkeypatch)
     assert {"baseline_majority_accuracy", "baseline_linear_accuracy"} <= set(table.columns)
     assert table["fold"].tolist() == ["0", "1", "2", "mean", "std"]
     assert table["baseline_linear_accuracy"].iloc[3] > table["accuracy"].iloc[3]
+
+
+def test_predict_command_warns_when_a_collapsed_model_scores_a_labelled_tree(
+    tmp_path, monkeypatch, capsys
+):
+    from workflow_utils import digits_tree
+
+    from imgpipe import cli
+    from imgpipe import predict as predict_module
+    from imgpipe.predict import Model
+
+    tree = digits_tree(tmp_path / "digits", per_class=10, classes=4, size=16)
+    metadata = {
+        "class_names": ["0", "1", "2", "3"],
+        "image": {"size": 16, "mode": "gray", "fit": "pad"},
+        "train_class_counts": {"0": 5, "1": 30, "2": 5, "3": 5},  # "1" was the majority
+    }
+
+    def always_one(images):  # a collapsed model: class "1" for every image
+        return np.tile([0.0, 1.0, 0.0, 0.0], (len(images), 1))
+
+    model = Model("collapsed.ckpt", "checkpoint", "cpu", metadata, always_one)
+    monkeypatch.setattr(predict_module, "load_model", lambda *a, **kw: model)
+    out = tmp_path / "out" / "predictions.csv"
+    assert cli.main(["predict", "collapsed.ckpt", str(tree), "-o", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "majority-class baseline (1, from the model's training images): accuracy 0.2500" in (
+        printed
+    )
+    assert "warning: the model does not beat the baselines: balanced accuracy 0.250" in printed
+    summary = json.loads((tmp_path / "out" / "predictions.metrics.json").read_text())
+    assert summary["baselines"]["majority"]["class"] == "1"
+    assert "does not beat" in summary["warning"]
