@@ -185,8 +185,7 @@ def run_evaluate(job: StageJob, predict: Callable[..., np.ndarray] | None = None
     """
     from imgpipe.baselines import both_baselines
     from imgpipe.dataset import class_names, label_codes, load_index, open_images
-    from imgpipe.experiment import final_roles
-    from imgpipe.split import load_split, role_ids
+    from imgpipe.split import final_roles, load_split, role_ids
 
     if predict is None:
         from imgpipe.predict import predict_proba as predict

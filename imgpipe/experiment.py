@@ -26,7 +26,7 @@ import yaml
 from imgpipe.atomic import write_csv, write_json
 from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import NpyRows, ShardImages, label_codes, load_index, open_images
-from imgpipe.split import load_split, role_ids
+from imgpipe.split import final_roles, load_split, role_ids
 from imgpipe.stage import StageJob
 from imgpipe.sweep import apply_overrides
 
@@ -345,16 +345,6 @@ def run_cv_fold(job: StageJob) -> dict:
     }
     write_json(summary, summary_path)
     return summary
-
-
-def final_roles(swept: bool) -> tuple[list[str], list[str]]:
-    """(roles trained on, roles validated on) of the final model; evaluate's baselines use the same.
-
-    After a sweep, which chose the settings and how many epochs they need: the
-    whole training pool (train + val), no validation. Without one: train, with
-    val picking the epoch.
-    """
-    return (["train", "val"], []) if swept else (["train"], ["val"])
 
 
 def run_train_final(job: StageJob) -> dict:
