@@ -260,3 +260,31 @@ def test_predict_command_warns_when_a_collapsed_model_scores_a_labelled_tree(
     summary = json.loads((tmp_path / "out" / "predictions.metrics.json").read_text())
     assert summary["baselines"]["majority"]["class"] == "1"
     assert "does not beat" in summary["warning"]
+
+
+class LargeImages:
+    """6,000 photos of 224 px made on demand, recording how many each read asked for."""
+
+    shape = (6_000, 224, 224, 3)
+
+    def __init__(self):
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, positions):
+        self.reads.append(len(positions))
+        out = np.empty((len(positions), *self.shape[1:]), np.uint8)
+        out[...] = (np.asarray(positions) % 251).astype(np.uint8)[:, None, None, None]
+        return out
+
+
+def test_large_images_are_read_a_bounded_chunk_at_a_time():
+    images, labels = LargeImages(), np.arange(6_000) % 3
+    found = linear_pixels_baseline(images, labels, images, labels)
+    assert found["n_train_used"] == SAMPLE_MAX and found["size"] == 16
+    row_bytes = 224 * 224 * 3
+    assert max(images.reads) * row_bytes <= baselines.CHUNK_BYTES
+    # The sample and the test images, each read once.
+    assert sum(images.reads) == SAMPLE_MAX + 6_000
