@@ -130,6 +130,15 @@ def predict_command(args: argparse.Namespace) -> int:
             f"accuracy {found['accuracy']:.4f}, macro F1 {found['f1_macro']:.4f} "
             f"({found['n_labelled']} labelled images)"
         )
+        majority = (summary.get("baselines") or {}).get("majority") or {}
+        if "accuracy" in majority:
+            print(
+                f"majority-class baseline ({majority['class']}, from {majority['from']}): "
+                f"accuracy {majority['accuracy']:.4f}, "
+                f"balanced accuracy {majority['balanced_accuracy']:.4f}"
+            )
+    if summary.get("warning"):
+        print(f"warning: {summary['warning']}")
     return 0
 
 

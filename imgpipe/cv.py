@@ -156,9 +156,14 @@ def summarise_cv(
     summary_paths: list[str],
     outputs: Mapping[str, str],
 ) -> pd.DataFrame:
-    """Gather the folds: summary.csv (per fold, mean, std), oof.csv and the suspect labels."""
+    """Gather the folds: summary.csv (per fold, mean, std), oof.csv and the suspect labels.
+
+    summary.csv has the model's metrics and, beside them, each fold's
+    baselines (``baseline_majority_accuracy``, ... ``baseline_linear_f1_macro``).
+    """
     import json
 
+    from imgpipe.baselines import flat_baselines
     from imgpipe.dataset import class_names, load_images, load_index
     from imgpipe.plots import image_grid
 
@@ -169,7 +174,10 @@ def summarise_cv(
         with open(path, encoding="utf-8") as fh:
             summary = json.load(fh)
         if not summary.get("skipped"):
-            fold_rows.append({key: summary[key] for key in ("fold", *METRIC_KEYS)})
+            row = {key: summary[key] for key in ("fold", *METRIC_KEYS)}
+            if "baselines" in summary:  # the majority class and the linear model on pixels
+                row |= flat_baselines(summary["baselines"])
+            fold_rows.append(row)
     table = summarise_folds(pd.DataFrame(fold_rows))
     write_csv(table, outputs["summary"])
     oof = pd.concat([read_csv(path) for path in oof_paths], ignore_index=True)

@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -135,9 +136,17 @@ def rows_of_test_set(index: pd.DataFrame, roles: pd.Series) -> pd.DataFrame:
 
 
 def evaluate_predictions(
-    rows: pd.DataFrame, probs: np.ndarray, class_names: Sequence[str], outputs: Mapping[str, str]
+    rows: pd.DataFrame,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    outputs: Mapping[str, str],
+    baselines: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Write metrics.json, confusion.csv/.png, per_class.csv and predictions.csv; return the metrics."""
+    """Write metrics.json, confusion.csv/.png, per_class.csv and predictions.csv; return the metrics.
+
+    ``baselines`` (``imgpipe.baselines``: majority, linear_pixels) go into
+    metrics.json under ``baselines``.
+    """
     if probs.shape != (len(rows), len(class_names)):
         raise DataError(
             f"the model gave probabilities of shape {probs.shape} for {len(rows)} test images "
@@ -148,6 +157,8 @@ def evaluate_predictions(
     y_pred = probs.argmax(axis=1)
     metrics = classification_metrics(y_true, y_pred, names)
     metrics = {"n_test": metrics.pop("n"), **metrics, "classes": names}
+    if baselines is not None:
+        metrics["baselines"] = dict(baselines)
     write_json(metrics, outputs["metrics"])
     cm = confusion_matrix_table(y_true, y_pred, names)
     write_csv(cm, outputs["confusion"], index=True)
@@ -166,11 +177,16 @@ def evaluate_predictions(
 def run_evaluate(job: StageJob, predict: Callable[..., np.ndarray] | None = None) -> dict:
     """The evaluate stage: predict the test images with the final model and write every output.
 
+    The baselines (``imgpipe.baselines``) are fitted on the final model's
+    training images and scored on the same test images; a model that does not
+    beat them gets a warning line in the log and on the terminal.
+
     ``predict(checkpoint, images, ids=...) -> probabilities`` defaults to
     ``imgpipe.predict.predict_proba`` (images are read from the shards batch by batch).
     """
-    from imgpipe.dataset import class_names, load_index, open_images
-    from imgpipe.split import load_split
+    from imgpipe.baselines import both_baselines
+    from imgpipe.dataset import class_names, label_codes, load_index, open_images
+    from imgpipe.split import final_roles, load_split, role_ids
 
     if predict is None:
         from imgpipe.modelfile import configured_factories
@@ -179,10 +195,38 @@ def run_evaluate(job: StageJob, predict: Callable[..., np.ndarray] | None = None
         # A model built by package.module:factory loads when the user's config names it.
         predict = partial(predict_proba, model_factory=configured_factories(job.config))
     index = load_index(job.input["index"])
-    rows = rows_of_test_set(index, load_split(job.input["split"]))
-    probs = predict(job.input["model"], open_images(index), ids=rows["id"].to_numpy())
+    roles = load_split(job.input["split"])
+    rows = rows_of_test_set(index, roles)
+    images = open_images(index)
+    probs = predict(job.input["model"], images, ids=rows["id"].to_numpy())
+    # The final model's training images (train, or train + val after a sweep: its input best).
+    train_ids = role_ids(roles, *final_roles("best" in job.input)[0])
+    baselines = both_baselines(
+        images, label_codes(index), train_ids, rows["id"].to_numpy(), class_names(index)
+    )
     metrics = evaluate_predictions(
-        rows, np.asarray(probs, dtype=np.float64), class_names(index), job.output
+        rows, np.asarray(probs, dtype=np.float64), class_names(index), job.output, baselines
     )
     plot_training_curves(job.input["history"], job.output["curves"])
+    warn_if_beaten(metrics, job.input["history"], job.input.get("train_summary"))
     return metrics
+
+
+def warn_if_beaten(
+    metrics: Mapping[str, Any], history_csv: str | os.PathLike, summary_json: str | None
+) -> str | None:
+    """Log (and show on the terminal) one line when the model does not beat its baselines; return it."""
+    import json
+
+    from imgpipe.baselines import likely_causes, warning_line
+    from imgpipe.logs import TERMINAL
+
+    history = pd.read_csv(history_csv) if os.path.getsize(history_csv) else None
+    summary = None
+    if summary_json and os.path.isfile(summary_json):
+        with open(summary_json, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    line = warning_line(metrics, metrics.get("baselines"), likely_causes(history, summary))
+    if line:
+        log.warning("WARNING: %s; see the report's training curves", line, extra={TERMINAL: True})
+    return line

@@ -26,7 +26,7 @@ import yaml
 from imgpipe.atomic import read_csv, write_csv, write_json
 from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import NpyRows, ShardImages, label_codes, load_index, open_images
-from imgpipe.split import load_split, role_ids
+from imgpipe.split import final_roles, load_split, role_ids
 from imgpipe.stage import StageJob
 from imgpipe.sweep import apply_overrides
 
@@ -274,7 +274,9 @@ def run_cv_fold(job: StageJob) -> dict:
     summary marked ``skipped``; the fold's model and history (written beside
     them) are not declared outputs for that reason.
     """
+    from imgpipe.baselines import both_baselines
     from imgpipe.cv import fold_metrics, folds_used
+    from imgpipe.dataset import class_names
     from imgpipe.predict import predict_proba
 
     fold = int(job.wildcards["fold"])
@@ -330,6 +332,11 @@ def run_cv_fold(job: StageJob) -> dict:
     oof.insert(0, "id", held_out)
     write_csv(oof, oof_path)
     metrics = fold_metrics(data.labels[held_out], probs.argmax(axis=1))
+    # The reference points on the same images: fitted on what the fold's model
+    # trained on, scored on its held-out images (imgpipe.baselines).
+    baselines = both_baselines(
+        data.images, data.labels, train_ids, held_out, class_names(data.index)
+    )
     summary = {
         **result,
         **metrics,
@@ -337,6 +344,7 @@ def run_cv_fold(job: StageJob) -> dict:
         "n_train": len(train_ids),
         "n_inner_val": len(val_ids),
         "n_held_out": len(held_out),
+        "baselines": baselines,
     }
     write_json(summary, summary_path)
     return summary
@@ -353,14 +361,10 @@ def run_train_final(job: StageJob) -> dict:
 
     best = read_best(job.input.get("best"))
     model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
+    train_roles, val_roles = final_roles(bool(best))
     if best:
         log.info("sweep winner %s: %s", best.get("trial"), best.get("overrides"))
-        # The sweep chose the settings and how many epochs they need: the whole
-        # training pool (train + val), the winner's schedule, no validation.
         train_cfg = validated_recipe(train_cfg, best)
-        train_roles, val_roles = ["train", "val"], []
-    else:
-        train_roles, val_roles = ["train"], ["val"]
     nodes, gpus = train_cfg["num_nodes"], train_cfg["gpus_per_node"]
     out_dir = Path(job.output["model"]).parent
     key = resume_key("final", job, model_cfg, train_cfg)
@@ -422,13 +426,15 @@ def record_test_metrics(
     Inference only (nothing is chosen on the test images): the TEST role is
     predicted with the model just trained and ``test_metrics`` (n_test,
     accuracy, balanced_accuracy, f1_macro, as ``imgpipe.evaluate`` computes
-    them) join the file's ``imgpipe`` entry, with the quality-check settings of
+    them) join the file's ``imgpipe`` entry, with ``train_class_counts`` (its
+    training images per class) and the quality-check settings of
     ``clean`` and ``ingest.max_pixels`` that prediction applies to new files.
     The file is rewritten atomically; returns the entry.
     """
     import torch
 
     from imgpipe.atomic import plain
+    from imgpipe.dataset import class_names
     from imgpipe.metrics import headline_metrics
     from imgpipe.modelfile import METADATA_KEY, QUALITY_KEYS
     from imgpipe.predict import DEFAULT_EXTENSIONS, predict_proba
@@ -444,6 +450,12 @@ def record_test_metrics(
     metadata["max_pixels"] = int((job.config.get("ingest") or {}).get("max_pixels", 100_000_000))
     extensions = (job.config.get("data") or {}).get("extensions") or DEFAULT_EXTENSIONS
     metadata["extensions"] = list(extensions)
+    # The final model's training images per class: `imgpipe predict` scores the
+    # majority-class baseline of a labelled input with them.
+    train_ids = data.ids(*final_roles(bool(read_best(job.input.get("best"))))[0])
+    names = class_names(data.index)
+    counts = np.bincount(data.labels[train_ids], minlength=len(names))
+    metadata["train_class_counts"] = {name: int(n) for name, n in zip(names, counts, strict=True)}
     metrics: dict[str, Any] = {"n_test": len(test_ids)}
     if len(test_ids):
         # model_name: the config's (a package.module:factory among them is trusted).

@@ -318,6 +318,7 @@ def predict_files(
         scores = classification_metrics(truth, guess, names)
         summary["metrics"] = {"n_labelled": scores.pop("n"), **scores}
         summary["labels_not_in_model"] = dict(sorted(unknown_labels.items()))
+        add_baselines(summary, truth, model.metadata)
     if metrics is not None:
         write_json(summary, metrics)
     if montage is not None:
@@ -340,6 +341,16 @@ def rule_factories(job: StageJob) -> tuple[str, ...]:
 
     named = factory_names(job.params["settings"].get("model_factory"))
     return tuple(dict.fromkeys((*named, *configured_factories(job.config))))
+
+
+def add_baselines(summary: dict[str, Any], truth: np.ndarray, metadata: Mapping) -> None:
+    """Add ``baselines`` (and ``warning`` when the model does not beat them) to a labelled summary."""
+    from imgpipe.baselines import labelled_input_baselines, warning_line
+
+    summary["baselines"] = labelled_input_baselines(truth, summary["class_names"], metadata)
+    line = warning_line(summary["metrics"], summary["baselines"])
+    if line:
+        summary["warning"] = line
 
 
 def run_predict(job: StageJob) -> dict[str, Any]:
@@ -369,4 +380,8 @@ def run_predict(job: StageJob) -> dict[str, Any]:
             found["f1_macro"],
             found["n_labelled"],
         )
+    if summary.get("warning"):
+        from imgpipe.logs import TERMINAL
+
+        log.warning("WARNING: %s", summary["warning"], extra={TERMINAL: True})
     return summary

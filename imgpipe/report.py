@@ -88,7 +88,13 @@ RUN_COLUMNS = (
     "code_version",
     "images",
     "test_accuracy",
+    "test_balanced_accuracy",
     "test_f1_macro",
+    "baseline_majority_accuracy",
+    "baseline_majority_balanced_accuracy",
+    "baseline_linear_accuracy",
+    "baseline_linear_balanced_accuracy",
+    "warning",
     "cv_accuracy_mean",
     "cv_accuracy_std",
     "best_trial",
@@ -135,6 +141,12 @@ LABELS = {
     "epochs": "Epochs trained",
     "seconds": "Time (s)",
     "fold": "Fold",
+    "baseline_majority_accuracy": "Majority class: accuracy",
+    "baseline_majority_balanced_accuracy": "Majority class: balanced accuracy",
+    "baseline_majority_f1_macro": "Majority class: macro F1",
+    "baseline_linear_accuracy": "Linear on pixels: accuracy",
+    "baseline_linear_balanced_accuracy": "Linear on pixels: balanced accuracy",
+    "baseline_linear_f1_macro": "Linear on pixels: macro F1",
     "id": "Image id",
     "path": "File",
     "relpath": "File",
@@ -251,6 +263,8 @@ code{background:#f0f0f0;padding:0 .2rem}
 .headline{display:flex;flex-wrap:wrap;gap:1rem}
 .headline div{background:#f0f3f8;border-radius:6px;padding:.5rem 1rem;min-width:9rem}
 .headline span,.headline b{display:block}.headline b{font-size:1.4rem}.headline small{display:block;color:#555}
+.warning{background:#fff1e6;border-left:6px solid #c0392b;padding:.6rem 1rem;margin:1rem 0}
+.warning h3{margin:.2rem 0;color:#c0392b}
 details{margin:.5rem 0}summary{cursor:pointer;color:#4c72b0}
 #imgcheck{font-size:.75rem;color:#999}
 """
@@ -325,6 +339,8 @@ def input_paths(
         "confusion": f"{results}/evaluate/confusion.png",
         "per_class": f"{results}/evaluate/per_class.csv",
         "final_history": f"{results}/train/final/history.csv",
+        # Steps and early stopping: the causes a baseline warning names.
+        "final_summary": f"{results}/train/final/summary.json",
     }
     if folds:
         paths["fold_histories"] = [f"{results}/cv/fold-{k}/history.csv" for k in range(folds)]
@@ -515,14 +531,39 @@ def _reason_counts(rejected: pd.DataFrame) -> dict[str, int]:
 
 
 def _test_headline(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
+    from imgpipe.baselines import flat_baselines, likely_causes, shortfalls, warning_line
+
     metrics = read_json(inputs, "test_metrics")
     if metrics is None:
         return None
-    return {
+    result = {
         "accuracy": find_number(metrics, ["accuracy", "acc"]),
+        "balanced_accuracy": find_number(metrics, ["balanced_accuracy"]),
         "f1_macro": find_number(metrics, ["f1_macro", "macro_f1", "macro avg.f1-score"]),
         "n_test": find_number(metrics, ["n_test"]),
     }
+    baselines = metrics.get("baselines")
+    if not isinstance(baselines, Mapping):
+        return result
+    result["baselines"] = {
+        key: (None if value != value else value)  # NaN (a skipped baseline) as null
+        for key, value in flat_baselines(baselines).items()
+    }
+    skipped = {
+        name: scores["skipped"]
+        for name, scores in baselines.items()
+        if isinstance(scores, Mapping) and scores.get("skipped")
+    }
+    if skipped:
+        result["baselines_skipped"] = skipped
+    history = _existing(inputs, "final_history")
+    causes = likely_causes(
+        _read_table(history) if history is not None else None, read_json(inputs, "final_summary")
+    )
+    result["warning"] = warning_line(result, baselines, causes)
+    result["shortfalls"] = shortfalls(result, baselines)
+    result["warning_causes"] = causes if result["warning"] else []
+    return result
 
 
 def _cv_headline(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -536,6 +577,9 @@ def _cv_headline(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
         if metric in mean:
             result[f"{metric}_mean"] = mean[metric]
             result[f"{metric}_std"] = std.get(metric)
+    for column in mean:
+        if column.startswith("baseline_"):
+            result[f"{column}_mean"] = mean[column]
     return result
 
 
@@ -678,6 +722,7 @@ def run_row(
     """
     test, cv = numbers.get("test") or {}, numbers.get("cv") or {}
     sweep, images = numbers.get("sweep") or {}, numbers.get("images") or {}
+    baselines = test.get("baselines") or {}
     config = flat_config(inputs)
     before = None
     if previous is not None and isinstance(previous.get("config"), str):
@@ -693,7 +738,10 @@ def run_row(
         "code_version": code_version(),
         "images": images.get("kept"),
         "test_accuracy": test.get("accuracy"),
+        "test_balanced_accuracy": test.get("balanced_accuracy"),
         "test_f1_macro": test.get("f1_macro"),
+        **{key: baselines.get(key) for key in RUN_COLUMNS if key.startswith("baseline_")},
+        "warning": test.get("warning") or "",
         "cv_accuracy_mean": cv.get("accuracy_mean"),
         "cv_accuracy_std": cv.get("accuracy_std"),
         "best_trial": sweep.get("best_trial"),
@@ -851,16 +899,31 @@ def overview_section(numbers: Mapping[str, Any], inputs: Mapping[str, Any]) -> s
         (
             "Test accuracy",
             _fmt(test.get("accuracy")),
-            f"on {_count(test.get('n_test'))} held-out test images",
+            f"on {_count(test.get('n_test'))} held-out test images"
+            + beside_baselines(test.get("baselines"), "accuracy"),
         ),
-        ("Test macro F1", _fmt(test.get("f1_macro")), "F1 averaged over the tested classes"),
+        (
+            "Test balanced accuracy",
+            _fmt(test.get("balanced_accuracy")),
+            "mean recall per class" + beside_baselines(test.get("baselines"), "balanced_accuracy"),
+        ),
+        (
+            "Test macro F1",
+            _fmt(test.get("f1_macro")),
+            "F1 averaged over the tested classes"
+            + beside_baselines(test.get("baselines"), "f1_macro"),
+        ),
     ]
     if "accuracy_mean" in cv:
+        folds_baselines = {
+            key[: -len("_mean")]: value for key, value in cv.items() if key.startswith("baseline_")
+        }
         tiles.append(
             (
                 f"{cv['k']}-fold cross-validation",
                 f"{_fmt(cv['accuracy_mean'])} ± {_fmt(cv['accuracy_std'])}",
-                "accuracy, mean ± standard deviation",
+                "accuracy, mean ± standard deviation"
+                + beside_baselines(folds_baselines, "accuracy"),
             )
         )
     if sweep:
@@ -892,7 +955,42 @@ def overview_section(numbers: Mapping[str, Any], inputs: Mapping[str, Any]) -> s
         "measured; the test-set numbers come from images that no training, sweep or "
         "model choice ever saw."
     )
-    return section("overview", intro + f'<div class="headline">{cells}</div>')
+    warning = baseline_warning(test)
+    return section("overview", warning + intro + f'<div class="headline">{cells}</div>')
+
+
+def beside_baselines(baselines: Mapping[str, Any] | None, metric: str) -> str:
+    """`` — majority class 0.374, linear on pixels 0.63``: a tile's reference points (empty without)."""
+    parts = [
+        f"{name} {_fmt(value)}"
+        for name, short in (("majority class", "majority"), ("linear on pixels", "linear"))
+        if (value := (baselines or {}).get(f"baseline_{short}_{metric}")) is not None
+        and value == value
+    ]
+    return " — " + ", ".join(parts) if parts else ""
+
+
+def baseline_warning(test: Mapping[str, Any]) -> str:
+    """The block at the top of the page when the model does not beat its baselines (else nothing)."""
+    if not test.get("warning"):
+        return ""
+    found = " and its ".join(test.get("shortfalls") or [])
+    causes = test.get("warning_causes") or []
+    listed = "".join(f"<li>{esc(cause)}</li>" for cause in causes)
+    why = (
+        f"<p>Likely causes this run's own training files show:</p><ul>{listed}</ul>"
+        if causes
+        else "<p>The final model's training history shows no obvious cause (few steps, an "
+        "early stop during warm-up, a diverging validation loss).</p>"
+    )
+    return (
+        '<div class="warning" role="alert"><h3>The model does not beat the baselines</h3>'
+        f"<p>On the test set its {esc(found)}. Predicting the most common training class for "
+        "every image, or logistic regression on the raw pixels, does at least as well: the "
+        "network has not learned something useful yet.</p>"
+        f'{why}<p>See the <a href="#training">training curves</a> and the '
+        '<a href="#test">test set</a> section.</p></div>\n'
+    )
 
 
 def runs_section(runs: pd.DataFrame | None, current: str | None, max_rows: int) -> str:
@@ -913,10 +1011,16 @@ def runs_section(runs: pd.DataFrame | None, current: str | None, max_rows: int) 
             if isinstance(best, str) and best
             else "no sweep"
         )
+        warning = run.get("warning")
         cells = [
             _when(run.get("finished")),
             run.get("changes"),
-            _fmt(_num(run.get("test_accuracy"))),
+            _fmt(_num(run.get("test_accuracy")))
+            + beside_baselines(
+                {k: _num(run.get(k)) for k in RUN_COLUMNS if k.startswith("baseline_")},
+                "accuracy",
+            )
+            + (" — does not beat the baselines" if isinstance(warning, str) and warning else ""),
             _fmt(_num(run.get("test_f1_macro"))),
             cv,
             best,
@@ -1310,6 +1414,7 @@ def test_section(inputs: Mapping[str, Any]) -> str:
             if k not in order and not isinstance(v, Mapping | list)
         ]
         parts.append(key_value_table(rows, "Test set", "Value"))
+        parts.append(baselines_table(metrics))
         missing = metrics.get("classes_without_test_images")
         if isinstance(missing, list) and missing:
             parts.append(
@@ -1334,6 +1439,38 @@ def test_section(inputs: Mapping[str, Any]) -> str:
     )
     parts.append(human_table(per_class) if per_class is not None else not_run("per_class.csv"))
     return section("test", "\n".join(parts))
+
+
+def baselines_table(metrics: Mapping[str, Any]) -> str:
+    """The model beside the majority class and the linear model on pixels, on the same test images."""
+    baselines = metrics.get("baselines")
+    if not isinstance(baselines, Mapping):
+        return ""
+    keys = ("accuracy", "balanced_accuracy", "f1_macro")
+    rows = [("This model", [metrics.get(k) for k in keys])]
+    for name, title in (("majority", "Majority class"), ("linear_pixels", "Linear on pixels")):
+        scores = baselines.get(name) or {}
+        if scores.get("skipped"):
+            rows.append((title, [f"skipped: {scores['skipped']}"] + [None] * (len(keys) - 1)))
+        else:
+            rows.append((title, [scores.get(k) for k in keys]))
+    majority = (baselines.get("majority") or {}).get("class")
+    linear = baselines.get("linear_pixels") or {}
+    text = (
+        "<b>Baselines</b> on the same test images, fitted on the final model's training "
+        "images: always predicting the most common training class"
+        + (f" (<code>{esc(majority)}</code>)" if majority else "")
+        + ", and logistic regression on the pixels"
+    )
+    if not linear.get("skipped"):
+        text += (
+            f" (downsampled to {esc(linear.get('size'))} px and standardised, fitted on "
+            f"{esc(_count(linear.get('n_train_used')))} of the "
+            f"{esc(_count(linear.get('n_train')))} training images)"
+        )
+    text += ". A model worth using beats both."
+    headers = ["", *(label(k) for k in keys)]
+    return explain(text) + row_table(rows, headers)
 
 
 def training_histories(inputs: Mapping[str, Any]) -> list[tuple[str, pd.DataFrame]]:
@@ -1648,6 +1785,13 @@ def run_report(job: StageJob) -> dict[str, Any]:
     )
     log.info("wrote %s and %s", job.output["html"], job.output["summary"])
     log.info("headline numbers: %s", numbers)
+    warning = (numbers.get("test") or {}).get("warning")
+    if warning:  # the run's last job: the warning is its last line on the terminal too
+        from imgpipe.logs import TERMINAL
+
+        log.warning(
+            "WARNING: %s; see %s#overview", warning, job.output["html"], extra={TERMINAL: True}
+        )
     return numbers
 
 

@@ -204,6 +204,16 @@ def role_ids(roles: pd.Series, *names: str) -> np.ndarray:
     return np.sort(roles.index[roles.isin(names)].to_numpy(dtype=np.int64))
 
 
+def final_roles(swept: bool) -> tuple[list[str], list[str]]:
+    """(roles trained on, roles validated on) of the final model; evaluate's baselines use the same.
+
+    After a sweep, which chose the settings and how many epochs they need: the
+    whole training pool (train + val), no validation. Without one: train, with
+    val picking the epoch.
+    """
+    return (list(POOL_ROLES), []) if swept else (["train"], ["val"])
+
+
 def training_pool(index: pd.DataFrame, roles: pd.Series) -> pd.DataFrame:
     """The index rows of the training pool (roles train and val), in id order."""
     return index.set_index("id").loc[role_ids(roles, *POOL_ROLES)].reset_index()

@@ -283,3 +283,91 @@ def test_no_test_image_stops_the_stage(tmp_path, clean_stage):
     with pytest.raises(DataError, match="no test image"):
         job = StageJob(input=inputs, output=outputs_in(tmp_path / "out"))
         run_evaluate(job, predict=lambda c, x, ids: None)
+
+
+# ----- issue 23: the baselines beside the model, and the warning of a collapsed model -----
+
+
+def test_baselines_are_fitted_on_the_training_role_and_scored_on_the_test_images(
+    tmp_path, clean_stage
+):
+    from sklearn.dummy import DummyClassifier
+
+    from imgpipe.baselines import linear_pixels_baseline
+
+    inputs, model, roles = clean_stage
+
+    def predict(checkpoint, images, ids):
+        batch = images[ids]
+        return model.predict_proba(batch.reshape(len(batch), -1))
+
+    metrics = run_evaluate(StageJob(input=inputs, output=outputs_in(tmp_path / "out")), predict)
+    images, labels = digits_images()
+    images, labels = images[:600, :, :, None], labels[:600]
+    train = np.sort(roles.loc[roles["role"] == "train", "id"].to_numpy())
+    test = np.sort(roles.loc[roles["role"] == "test", "id"].to_numpy())
+    dummy = DummyClassifier(strategy="most_frequent").fit(train[:, None], labels[train])
+    majority = metrics["baselines"]["majority"]
+    assert majority["class"] == str(dummy.predict(test[:1, None])[0])
+    assert majority["accuracy"] == pytest.approx(
+        accuracy_score(labels[test], dummy.predict(test[:, None]))
+    )
+    assert (majority["n_train"], majority["n_test"]) == (len(train), len(test))
+    direct = linear_pixels_baseline(images[train], labels[train], images[test], labels[test])
+    assert metrics["baselines"]["linear_pixels"] == direct
+    assert json.loads(open(tmp_path / "out" / "metrics.json").read())["baselines"] == {
+        "majority": majority,
+        "linear_pixels": direct,
+    }
+
+
+def test_baselines_of_a_swept_run_use_train_and_val_as_the_final_model_does(tmp_path, clean_stage):
+    inputs, model, roles = clean_stage
+    inputs = {**inputs, "best": str(tmp_path / "best.yaml")}
+
+    def predict(checkpoint, images, ids):
+        return model.predict_proba(images[ids].reshape(len(ids), -1))
+
+    metrics = run_evaluate(StageJob(input=inputs, output=outputs_in(tmp_path / "out")), predict)
+    pool = roles["role"].isin(["train", "val"]).sum()
+    assert metrics["baselines"]["majority"]["n_train"] == pool
+
+
+def test_a_collapsed_model_is_warned_about_in_the_log_and_on_the_terminal(
+    tmp_path, clean_stage, capfd, monkeypatch
+):
+    from imgpipe.logs import PROGRESS_VAR, logged
+
+    monkeypatch.setenv(PROGRESS_VAR, "1")
+    inputs, _, _ = clean_stage
+    # Few steps, an early stop while the learning rate still rose, a diverging validation loss.
+    pd.DataFrame(
+        {
+            "epoch": range(4),
+            "step": [9, 19, 29, 39],
+            "train_loss": [2.3, 2.3, 2.3, 2.3],
+            "val_loss": [1.0, 2.0, 3.0, 4.0],
+            "lr": [0.001, 0.002, 0.003, 0.004],
+        }
+    ).to_csv(inputs["history"], index=False)
+    summary = tmp_path / "train_summary.json"
+    summary.write_text(json.dumps({"epochs": 4, "best_epoch": 0, "stopped_early": True}))
+    inputs = {**inputs, "train_summary": str(summary)}
+
+    def one_class(checkpoint, images, ids):  # the model predicts class 0 for every image
+        probs = np.zeros((len(ids), 10))
+        probs[:, 0] = 1.0
+        return probs
+
+    log_path = tmp_path / "logs" / "evaluate.log"
+    with logged(log_path):
+        job = StageJob(input=inputs, output=outputs_in(tmp_path / "out"), log=str(log_path))
+        metrics = run_evaluate(job, predict=one_class)
+    assert metrics["balanced_accuracy"] <= metrics["baselines"]["majority"]["balanced_accuracy"]
+    warning = [line for line in log_path.read_text().splitlines() if "WARNING:" in line]
+    assert len(warning) == 1
+    assert "does not beat the baselines" in warning[0]
+    assert "only 40 optimizer steps" in warning[0] and "still warming up" in warning[0]
+    assert "validation loss diverging" in warning[0]
+    terminal = capfd.readouterr().err
+    assert "[evaluate] WARNING: the model does not beat the baselines" in terminal

@@ -61,6 +61,11 @@ def test_train_evaluate_export_predict(finished_copy, tmp_path):
     assert meta["max_pixels"] == config["ingest"]["max_pixels"]
     assert meta["extensions"] == config["data"]["extensions"]
     assert meta["architecture"]["channels"] == config["model"]["channels"]
+    # Evaluate's baselines are fitted on the final model's own training images.
+    baselines = evaluated["baselines"]
+    assert sum(meta["train_class_counts"].values()) == baselines["majority"]["n_train"] > 0
+    assert baselines["linear_pixels"]["n_train"] == baselines["majority"]["n_train"]
+    assert 0 <= baselines["linear_pixels"]["accuracy"] <= 1
 
     # Export: both files with sidecars; the ONNX opset is the configured one.
     onnx_meta = json.loads((results / "export/model.onnx.json").read_text())

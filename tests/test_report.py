@@ -135,6 +135,8 @@ def write_fake_results(
         write_history(r / "cv" / f"fold-{k}" / "history.csv", 2, seed=10 + k, validated=False)
     (r / "train" / "final").mkdir(parents=True)
     write_history(r / "train" / "final" / "history.csv", 2, seed=20, validated=not sweep)
+    final_summary = {"best_epoch": 1, "epochs": 2, "stopped_early": False}
+    (r / "train" / "final" / "summary.json").write_text(json.dumps(final_summary))
     folds = pd.DataFrame(
         {
             "fold": [0, 1, 2],
@@ -327,6 +329,75 @@ def test_input_paths_follow_the_documented_layout():
     assert not any("embeddings" in path for path in no_sweep.values())
 
 
+def with_baselines(inputs: dict, accuracy: float, balanced: float) -> None:
+    """Give the fake run's metrics.json baselines (majority 0.374 / 0.167, linear 0.63 / 0.6)."""
+    path = Path(inputs["test_metrics"])
+    metrics = json.loads(path.read_text())
+    metrics.update(accuracy=accuracy, balanced_accuracy=balanced)
+    metrics["baselines"] = {
+        "majority": {
+            "class": "cat",
+            "accuracy": 0.374,
+            "balanced_accuracy": 0.167,
+            "f1_macro": 0.09,
+        },
+        "linear_pixels": {
+            "accuracy": 0.63,
+            "balanced_accuracy": 0.6,
+            "f1_macro": 0.58,
+            "n_train": 400,
+            "n_train_used": 400,
+            "size": 16,
+        },
+    }
+    path.write_text(json.dumps(metrics))
+
+
+def test_a_collapsed_model_is_warned_about_on_the_page_and_in_runs_csv(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    with_baselines(inputs, accuracy=0.374, balanced=0.167)  # always the majority class
+    # The final model's own files: 10 optimizer steps, a validation loss 5x its minimum.
+    history = pd.DataFrame(
+        {"epoch": [0, 1], "step": [4, 9], "train_loss": [2.0, 2.0], "val_loss": [0.4, 2.0]}
+    )
+    history.to_csv(inputs["final_history"], index=False)
+    out = tmp_path / "out"
+    numbers = report.write_report(
+        inputs, out / "index.html", out / "summary.json", {}, runs_path=tmp_path / "runs.csv"
+    )
+    page = (out / "index.html").read_text()
+    warning = page.index('class="warning"')
+    assert warning < page.index('class="headline"')  # at the top, before the tiles
+    block = page[warning : page.index("</div>", warning)]
+    assert "does not beat the baselines" in block
+    assert "balanced accuracy 0.167 is not above the majority class&#x27;s 0.167" in block
+    assert "only 10 optimizer steps" in block and "validation loss diverging" in block
+    assert "still warming up" not in block  # the run did not stop early: not claimed
+    assert '<a href="#training">training curves</a>' in block
+    assert "0.374 — majority class 0.374, linear on pixels 0.63" in page.replace("<b>", "")
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert runs["baseline_majority_accuracy"].iloc[-1] == pytest.approx(0.374)
+    assert runs["baseline_linear_accuracy"].iloc[-1] == pytest.approx(0.63)
+    assert runs["baseline_linear_balanced_accuracy"].iloc[-1] == pytest.approx(0.6)
+    assert "does not beat the baselines" in runs["warning"].iloc[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["warning"] == numbers["test"]["warning"]
+    assert summary["test"]["baselines"]["baseline_majority_balanced_accuracy"] == 0.167
+
+
+def test_a_model_above_its_baselines_gets_no_warning(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    with_baselines(inputs, accuracy=0.9, balanced=0.88)
+    out = tmp_path / "out"
+    report.write_report(
+        inputs, out / "index.html", out / "summary.json", {}, runs_path=tmp_path / "runs.csv"
+    )
+    page = (out / "index.html").read_text()
+    assert 'class="warning"' not in page
+    assert "linear on pixels 0.63" in page and "Linear on pixels" in page  # tile and test table
+    assert pd.read_csv(tmp_path / "runs.csv")["warning"].isna().all()
+
+
 def test_page_has_every_section_and_embeds_every_image(tmp_path):
     inputs = write_fake_results(tmp_path)
     out = tmp_path / "report"
@@ -406,6 +477,7 @@ def test_summary_json_matches_the_inputs(tmp_path):
     metrics = json.loads(Path(inputs["test_metrics"]).read_text())
     assert numbers["test"] == {
         "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
         "f1_macro": metrics["f1_macro"],
         "n_test": metrics["n_test"],
     }

@@ -1,10 +1,15 @@
+# The baselines (imgpipe.baselines) are fitted on the final model's training
+# images: the train role, or train + val after a sweep (the input best says so).
 rule evaluate:
     input:
+        unpack(best_params_input),
         index=rules.clean.output.index,
         split=rules.split.output.split,
         arrays=SHARD_IMAGES,
         model=rules.train_final.output.model,
         history=rules.train_final.output.history,
+        # Steps and early stopping: the likely causes a warning names.
+        train_summary=rules.train_final.output.summary,
     output:
         metrics=report(
             "results/evaluate/metrics.json",
