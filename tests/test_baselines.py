@@ -202,7 +202,7 @@ def test_each_fold_and_the_cv_summary_carry_the_baselines(tmp_path, monkeypatch)
         seen["train"] = train_ids
         return {"best_epoch": 0, "epochs": 1}
 
-    def one_class(model_path, images, ids):  # a collapsed model: always class 0
+    def one_class(model_path, images, ids, **loading):  # a collapsed model: always class 0
         return np.tile([1.0, 0.0, 0.0, 0.0], (len(ids), 1))
 
     monkeypatch.setattr(experiment, "run_training", fake_training)
