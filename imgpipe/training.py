@@ -564,8 +564,6 @@ def fit(
         "batch_size": train_cfg["batch_size"],
         "schedule_images": train_cfg["schedule_images"],
         "scheduled_epochs": train_cfg["max_epochs"],
-        "steps_per_epoch": int(trainer.num_training_batches),
-        "steps": int(trainer.global_step),
     }
     summary = write_outputs(state_dir, out_dir, train_cfg, plan, counts, resumed_epoch, started)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -609,6 +607,10 @@ def write_outputs(
     train_seconds = stats.get("train_seconds")
     samples = sum(stats.get("samples_per_rank") or [0])
     monitor, mode = monitor_mode(train_cfg)
+    epochs = int(history["epoch"].max()) + 1 if len(history) else 0
+    # From the history (the step count at each epoch's end, from 0): the forked
+    # parent of a DDP run never ran the loop its trainer would count.
+    steps = int(history["step"].max()) + 1 if len(history) else 0
     summary = {
         "monitor": monitor,
         "score": _last_value(history, monitor),
@@ -617,7 +619,9 @@ def write_outputs(
         "best_score": _best_score(history, monitor, mode),
         "best_epoch": _best_epoch(history, monitor, mode),
         "model_epoch": int(saved["epoch"]),
-        "epochs": int(history["epoch"].max()) + 1 if len(history) else 0,
+        "epochs": epochs,
+        "steps": steps,
+        "steps_per_epoch": steps // epochs if epochs else 0,
         "stopped_early": bool(stats.get("stopped_early", False)),
         "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
