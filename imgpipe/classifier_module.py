@@ -226,9 +226,8 @@ class ImageClassifier(pl.LightningModule):
         ``momentum`` is SGD's momentum or AdamW's beta1. Under the one-cycle
         schedule it cycles around the configured value: from ``momentum`` (low
         learning rate) down to 0.85 x ``momentum`` at the peak and back (momentum
-        0 stays 0). The schedule spans ``train.schedule_epochs`` epochs when set
-        (the final model runs the winning trial's schedule and stops where that
-        trial's best epoch was), else ``max_epochs``.
+        0 stays 0). The schedule spans the run's ``max_epochs`` (sized by
+        imgpipe.schedule), and every run goes through it to the end.
         """
         cfg = self.hparams.train_cfg
         lr = cfg["lr"]
@@ -243,9 +242,7 @@ class ImageClassifier(pl.LightningModule):
         schedule = cfg.get("schedule", "none")
         if schedule == "none":
             return optimizer
-        epochs = max(1, int(self.trainer.max_epochs))
-        per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // epochs)
-        steps = per_epoch * max(epochs, int(cfg.get("schedule_epochs") or epochs))
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
         if schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer,

@@ -104,18 +104,22 @@ def job_sections(job: StageJob, overrides: Mapping[str, Any] | None = None) -> t
     return model_cfg, train_cfg
 
 
-def validated_recipe(train_cfg: dict, best: Mapping[str, Any]) -> dict:
-    """The sweep winner's recipe for a run without validation: its schedule, stopped at its best epoch.
+def pool_size(split_path: str | os.PathLike) -> int:
+    """Images in the training pool (train + val roles): what every job's schedule is sized on."""
+    return len(role_ids(load_split(split_path), "train", "val"))
 
-    The learning-rate schedule keeps the trial's length (``max_epochs`` epochs)
-    and shape; training stops after the epochs the trial needed to reach its
-    best validation score. Compressing the schedule into those epochs would be
-    a different recipe from the one the sweep validated.
+
+def sized_on_pool(train_cfg: dict, job: StageJob) -> dict:
+    """``train_cfg`` with its schedule sized on the training pool (imgpipe.schedule).
+
+    Trials, folds and the final model are sized on one image count, so they
+    share the batch size (``auto``) and the epochs (``min_steps``): the final
+    model and the folds run the very schedule the trials were scored at the
+    end of.
     """
-    recipe = dict(train_cfg)
-    recipe["schedule_epochs"] = int(train_cfg["max_epochs"])
-    recipe["max_epochs"] = int(best["epochs"])
-    return recipe
+    from imgpipe.schedule import sized_schedule
+
+    return sized_schedule(train_cfg, pool_size(job.input["split"]))
 
 
 def image_settings(data: TrainingData, job: StageJob) -> dict[str, Any]:
@@ -228,9 +232,10 @@ def data_inputs(inputs: Mapping[str, Any]) -> dict[str, str]:
 
 
 def run_sweep_trial(job: StageJob) -> dict:
-    """One sweep trial: its overrides, trained on the train role, best epoch picked on val."""
+    """One sweep trial: its overrides, trained on the train role over its schedule, scored on val."""
     overrides = job.params["overrides"]
     model_cfg, train_cfg = job_sections(job, overrides)
+    train_cfg = sized_on_pool(train_cfg, job)
     trial = job.wildcards["trial"]
     log.info("trial %s: %s", trial, overrides)
     data = load_training_data(job.input)
@@ -265,10 +270,12 @@ def fold_validation(data: TrainingData, train_ids: np.ndarray, job: StageJob) ->
 def run_cv_fold(job: StageJob) -> dict:
     """Train on every fold but this one with the final model's recipe, then predict this one.
 
-    The held-out fold never influences its model: with a sweep the fold trains
-    with the winner's settings and schedule for the winner's epochs (no
-    validation at all); without one, an inner validation split of the fold's
-    own training images picks the epoch and checkpoint. Its out-of-fold
+    The held-out fold never influences its model. Like the final model, the
+    fold runs the whole schedule and keeps its last epoch: with a sweep, the
+    winner's settings on all of the fold's training images (no validation);
+    without one, on the fold's training images less an inner validation split
+    (as the final model trains on the train role and validates on val; the
+    inner split is only scored). Its out-of-fold
     probabilities go to cleanlab. A fold at or beyond the number of folds
     actually used (``cv.adapt_k`` lowered k) writes an empty table and a
     summary marked ``skipped``; the fold's model and history (written beside
@@ -291,12 +298,12 @@ def run_cv_fold(job: StageJob) -> dict:
         return {"skipped": True}
     best = read_best(job.input.get("best"))
     model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
+    train_cfg = sized_on_pool(train_cfg, job)
     data = load_training_data(job.input)
     held_out = np.sort(folds.loc[folds["fold"] == fold, "id"].to_numpy())
     # Fold -1: images of classes that are one single group; they always train.
     fold_train = np.sort(folds.loc[folds["fold"] != fold, "id"].to_numpy())
     if best:
-        train_cfg = validated_recipe(train_cfg, best)
         train_ids, val_ids = fold_train, np.zeros(0, np.int64)
     else:
         val_ids = np.sort(fold_validation(data, fold_train, job))
@@ -361,10 +368,12 @@ def run_train_final(job: StageJob) -> dict:
 
     best = read_best(job.input.get("best"))
     model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
+    train_cfg = sized_on_pool(train_cfg, job)
+    # After a sweep (it chose the settings): the whole training pool (train + val), the
+    # winner's whole schedule (the one it was scored at the end of), no validation.
     train_roles, val_roles = final_roles(bool(best))
     if best:
         log.info("sweep winner %s: %s", best.get("trial"), best.get("overrides"))
-        train_cfg = validated_recipe(train_cfg, best)
     nodes, gpus = train_cfg["num_nodes"], train_cfg["gpus_per_node"]
     out_dir = Path(job.output["model"]).parent
     key = resume_key("final", job, model_cfg, train_cfg)
@@ -408,9 +417,10 @@ def run_train_final(job: StageJob) -> dict:
         )
     record_test_metrics(job, out_dir / "model.ckpt", model_cfg["name"])
     log.info(
-        "final model: epoch %d of %d, %.0f images/s on %d %s device(s)",
-        summary["best_epoch"],
+        "final model: %d epochs, %d steps of batch %d, %.0f images/s on %d %s device(s)",
         summary["epochs"],
+        summary["steps"],
+        summary["batch_size"],
         summary["images_per_s"] or 0,
         summary["world_size"],
         summary["accelerator"],

@@ -57,7 +57,7 @@ SECTIONS = (
     ("config", "Configuration"),
 )
 # Columns of sweep/trials.csv that are not swept values.
-SWEEP_BOOKKEEPING = {"trial", "val_acc", "val_loss", "best_epoch", "epochs", "seconds"}
+SWEEP_BOOKKEEPING = {"trial", "val_acc", "val_loss", "best_epoch", "epochs", "steps", "seconds"}
 CV_METRICS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro")
 CLUSTER_HEADLINE = ("hungarian_accuracy", "nmi", "ari", "silhouette")
 CLUSTER_ROWS = (
@@ -342,8 +342,10 @@ def input_paths(
         # Steps and early stopping: the causes a baseline warning names.
         "final_summary": f"{results}/train/final/summary.json",
     }
+    paths["final_summary"] = f"{results}/train/final/summary.json"
     if folds:
         paths["fold_histories"] = [f"{results}/cv/fold-{k}/history.csv" for k in range(folds)]
+        paths["fold_summaries"] = [f"{results}/cv/fold-{k}/summary.json" for k in range(folds)]
     if sweep_enabled:
         paths["sweep_trials"] = f"{results}/sweep/trials.csv"
         paths["sweep_best"] = f"{results}/sweep/best.yaml"
@@ -351,6 +353,9 @@ def input_paths(
         if trials:
             paths["trial_histories"] = [
                 f"{results}/sweep/trials/{trial}/history.csv" for trial in trials
+            ]
+            paths["trial_summaries"] = [
+                f"{results}/sweep/trials/{trial}/summary.json" for trial in trials
             ]
     for name in features:
         for kind in ("metrics", "montage", "scatter"):
@@ -461,17 +466,18 @@ def find_number(data: Mapping | None, names: Sequence[str]) -> float | int | Non
 
 
 def sweep_metric(trials: pd.DataFrame) -> str | None:
-    """The validation metric column of the sweep table (val_acc preferred over val_loss)."""
-    return next((m for m in ("val_acc", "val_loss") if m in trials.columns), None)
+    """The score column of the sweep table: its first validation metric (the tie-breaker follows it)."""
+    return next((c for c in trials.columns if c in ("val_acc", "val_loss")), None)
 
 
 def sorted_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """Trials best first: highest accuracy or lowest loss (stable for ties)."""
+    """Trials best first, as the sweep ranked them (imgpipe.sweep.rank_trials)."""
+    from imgpipe.sweep import rank_trials
+
     metric = sweep_metric(trials)
     if metric is None or trials.empty:
         return trials
-    ascending = metric.endswith("loss")
-    return trials.sort_values(metric, ascending=ascending, kind="stable").reset_index(drop=True)
+    return rank_trials(trials, metric)
 
 
 def cv_row(summary: pd.DataFrame, name: str) -> dict[str, float] | None:
@@ -932,7 +938,9 @@ def overview_section(numbers: Mapping[str, Any], inputs: Mapping[str, Any]) -> s
             (
                 "Best sweep trial",
                 str(sweep.get("best_trial")),
-                f"{metric} {_fmt(sweep.get('best_value'))}",
+                # Picked as the best of N on these very images: an optimistic estimate.
+                f"{metric} {_fmt(sweep.get('best_value'))}: the best of "
+                f"{sweep.get('n_trials')} trials on the same validation images (optimistic)",
             )
         )
     for name, metrics in numbers["clusters"].items():
@@ -1331,9 +1339,12 @@ def sweep_section(inputs: Mapping[str, Any], max_rows: int) -> str:
     parts = [
         explain(
             f"{len(trials)} trials, each a model trained with one combination of the swept "
-            "settings on the training images and scored on the validation images, sorted by "
-            f"{esc(label(metric).lower() if metric else 'file order')} ({order}). Epochs count "
-            "from 1; the best epoch is the one whose model was kept."
+            "settings on the training images over its whole schedule. A trial's score is its "
+            "<b>last</b> epoch's validation metric (the model at the end of the schedule, the one "
+            "the final recipe reproduces), not its best epoch's. Sorted by "
+            f"{esc(label(metric).lower() if metric else 'file order')} ({order}); a tie goes to "
+            "the lower last-epoch validation loss (for a loss score: the higher accuracy), then "
+            "to the trial listed first in the sweep."
         )
     ]
     shown = sorted_trials(trials).copy()
@@ -1352,9 +1363,10 @@ def sweep_section(inputs: Mapping[str, Any], max_rows: int) -> str:
         parts.append(
             explain(
                 f"Trial <b>{esc(best.get('trial'))}</b> ({esc(settings or 'no override')}) won "
-                f"with {esc(label(best.get('metric', '')).lower())} {esc(_fmt(best.get('score')))}, "
-                f"reached after {esc(best.get('epochs'))} epoch(s). The final model and the "
-                "cross-validation folds train with these settings for that many epochs."
+                f"with {esc(label(best.get('metric', '')).lower())} {esc(_fmt(best.get('score')))} "
+                f"at the end of its {esc(best.get('epochs'))}-epoch schedule. The final model and "
+                "the cross-validation folds train with these settings over the same whole "
+                "schedule and keep its last epoch."
             )
         )
     parts.append(image(inputs, "sweep_plot", "Validation score of each trial, best first."))
@@ -1371,12 +1383,19 @@ def cv_section(inputs: Mapping[str, Any]) -> str:
     items = "".join(
         f"<li>{esc(label(m))}: <b>{_fmt(mean[m])} ± {_fmt(std.get(m))}</b></li>" for m in mean
     )
-    intro = explain(
+    text = (
         f"The training images (never the test images) split into {len(folds)} folds that keep "
         "near duplicates together; each fold is scored by a model trained on the other folds "
         "with the final model's recipe. The spread over folds shows how much a score depends "
-        "on which images happen to be held out. Mean ± sample standard deviation:"
+        "on which images happen to be held out."
     )
+    if read_yaml(inputs, "sweep_best") is not None:
+        text += (
+            " The recipe itself was chosen by the sweep on the validation images, which lie "
+            "inside this pool: every fold's held-out images include some of them, so the mean "
+            "is slightly optimistic about the choice of settings."
+        )
+    intro = explain(text + " Mean ± sample standard deviation:")
     shown = summary.copy()
     shown["fold"] = shown["fold"].astype(str).replace({"mean": "Mean", "std": "Standard deviation"})
     return section("cv", intro + f"<ul>{items}</ul>" + human_table(shown))
@@ -1544,12 +1563,23 @@ def training_section(inputs: Mapping[str, Any]) -> str:
     if unvalidated:
         text += (
             f" Without validation: {esc(', '.join(unvalidated))}, which train on all their "
-            "images for the epochs the sweep's winner needed (its validation picked them)."
+            "images over the sweep winner's whole schedule."
         )
     parts = [explain(text)]
     parts.append(
         figure(curves_chart(histories), "Training and validation curves of each training job.")
     )
+    schedule = schedule_table(inputs)
+    if schedule is not None:
+        parts.append(
+            explain(
+                "The schedule each job ran: batch size, optimizer steps per epoch, epochs and "
+                "steps in all. Every job is sized on the training pool (train.batch_size auto, "
+                "train.min_steps): they share the batch size and the epochs, and their steps "
+                "differ only with their number of images."
+            )
+        )
+        parts.append(table(schedule))
     parts.append(
         explain(
             "Every training job also logged to TensorBoard: <code>make tensorboard</code> (or "
@@ -1558,6 +1588,34 @@ def training_section(inputs: Mapping[str, Any]) -> str:
         )
     )
     return section("training", "\n".join(parts))
+
+
+SCHEDULE_COLUMNS = {
+    "train_images": "Training images",
+    "batch_size": "Batch size",
+    "steps_per_epoch": "Steps per epoch",
+    "epochs": "Epochs",
+    "steps": "Steps",
+}
+
+
+def schedule_table(inputs: Mapping[str, Any]) -> pd.DataFrame | None:
+    """One row per training job (trials, folds, final model) with its batch size, steps and epochs."""
+    named = [(Path(p).parent.name, p) for p in inputs.get("trial_summaries") or []]
+    named += [(f"fold {k}", p) for k, p in enumerate(inputs.get("fold_summaries") or [])]
+    if inputs.get("final_summary"):
+        named.append(("final model", inputs["final_summary"]))
+    rows = []
+    for name, path in named:
+        if not Path(path).is_file():
+            continue
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+        if "steps" not in summary:  # a skipped fold, or a summary of an older version
+            continue
+        rows.append(
+            {"job": name, **{label: summary.get(key) for key, label in SCHEDULE_COLUMNS.items()}}
+        )
+    return pd.DataFrame(rows) if rows else None
 
 
 def suspects_section(inputs: Mapping[str, Any], max_rows: int) -> str:

@@ -207,9 +207,8 @@ def role_ids(roles: pd.Series, *names: str) -> np.ndarray:
 def final_roles(swept: bool) -> tuple[list[str], list[str]]:
     """(roles trained on, roles validated on) of the final model; evaluate's baselines use the same.
 
-    After a sweep, which chose the settings and how many epochs they need: the
-    whole training pool (train + val), no validation. Without one: train, with
-    val picking the epoch.
+    After a sweep, which chose the settings: the whole training pool (train + val),
+    no validation. Without one: train, with val watched (the last epoch is kept).
     """
     return (list(POOL_ROLES), []) if swept else (["train"], ["val"])
 

@@ -105,30 +105,60 @@ def apply_overrides(sections: Mapping[str, Mapping], changes: Mapping[str, Any])
     return merged
 
 
+def tie_breaker(monitor: str) -> str:
+    """The metric that breaks a tie on ``monitor``: validation loss for accuracy, and the reverse.
+
+    Accuracy on a few hundred validation images moves in coarse steps (1/216 on
+    the demo), so ties are common; the loss is continuous and says which of
+    the tied models is the more confident where it is right.
+    """
+    return "val_loss" if monitor.endswith("acc") else "val_acc"
+
+
+def rank_trials(trials: pd.DataFrame, monitor: str) -> pd.DataFrame:
+    """Trials best first: on ``monitor``, then on ``tie_breaker(monitor)``, then in sweep order.
+
+    Sweep order is the order of the rows given (the grid's or the random
+    draws', as sweep_aggregate reads them), so the ranking is deterministic.
+    A missing tie-breaker value ranks last among its ties.
+    """
+    second = tie_breaker(monitor)
+    keys, ascending = [monitor], [monitor.endswith("loss")]
+    if second in trials.columns:
+        keys.append(second)
+        ascending.append(second.endswith("loss"))
+    ordered = trials.sort_values(keys, ascending=ascending, kind="stable", na_position="last")
+    return ordered.reset_index(drop=True)
+
+
 def best_trial(trials: pd.DataFrame, metric: str) -> pd.Series:
-    """The trial with the best ``metric`` (highest accuracy / lowest loss); ties go to the first."""
-    ascending = metric.endswith("loss")
-    ordered = trials.sort_values(metric, ascending=ascending, kind="stable")
-    return ordered.iloc[0]
+    """The first trial of ``rank_trials``: best score, then best tie-breaker, then the earlier trial."""
+    return rank_trials(trials, metric).iloc[0]
 
 
 def collect_trials(summaries: list[Mapping], monitor: str) -> pd.DataFrame:
-    """One row per trial: its swept values (dotted keys), the monitored metric, epochs, seconds."""
+    """One row per trial, best first: its swept values (dotted keys), its score, epochs, steps, seconds.
+
+    A trial's score is its LAST epoch's validation metric (the end of its
+    schedule, the model the final recipe reproduces), not its best epoch's;
+    the tie-breaking metric is its last epoch's too. ``summaries`` come in
+    sweep order.
+    """
+    second = tie_breaker(monitor)
     rows = []
     for summary in summaries:
         row = {"trial": summary["trial"], **summary["overrides"]}
-        row[monitor] = summary["best_score"]
-        row["best_epoch"] = summary["best_epoch"]
+        row[monitor] = summary["score"]
+        row[second] = summary.get(f"last_{second}", float("nan"))
         row["epochs"] = summary["epochs"]
+        row["steps"] = summary.get("steps")
         row["seconds"] = summary["seconds"]
         rows.append(row)
-    table = pd.DataFrame(rows)
-    ascending = monitor.endswith("loss")
-    return table.sort_values(monitor, ascending=ascending, kind="stable").reset_index(drop=True)
+    return rank_trials(pd.DataFrame(rows), monitor)
 
 
 def best_config(trials: pd.DataFrame, monitor: str) -> dict[str, Any]:
-    """best.yaml's content: the winning trial's overrides, score and the epochs it needed."""
+    """best.yaml's content: the winning trial's overrides, its score and the epochs of its schedule."""
     best = best_trial(trials, monitor)
     swept = [c for c in trials.columns if "." in c]
     return {
@@ -136,9 +166,10 @@ def best_config(trials: pd.DataFrame, monitor: str) -> dict[str, Any]:
         "overrides": {key: plain(best[key]) for key in swept},
         "metric": monitor,
         "score": float(best[monitor]),
-        # The final model trains on the whole pool for as many epochs as the
-        # winner needed to reach its best validation score.
-        "epochs": int(best["best_epoch"]) + 1,
+        "rule": "last epoch",
+        # The whole schedule the trial ran and was scored at the end of: the
+        # final model and the CV folds run the same schedule (imgpipe.schedule).
+        "epochs": int(best["epochs"]),
     }
 
 
@@ -155,7 +186,7 @@ def plot_trials(trials: pd.DataFrame, monitor: str, path: str) -> None:
     low = trials[monitor].min()
     if monitor.endswith("acc"):
         ax.set_ylim(max(0.0, low - 0.05), 1.0)
-    ax.set_title("sweep: validation metric per trial")
+    ax.set_title("sweep: validation metric per trial (last epoch)")
     save_figure(fig, path)
 
 

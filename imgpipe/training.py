@@ -58,6 +58,7 @@ from imgpipe.image_datamodule import ImageDataModule, Images
 from imgpipe.modelfile import METADATA_KEY, model_metadata
 from imgpipe.models import BackboneFreeze, normalisation, parse_freeze
 from imgpipe.progress import TrainingProgress
+from imgpipe.schedule import sized_schedule
 
 log = logging.getLogger("imgpipe")
 
@@ -405,7 +406,7 @@ def make_trainer(
         LearningRateMonitor(logging_interval="epoch"),
         TrainingProgress(state_dir / "run-stats.json", plan.rank_threads),
     ]
-    patience = train_cfg.get("early_stopping_patience", 5)
+    patience = train_cfg.get("early_stopping_patience", 0)
     if patience > 0 and validate:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
     if parse_freeze(train_cfg.get("freeze", "none")) != 0:
@@ -456,9 +457,13 @@ def fit(
     image_cfg: Mapping | None = None,
     tensorboard_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Train on ``train_ids``, pick the best epoch on ``val_ids``; write model.ckpt, history.csv, summary.json.
+    """Train on ``train_ids`` over the whole schedule, scoring each epoch on ``val_ids``; write the files.
 
-    With no ``val_ids`` it trains for ``train.max_epochs`` and keeps the last epoch.
+    The model kept (model.ckpt) is the last epoch's, with or without
+    ``val_ids``: the end of the schedule, the point a sweep trial is scored at
+    (``score``: the last epoch's monitored metric), never a lucky epoch. The
+    schedule is sized by ``imgpipe.schedule.sized_schedule`` (batch size
+    ``auto``, ``min_steps``); outputs: model.ckpt, history.csv, summary.json.
 
     ``images`` are uint8 (N, S, S, C) (a numpy array, or the shards on disk as
     ``imgpipe.dataset.ShardImages``: read batch by batch), ``labels`` integer
@@ -479,6 +484,7 @@ def fit(
     labels = np.asarray(labels, dtype=np.int64)
     check_run_ids(labels, train_ids, val_ids)
     model_cfg, train_cfg = plain(model_cfg), plain(train_cfg)
+    train_cfg = sized_schedule(train_cfg, len(train_ids))
     plan = plan_run(train_cfg, devices, threads)
     torch.set_num_threads(plan.rank_threads)
     pl.seed_everything(train_cfg.get("seed", 0), workers=True, verbose=False)
@@ -505,7 +511,7 @@ def fit(
         val_ids,
         aug_images,
         aug_sources,
-        batch_size=train_cfg.get("batch_size", 128),
+        batch_size=train_cfg["batch_size"],
         num_workers=train_cfg.get("num_workers", 0),
         seed=train_cfg.get("seed", 0),
         balanced=train_cfg.get("sampler", "uniform") == "balanced",
@@ -554,14 +560,20 @@ def fit(
         "train_images": len(train_ids),
         "augmented_images": data.aug_count,
         "val_images": len(val_ids),
+        # The schedule as run (imgpipe.schedule): steps are optimizer steps over every epoch.
+        "batch_size": train_cfg["batch_size"],
+        "schedule_images": train_cfg["schedule_images"],
+        "scheduled_epochs": train_cfg["max_epochs"],
     }
     summary = write_outputs(state_dir, out_dir, train_cfg, plan, counts, resumed_epoch, started)
     shutil.rmtree(state_dir, ignore_errors=True)
     log.info(
-        "best %s %.4f at epoch %d; %.1f s",
+        "%s %.4f at the last epoch (best %.4f); %d steps of batch %d; %.1f s",
         summary["monitor"],
+        summary["score"],
         summary["best_score"],
-        summary["best_epoch"],
+        summary["steps"],
+        summary["batch_size"],
         summary["seconds"],
     )
     return summary
@@ -576,11 +588,15 @@ def write_outputs(
     resumed_epoch: int | None,
     started: float,
 ) -> dict:
-    """Write the best checkpoint (weights, hyper-parameters, metadata), history.csv and summary.json."""
-    best = state_dir / "checkpoints" / "best.ckpt"
-    if not best.is_file():
-        best = state_dir / "checkpoints" / "last.ckpt"
-    saved = torch.load(best, map_location="cpu", weights_only=True)
+    """Write the last epoch's checkpoint (weights, hyper-parameters, metadata), history.csv and summary.json.
+
+    ``score`` is the last epoch's monitored metric (what a sweep trial is
+    ranked by); ``best_score`` / ``best_epoch`` (the best epoch's) are only
+    reported.
+    """
+    saved = torch.load(
+        state_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     kept = {k: saved[k] for k in CHECKPOINT_KEYS if k in saved}
     kept[METADATA_KEY] = model_metadata(saved["hyper_parameters"])
     save_torch(kept, out_dir / "model.ckpt")
@@ -591,11 +607,21 @@ def write_outputs(
     train_seconds = stats.get("train_seconds")
     samples = sum(stats.get("samples_per_rank") or [0])
     monitor, mode = monitor_mode(train_cfg)
+    epochs = int(history["epoch"].max()) + 1 if len(history) else 0
+    # From the history (the step count at each epoch's end, from 0): the forked
+    # parent of a DDP run never ran the loop its trainer would count.
+    steps = int(history["step"].max()) + 1 if len(history) else 0
     summary = {
         "monitor": monitor,
+        "score": _last_value(history, monitor),
+        "last_val_acc": _last_value(history, "val_acc"),
+        "last_val_loss": _last_value(history, "val_loss"),
         "best_score": _best_score(history, monitor, mode),
-        "best_epoch": int(saved["epoch"]),
-        "epochs": int(history["epoch"].max()) + 1 if len(history) else 0,
+        "best_epoch": _best_epoch(history, monitor, mode),
+        "model_epoch": int(saved["epoch"]),
+        "epochs": epochs,
+        "steps": steps,
+        "steps_per_epoch": steps // epochs if epochs else 0,
         "stopped_early": bool(stats.get("stopped_early", False)),
         "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
@@ -614,6 +640,22 @@ def write_outputs(
     }
     write_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
     return summary
+
+
+def _last_value(history: pd.DataFrame, metric: str) -> float:
+    """The last epoch's value of ``metric`` (nan when the run did not validate)."""
+    if metric not in history or history.empty:
+        return float("nan")
+    value = history.sort_values("epoch")[metric].iloc[-1]
+    return float(value) if pd.notna(value) else float("nan")
+
+
+def _best_epoch(history: pd.DataFrame, monitor: str, mode: str) -> int | None:
+    """The epoch of the best ``monitor`` value, the earliest on a tie (None without validation)."""
+    values = history.set_index("epoch")[monitor].dropna() if monitor in history else None
+    if values is None or values.empty:
+        return None
+    return int(values.idxmax() if mode == "max" else values.idxmin())
 
 
 def _best_score(history: pd.DataFrame, monitor: str, mode: str) -> float:

@@ -102,10 +102,12 @@ def test_cv_fold_never_looks_at_its_held_out_images(tmp_path, monkeypatch, with_
     # Neither trained nor validated on (validation picks the epoch and the checkpoint).
     assert not np.isin(held_out, seen["train"]).any()
     assert not np.isin(held_out, seen["val"]).any()
+    # The final model's recipe: the whole schedule (no stop at a trial's best
+    # epoch), sized on the training pool like every other job.
+    assert seen["cfg"]["max_epochs"] == 6 and "schedule_epochs" not in seen["cfg"]
+    assert seen["cfg"]["schedule_images"] == 120 and seen["cfg"]["batch_size"] == 16
     if with_sweep:
-        # The final model's recipe: the winner's schedule, stopped at its epochs, no validation.
         assert len(seen["val"]) == 0
-        assert seen["cfg"]["max_epochs"] == 3 and seen["cfg"]["schedule_epochs"] == 6
     else:
         # An inner split of the fold's own training part, groups kept whole.
         assert 0.1 < len(seen["val"]) / (len(seen["val"]) + len(seen["train"])) < 0.35
@@ -288,18 +290,16 @@ def test_channels_last_is_set_before_ddp_wraps_the_model(
 
 
 def test_final_model_runs_the_winning_trials_schedule(tiny_model, tiny_train):
-    trial = {**tiny_train, "schedule": "onecycle", "max_epochs": 8}
-    final = experiment.validated_recipe(trial, {"epochs": 3})
-    assert final["max_epochs"] == 3 and final["schedule_epochs"] == 8
-    # The schedule has the trial's length: after 3 of 8 epochs the rate is still high,
-    # where a schedule compressed into 3 epochs would have annealed to ~0.
-    setup = configured_optimiser(tiny_model, final, epochs=3, steps_per_epoch=5)
+    # Issue 20: the final model runs the trial's whole schedule, annealed to its end
+    # (no stop at the trial's best epoch, at a still-high learning rate).
+    final = {**tiny_train, "schedule": "onecycle", "max_epochs": 8}
+    setup = configured_optimiser(tiny_model, final, epochs=8, steps_per_epoch=5)
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
-    for _ in range(15):
+    assert scheduler.total_steps == 8 * 5
+    for _ in range(8 * 5 - 1):
         optimizer.step()
         scheduler.step()
-    assert optimizer.param_groups[0]["lr"] > 0.5 * final["lr"]
-    assert scheduler.total_steps == 8 * 5
+    assert optimizer.param_groups[0]["lr"] < 0.01 * final["lr"]
 
 
 def test_ddp_keeps_the_global_batch_and_the_steps_per_epoch(

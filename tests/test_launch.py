@@ -209,4 +209,4 @@ def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun, tiny_m
     assert not (out_dir / JOB_FILE).exists() and not (tmp_path / "state").exists()
     proba = predict_proba(out_dir / "model.ckpt", images[240:])
     accuracy = (proba.argmax(axis=1) == labels[240:]).mean()
-    assert accuracy == pytest.approx(summary["best_score"], abs=1e-6)
+    assert accuracy == pytest.approx(summary["score"], abs=1e-6)

@@ -233,6 +233,9 @@ def write_history(path: Path, epochs: int, seed: int, validated: bool) -> None:
     history["attempt"] = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     history.to_csv(path, index=False)
+    # The job's summary.json beside it: the schedule it ran (the training section's table).
+    summary = {"train_images": 80, "batch_size": 16, "steps_per_epoch": 5, "epochs": epochs}
+    (path.parent / "summary.json").write_text(json.dumps({**summary, "steps": 5 * epochs}))
 
 
 # Generated charts on a full page: the class distribution and the training curves.
@@ -315,6 +318,9 @@ def test_input_paths_follow_the_documented_layout():
         "results/sweep/trials/lr~0.1/history.csv",
         "results/sweep/trials/lr~0.2/history.csv",
     ]
+    assert paths["fold_summaries"][1] == "results/cv/fold-1/summary.json"
+    assert paths["trial_summaries"][0] == "results/sweep/trials/lr~0.1/summary.json"
+    assert paths["final_summary"] == "results/train/final/summary.json"
     assert paths["rejected"] == "results/clean/rejected.csv"
     assert paths["cv_summary"] == "results/cv/summary.csv"
     assert paths["sweep_trials"] == "results/sweep/trials.csv"
@@ -617,8 +623,15 @@ def test_best_trial_tile_names_the_trial_with_its_score(tmp_path):
     _, page = full_page(tmp_path)
     tile = re.search(r'<span class="label">Best sweep trial</span>(.*?)</div>', page).group(1)
     assert "<b>lr~0.003</b>" in tile and "validation accuracy 0.95" in tile
+    # Issue 20: the tile says what the number saw (the best of 3 on the same images).
+    assert "best of 3 trials on the same validation images (optimistic)" in tile
     sweep = section_html(page, "sweep")
     assert "<th>Learning rate</th>" in sweep and "<b>lr~0.003</b> (learning rate 0.003)" in sweep
+    assert "score is its <b>last</b> epoch" in sweep and "lower last-epoch validation" in sweep
+    # With a sweep, the CV caption says the recipe was chosen on images inside its pool.
+    assert "chosen by the sweep on the validation images" in section_html(page, "cv")
+    _, page = full_page(tmp_path / "no-sweep", sweep=False)
+    assert "chosen by the sweep" not in section_html(page, "cv")
 
 
 def test_training_curves_show_the_winning_trial_and_the_folds(tmp_path):
@@ -630,6 +643,9 @@ def test_training_curves_show_the_winning_trial_and_the_folds(tmp_path):
     assert "With validation: best trial lr~0.003." in training
     assert "Without validation: fold 0, fold 1, fold 2, final model" in training
     assert "make tensorboard" in training
+    # Issue 20: each job's schedule as run, from its summary.json.
+    assert "<th>Steps per epoch</th>" in training and "<th>Batch size</th>" in training
+    assert "<td>final model</td>" in training and "<td>lr~0.01</td>" in training
     # Without a sweep the final model validates: its curve has validation values.
     inputs = write_fake_results(tmp_path / "no-sweep", sweep=False)
     histories = dict(report.training_histories(inputs))

@@ -76,29 +76,51 @@ def test_apply_overrides_copies_and_refuses_other_sections():
         apply_overrides(sections, {"clean.blur": 1})
 
 
-def test_best_trial_and_epochs():
+def trial_summary(trial: str, lr: float, score: float, val_loss: float, **extra) -> dict:
+    """A sweep trial's summary.json as fit writes it (the fields collect_trials reads)."""
+    return {
+        "trial": trial,
+        "overrides": {"train.lr": lr},
+        "score": score,
+        "last_val_acc": score,
+        "last_val_loss": val_loss,
+        "best_score": extra.pop("best_score", score),
+        "best_epoch": extra.pop("best_epoch", 9),
+        "epochs": 10,
+        "steps": 110,
+        "seconds": 1.0,
+        **extra,
+    }
+
+
+def test_best_trial_is_scored_at_its_last_epoch():
     summaries = [
-        {
-            "trial": "a",
-            "overrides": {"train.lr": 0.1},
-            "best_score": 0.9,
-            "best_epoch": 3,
-            "epochs": 6,
-            "seconds": 1.0,
-        },
-        {
-            "trial": "b",
-            "overrides": {"train.lr": 0.01},
-            "best_score": 0.95,
-            "best_epoch": 7,
-            "epochs": 10,
-            "seconds": 1.0,
-        },
+        # a: a lucky best epoch (0.99 at epoch 4), but 0.9 at the end of its schedule.
+        trial_summary("a", 0.1, 0.9, 0.3, best_score=0.99, best_epoch=4),
+        trial_summary("b", 0.01, 0.95, 0.2),
     ]
     trials = collect_trials(summaries, "val_acc")
     assert trials["trial"].tolist() == ["b", "a"]
+    assert trials["val_acc"].tolist() == [0.95, 0.9]
     best = best_config(trials, "val_acc")
     assert best["overrides"] == {"train.lr": 0.01}
-    assert best["epochs"] == 8
-    loss = collect_trials([{**s, "best_score": 1 - s["best_score"]} for s in summaries], "val_loss")
-    assert best_config(loss, "val_loss")["trial"] == "b"
+    # The final model runs the whole schedule the winner was scored at the end of.
+    assert best["epochs"] == 10 and best["rule"] == "last epoch"
+    loss = [{**s, "score": s["last_val_loss"]} for s in summaries]
+    assert best_config(collect_trials(loss, "val_loss"), "val_loss")["trial"] == "b"
+
+
+def test_a_tie_goes_to_the_lower_loss_then_to_the_earlier_trial():
+    # Accuracy ties (coarse steps on a few hundred images): the lower last-epoch loss wins,
+    # even when it is the later trial of the sweep.
+    tied = [trial_summary("a", 0.003, 0.98, 0.30), trial_summary("b", 0.01, 0.98, 0.25)]
+    assert best_config(collect_trials(tied, "val_acc"), "val_acc")["trial"] == "b"
+    # A tie on both: the trial listed first in the sweep, whatever its name.
+    same = [trial_summary("z", 0.003, 0.98, 0.25), trial_summary("a", 0.01, 0.98, 0.25)]
+    assert best_config(collect_trials(same, "val_acc"), "val_acc")["trial"] == "z"
+    # Scored on the loss, a tie goes to the higher last-epoch accuracy.
+    by_loss = [
+        {**trial_summary("a", 0.003, 0.97, 0.2), "score": 0.2},
+        {**trial_summary("b", 0.01, 0.98, 0.2), "score": 0.2},
+    ]
+    assert best_config(collect_trials(by_loss, "val_loss"), "val_loss")["trial"] == "b"

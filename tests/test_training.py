@@ -66,17 +66,22 @@ def test_fit_writes_outputs_and_checkpoint_predicts(digits16, tmp_path, tiny_mod
     for column in ("train_loss", "val_loss", "val_acc", "lr"):
         assert history[column].notna().all(), column
     assert summary["best_score"] == pytest.approx(history["val_acc"].max())
+    # The score is the last epoch's (end of the schedule); the schedule as run is logged.
+    assert summary["score"] == pytest.approx(history["val_acc"].iloc[-1])
+    assert summary["batch_size"] == 32 and summary["steps_per_epoch"] == 18
+    assert summary["steps"] == 3 * 18 and summary["scheduled_epochs"] == 3
 
+    # The model kept is the last epoch's, whichever epoch validated best.
     state = torch.load(tmp_path / "model.ckpt", map_location="cpu", weights_only=True)
-    assert state["epoch"] == summary["best_epoch"]
+    assert state["epoch"] == summary["model_epoch"] == 2
     assert "optimizer_states" not in state
 
     proba = predict_proba(tmp_path / "model.ckpt", images[VAL_IDS], batch_size=33)
     assert proba.shape == (100, 10)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
-    # The saved model is the best epoch's: it reproduces that epoch's validation accuracy.
+    # The saved model is the last epoch's: it reproduces that epoch's validation accuracy.
     accuracy = (proba.argmax(axis=1) == labels[VAL_IDS]).mean()
-    assert accuracy == pytest.approx(summary["best_score"], abs=1e-6)
+    assert accuracy == pytest.approx(summary["score"], abs=1e-6)
     assert accuracy > 0.3  # chance is 0.1
     features = embed(tmp_path / "model.ckpt", images[:7])
     assert features.shape == (7, 16)
@@ -136,7 +141,7 @@ def test_ddp_on_two_cpu_processes(
     proba = predict_proba(tmp_path / "model.ckpt", images[VAL_IDS])
     accuracy = (proba.argmax(axis=1) == labels[VAL_IDS]).mean()
     # Validation is sharded over the ranks without padding: the synced metric is exact.
-    assert accuracy == pytest.approx(summary["best_score"], abs=1e-6)
+    assert accuracy == pytest.approx(summary["score"], abs=1e-6)
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -257,7 +262,8 @@ def test_fit_without_validation_trains_all_epochs_and_keeps_the_last(
     # The final model: the whole pool, a fixed number of epochs, no early stopping.
     train = {**train3, "max_epochs": 2, "early_stopping_patience": 3}
     summary = fit_on((images, labels), np.arange(500), [], tiny_model, train, tmp_path)
-    assert summary["epochs"] == 2 and summary["best_epoch"] == 1
+    assert summary["epochs"] == 2 and summary["model_epoch"] == 1
+    assert summary["best_epoch"] is None  # nothing validated, nothing picked
     assert summary["val_images"] == 0
     history = pd.read_csv(tmp_path / "history.csv")
     assert history["epoch"].tolist() == [0, 1]
