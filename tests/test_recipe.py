@@ -126,7 +126,7 @@ def test_final_models_epochs_equal_the_schedules(tmp_path, monkeypatch, tiny_mod
     monkeypatch.chdir(tmp_path)  # resume state and TensorBoard runs go under the cwd
     model = {**tiny_model, "name": "smallcnn"}
     trial_job.params["model"] = final_job.params["model"] = model
-    monkeypatch.setattr(experiment, "record_test_metrics", lambda job, path: {})
+    monkeypatch.setattr(experiment, "record_test_metrics", lambda job, path, *factory: {})
     trial = experiment.run_sweep_trial(trial_job)
     best = best_config(collect_trials([trial], "val_acc"), "val_acc")
     (tmp_path / "best.yaml").write_text(json.dumps(best))

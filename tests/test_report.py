@@ -135,8 +135,10 @@ def write_fake_results(
         write_history(r / "cv" / f"fold-{k}" / "history.csv", 2, seed=10 + k, validated=False)
     (r / "train" / "final").mkdir(parents=True)
     write_history(r / "train" / "final" / "history.csv", 2, seed=20, validated=not sweep)
-    final_summary = {"best_epoch": 1, "epochs": 2, "stopped_early": False}
-    (r / "train" / "final" / "summary.json").write_text(json.dumps(final_summary))
+    # write_history wrote the schedule's fields; the final model's summary adds how it ended.
+    final_path = r / "train" / "final" / "summary.json"
+    final_summary = {**json.loads(final_path.read_text()), "best_epoch": 1, "stopped_early": False}
+    final_path.write_text(json.dumps(final_summary))
     folds = pd.DataFrame(
         {
             "fold": [0, 1, 2],
