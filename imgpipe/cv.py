@@ -39,8 +39,8 @@ def effective_k(labels: pd.Series, k: int, adapt_k: bool, groups: pd.Series | No
     )
     if not adapt_k:
         raise DataError(
-            f"cv.k={k} is larger than the independent training images (near-duplicate groups) "
-            f"of class(es) {short}; lower cv.k or set cv.adapt_k: true"
+            f"cv.k={k} is larger than the training images of class(es) {short}, counted in "
+            "near-duplicate groups (a fold holds whole groups); lower cv.k or set cv.adapt_k: true"
         )
     if smallest < 2:
         raise DataError(

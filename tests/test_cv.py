@@ -74,7 +74,9 @@ def test_planted_label_errors_rank_first():
 def test_k_counts_near_duplicate_groups_not_images():
     # Two classes of 10 images, each class in 2 near-duplicate groups: 4 groups for k=5.
     table = pool(n_per_class=10, classes=("a", "b"), group_size=5)
-    with pytest.raises(DataError, match=r"cv.k=5.*near-duplicate groups.*'a' \(2 groups of 10"):
+    with pytest.raises(
+        DataError, match=r"cv.k=5.*'a' \(2 groups of 10 images\).*near-duplicate groups"
+    ):
         assign_folds(table, 5, adapt_k=False, seed=0)
     # Adapted, k drops to the groups of the smallest class (scikit-learn crashed here before).
     folds = assign_folds(table, 5, adapt_k=True, seed=0)
