@@ -78,25 +78,33 @@ def assign_folds(pool: pd.DataFrame, k: int, adapt_k: bool, seed: int) -> pd.Dat
     if candidates.empty:
         raise DataError("cross-validation needs a class with at least two independent images")
     k_used = effective_k(candidates["label"], k, adapt_k, candidates["group"])
-    splitter = StratifiedGroupKFold(n_splits=k_used, shuffle=True, random_state=seed)
     positions = np.flatnonzero(eligible)
+    for fold, held_out in enumerate(held_out_folds(candidates, k_used, seed)):
+        folds[positions[held_out]] = fold
+    return pd.DataFrame({"id": pool["id"].to_numpy(), "fold": folds})
+
+
+def held_out_folds(candidates: pd.DataFrame, k: int, seed: int) -> list[np.ndarray]:
+    """Row positions held out by each fold of StratifiedGroupKFold(k) that holds any: fold 0..n-1.
+
+    StratifiedGroupKFold can leave a fold empty (its greedy placement breaks
+    near-ties by float rounding). Skipping it numbers the folds that hold
+    images 0..n-1, so the fold jobs 0..n-1 each score images, the jobs n..k-1
+    are skipped (``folds_used``), and every image is scored once.
+    """
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     split = splitter.split(candidates, candidates["label"], candidates["group"])
-    # StratifiedGroupKFold can leave a fold empty (its greedy placement breaks
-    # near-ties by float rounding): number the folds that hold images 0..n-1,
-    # so the fold jobs 0..n-1 each score images and every image is scored once.
     held_outs = [held_out for _, held_out in split if len(held_out)]
-    if len(held_outs) < k_used:
+    if len(held_outs) < k:
         log.warning(
             "cv: %d of the %d folds came out empty; using %d folds",
-            k_used - len(held_outs),
-            k_used,
+            k - len(held_outs),
+            k,
             len(held_outs),
         )
     if len(held_outs) < 2:
         raise DataError("cross-validation needs at least 2 non-empty folds; lower cv.k")
-    for fold, held_out in enumerate(held_outs):
-        folds[positions[held_out]] = fold
-    return pd.DataFrame({"id": pool["id"].to_numpy(), "fold": folds})
+    return held_outs
 
 
 def folds_used(folds: pd.DataFrame) -> int:
