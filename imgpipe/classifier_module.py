@@ -208,11 +208,16 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """val_loss (plain cross entropy, mean over images) and val_acc, over every rank's images."""
+        """val_loss (plain cross entropy, mean over images) and val_acc, over every rank's images.
+
+        A rank without validation images gets one empty batch (IndexBatches):
+        it adds nothing to the sums but still logs, so it joins their sync.
+        """
         x, y = batch
-        logits = self(x).float()
-        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
-        self.val_acc.update(logits.argmax(dim=1), y)
+        if len(y):
+            logits = self(x).float()
+            self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+            self.val_acc.update(logits.argmax(dim=1), y)
         self.log("val_loss", self.val_loss, on_step=False, on_epoch=True)
         self.log("val_acc", self.val_acc, on_step=False, on_epoch=True)
 

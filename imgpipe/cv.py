@@ -16,25 +16,38 @@ from imgpipe.stage import StageJob
 log = logging.getLogger(__name__)
 
 
-def effective_k(labels: pd.Series, k: int, adapt_k: bool) -> int:
+def effective_k(labels: pd.Series, k: int, adapt_k: bool, groups: pd.Series | None = None) -> int:
     """The number of folds to use: ``k``, or the largest that works when ``adapt_k``.
 
-    Stratified folds need every class to have at least k images; otherwise stop
-    with a message naming the classes (or lower k when ``adapt_k``).
+    A fold holds whole near-duplicate groups, so stratified folds need every
+    class to span at least k independent groups (``groups``; each image its own
+    group when None); otherwise stop with a message naming the classes (or
+    lower k when ``adapt_k``).
     """
-    counts = labels.value_counts()
+    groups = pd.Series(np.arange(len(labels)), index=labels.index) if groups is None else groups
+    table = pd.DataFrame({"label": labels.to_numpy(), "group": groups.to_numpy()})
+    counts = table.groupby("label", sort=True)["group"].nunique()
+    images = table["label"].value_counts()
     smallest = int(counts.min())
     if smallest >= k:
         return k
-    short = ", ".join(f"{name!r} ({count})" for name, count in counts[counts < k].items())
+    short = ", ".join(
+        f"{name!r} ({count})"
+        if count == images[name]
+        else f"{name!r} ({count} groups of {images[name]} images)"
+        for name, count in counts[counts < k].items()
+    )
     if not adapt_k:
         raise DataError(
-            f"cv.k={k} is larger than the training images of class(es) {short}; "
-            "lower cv.k or set cv.adapt_k: true"
+            f"cv.k={k} is larger than the training images of class(es) {short}, counted in "
+            "near-duplicate groups (a fold holds whole groups); lower cv.k or set cv.adapt_k: true"
         )
     if smallest < 2:
-        raise DataError(f"cross-validation needs at least 2 images per class; {short} has fewer")
-    log.warning("cv.k lowered from %d to %d: class(es) %s are smaller", k, smallest, short)
+        raise DataError(
+            "cross-validation needs at least 2 independent images (near-duplicate groups) "
+            f"per class; {short} has fewer"
+        )
+    log.warning("cv.k lowered from %d to %d: class(es) %s have fewer groups", k, smallest, short)
     return smallest
 
 
@@ -64,13 +77,34 @@ def assign_folds(pool: pd.DataFrame, k: int, adapt_k: bool, seed: int) -> pd.Dat
     candidates = pool[eligible]
     if candidates.empty:
         raise DataError("cross-validation needs a class with at least two independent images")
-    k_used = effective_k(candidates["label"], k, adapt_k)
-    splitter = StratifiedGroupKFold(n_splits=k_used, shuffle=True, random_state=seed)
+    k_used = effective_k(candidates["label"], k, adapt_k, candidates["group"])
     positions = np.flatnonzero(eligible)
-    split = splitter.split(candidates, candidates["label"], candidates["group"])
-    for fold, (_, held_out) in enumerate(split):
+    for fold, held_out in enumerate(held_out_folds(candidates, k_used, seed)):
         folds[positions[held_out]] = fold
     return pd.DataFrame({"id": pool["id"].to_numpy(), "fold": folds})
+
+
+def held_out_folds(candidates: pd.DataFrame, k: int, seed: int) -> list[np.ndarray]:
+    """Row positions held out by each fold of StratifiedGroupKFold(k) that holds any: fold 0..n-1.
+
+    StratifiedGroupKFold can leave a fold empty (its greedy placement breaks
+    near-ties by float rounding). Skipping it numbers the folds that hold
+    images 0..n-1, so the fold jobs 0..n-1 each score images, the jobs n..k-1
+    are skipped (``folds_used``), and every image is scored once.
+    """
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    split = splitter.split(candidates, candidates["label"], candidates["group"])
+    held_outs = [held_out for _, held_out in split if len(held_out)]
+    if len(held_outs) < k:
+        log.warning(
+            "cv: %d of the %d folds came out empty; using %d folds",
+            k - len(held_outs),
+            k,
+            len(held_outs),
+        )
+    if len(held_outs) < 2:
+        raise DataError("cross-validation needs at least 2 non-empty folds; lower cv.k")
+    return held_outs
 
 
 def folds_used(folds: pd.DataFrame) -> int:

@@ -9,13 +9,14 @@ state, and whether it trains here or starts srun ranks (imgpipe.launch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,9 @@ def sized_on_pool(train_cfg: dict, job: StageJob) -> dict:
     return sized_schedule(train_cfg, pool_size(job.input["split"]))
 
 
-def image_settings(data: TrainingData, job: StageJob) -> dict[str, Any]:
-    """The image settings the arrays were made with (size and mode as ingested)."""
+def image_settings(data: TrainingData, fit: str) -> dict[str, Any]:
+    """The image settings the arrays were made with (size and mode as ingested, ``image.fit``)."""
     size, channels = int(data.images.shape[1]), int(data.images.shape[3])
-    fit = job.config.get("image", {}).get("fit", "pad")
     return {"size": size, "mode": "rgb" if channels == 3 else "gray", "fit": fit}
 
 
@@ -179,48 +179,123 @@ def job_devices(gpu_resource: int, train_cfg: Mapping) -> tuple[int, bool]:
 # ----------------------------------------------------------------------------- training
 
 
-def run_training(
-    data: TrainingData,
-    train_ids: np.ndarray,
-    val_ids: np.ndarray,
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training run as fit needs it, besides the images, the ids and the devices.
+
+    Built once per job (:func:`training_run`) and handed to the local path
+    (:func:`run_training`) and, as JSON in the job file, to every srun rank
+    (``imgpipe.launch``); both train through :func:`fit_run`, so what the model
+    file records (class names, image settings, augmentation) cannot drift
+    between them.
+    """
+
+    model: dict
+    train: dict
+    augment: dict
+    image_fit: str
+    out_dir: str
+    resume_dir: str
+    tensorboard_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> TrainingRun:
+        """The run :meth:`to_dict` wrote; ValueError naming what is missing or unknown."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing, unknown = required - set(fields), set(fields) - names
+        if missing or unknown:
+            raise ValueError(f"training run: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        return cls(**fields)
+
+    def absolute(self) -> TrainingRun:
+        """The same run with absolute folders (srun ranks may start elsewhere)."""
+        return dataclasses.replace(
+            self,
+            out_dir=str(Path(self.out_dir).resolve()),
+            resume_dir=str(Path(self.resume_dir).resolve()),
+            tensorboard_dir=(
+                str(Path(self.tensorboard_dir).resolve()) if self.tensorboard_dir else None
+            ),
+        )
+
+
+def training_run(
+    job: StageJob,
     model_cfg: Mapping,
     train_cfg: Mapping,
     out_dir: str | os.PathLike,
-    job: StageJob,
     key: str,
     tensorboard_dir: str | os.PathLike | None = None,
-) -> dict:
-    """Train one model on ``train_ids`` (validating on ``val_ids``) with resume and GPU claiming.
+) -> TrainingRun:
+    """The description of a job's training run: its sections, image settings and folders.
 
     The resume state lives under ``.imgpipe/resume/<key>``, ``key`` naming the
     job's config, code and inputs, so a rerun after a kill continues from the
     last checkpoint while a changed job never resumes a stale one.
     ``tensorboard_dir``: the job's TensorBoard run (``tensorboard_dir_for``).
     """
+    from imgpipe.atomic import plain
+
+    return TrainingRun(
+        model=plain(model_cfg),
+        train=plain(train_cfg),
+        augment=plain(job.params.get("augment") or {}),
+        image_fit=str((job.config.get("image") or {}).get("fit", "pad")),
+        out_dir=str(out_dir),
+        resume_dir=str(resume_dir_for(key)),
+        tensorboard_dir=str(tensorboard_dir) if tensorboard_dir is not None else None,
+    )
+
+
+def fit_run(
+    run: TrainingRun,
+    data: TrainingData,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    devices: int | None = None,
+) -> dict:
+    """Train ``run`` on ``data``: the one call of ``fit`` of the local and the srun path."""
     from imgpipe.dataset import class_names
-    from imgpipe.gpus import claim_devices
     from imgpipe.training import fit
 
-    devices, on_gpu = job_devices(job.resources.get("gpu", 0), train_cfg)
+    return fit(
+        data.images,
+        data.labels,
+        train_ids,
+        val_ids,
+        data.aug_images,
+        data.aug_sources,
+        run.model,
+        run.train,
+        run.out_dir,
+        devices=devices,
+        resume_dir=run.resume_dir,
+        augment_cfg=run.augment,
+        class_names=class_names(data.index),
+        image_cfg=image_settings(data, run.image_fit),
+        tensorboard_dir=run.tensorboard_dir,
+    )
+
+
+def run_training(
+    data: TrainingData,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    run: TrainingRun,
+    job: StageJob,
+) -> dict:
+    """Train ``run`` on this machine (validating on ``val_ids``), holding the job's GPUs meanwhile."""
+    from imgpipe.gpus import claim_devices
+
+    devices, on_gpu = job_devices(job.resources.get("gpu", 0), run.train)
     claim = claim_devices(devices) if on_gpu else contextlib.nullcontext()
     with claim:
-        return fit(
-            data.images,
-            data.labels,
-            train_ids,
-            val_ids,
-            data.aug_images,
-            data.aug_sources,
-            model_cfg,
-            train_cfg,
-            out_dir,
-            devices=devices,
-            resume_dir=resume_dir_for(key),
-            augment_cfg=job.params.get("augment"),
-            class_names=class_names(data.index),
-            image_cfg=image_settings(data, job),
-            tensorboard_dir=tensorboard_dir,
-        )
+        return fit_run(run, data, train_ids, val_ids, devices=devices)
 
 
 def data_inputs(inputs: Mapping[str, Any]) -> dict[str, str]:
@@ -241,17 +316,8 @@ def run_sweep_trial(job: StageJob) -> dict:
     data = load_training_data(job.input)
     out_dir = Path(job.output["summary"]).parent
     key = resume_key("sweep", job, model_cfg, train_cfg, str(out_dir), name=f"sweep-{trial}")
-    result = run_training(
-        data,
-        data.ids("train"),
-        data.ids("val"),
-        model_cfg,
-        train_cfg,
-        out_dir,
-        job,
-        key,
-        tensorboard_dir=tensorboard_dir_for("sweep", trial),
-    )
+    run = training_run(job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("sweep", trial))
+    result = run_training(data, data.ids("train"), data.ids("val"), run, job)
     summary = {**result, "trial": trial, "overrides": overrides}
     write_json(summary, job.output["summary"])
     return summary
@@ -318,17 +384,10 @@ def run_cv_fold(job: StageJob) -> dict:
     )
     out_dir = Path(summary_path).parent
     key = resume_key("cv", job, fold, model_cfg, train_cfg, best, name=f"cv-fold-{fold}")
-    result = run_training(
-        data,
-        train_ids,
-        val_ids,
-        model_cfg,
-        train_cfg,
-        out_dir,
-        job,
-        key,
-        tensorboard_dir=tensorboard_dir_for("cv", f"fold-{fold}"),
+    run = training_run(
+        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("cv", f"fold-{fold}")
     )
+    result = run_training(data, train_ids, val_ids, run, job)
     # The fold's model was built from this config's model.name: its factory, if any, is trusted.
     probs = predict_proba(
         out_dir / "model.ckpt", data.images, ids=held_out, model_factory=model_cfg["name"]
@@ -377,25 +436,11 @@ def run_train_final(job: StageJob) -> dict:
     nodes, gpus = train_cfg["num_nodes"], train_cfg["gpus_per_node"]
     out_dir = Path(job.output["model"]).parent
     key = resume_key("final", job, model_cfg, train_cfg)
-    if should_launch(nodes, gpus):
-        # A SLURM job of nodes x gpus tasks: srun starts one rank per GPU (imgpipe.launch).
-        cpus = job.resources.get("cpus_per_gpu")
-        if isinstance(cpus, int) and cpus > 0:
-            train_cfg["threads"] = cpus  # each rank's share of the job's CPUs
-        launch = make_job(
-            data_inputs(job.input),
-            train_roles,
-            val_roles,
-            model_cfg,
-            train_cfg,
-            out_dir,
-            resume_dir_for(key),
-            job.params.get("augment"),
-        )
-        # For the ranks' fit (imgpipe.launch passes it on once it reads the key).
-        launch["tensorboard_dir"] = str(tensorboard_dir_for("final", "final").resolve())
-        summary = launch_ranks(launch, cpus_per_task=cpus or None, stdout=sys.stdout)
-    else:
+    launching = should_launch(nodes, gpus)
+    cpus = job.resources.get("cpus_per_gpu")
+    if launching and isinstance(cpus, int) and cpus > 0:
+        train_cfg["threads"] = cpus  # each rank's share of the job's CPUs
+    if not launching:
         if nodes > 1:
             log.warning(
                 "train.num_nodes is %d but this is no SLURM job: training on this "
@@ -403,18 +448,17 @@ def run_train_final(job: StageJob) -> dict:
                 nodes,
             )
         train_cfg["num_nodes"] = 1
+    # The one description of this run, for the srun ranks and the local fit alike.
+    run = training_run(
+        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("final", "final")
+    )
+    if launching:
+        # A SLURM job of nodes x gpus tasks: srun starts one rank per GPU (imgpipe.launch).
+        launch = make_job(data_inputs(job.input), train_roles, val_roles, run)
+        summary = launch_ranks(launch, cpus_per_task=cpus or None, stdout=sys.stdout)
+    else:
         data = load_training_data(job.input)
-        summary = run_training(
-            data,
-            data.ids(*train_roles),
-            data.ids(*val_roles),
-            model_cfg,
-            train_cfg,
-            out_dir,
-            job,
-            key,
-            tensorboard_dir=tensorboard_dir_for("final", "final"),
-        )
+        summary = run_training(data, data.ids(*train_roles), data.ids(*val_roles), run, job)
     record_test_metrics(job, out_dir / "model.ckpt", model_cfg["name"])
     log.info(
         "final model: %d epochs, %d steps of batch %d, %.0f images/s on %d %s device(s)",

@@ -174,13 +174,26 @@ class IndexBatches(Sampler):
             order = torch.cat([order, order[: total - self.n]])
         return order[self.rank :: self.world_size]
 
+    def idle_rank(self) -> bool:
+        """An evaluation rank left without images (fewer images than ranks): it yields one empty batch.
+
+        Lightning refuses a rank whose loader has no batch, and every rank must
+        join the epoch's metric sync; the empty batch adds nothing to the sums.
+        """
+        return not self.shuffle and 0 < self.n <= self.rank
+
     def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.idle_rank():
+            yield torch.zeros(0, dtype=torch.int64)
+            return
         indices = self._indices()
         stop = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
         for start in range(0, stop, self.batch_size):
             yield indices[start : start + self.batch_size]
 
     def __len__(self) -> int:
+        if self.idle_rank():
+            return 1
         per_rank = (
             math.ceil(self.n / self.world_size)
             if self.shuffle

@@ -2,13 +2,16 @@
 
 A ``train_final`` job that asks SLURM for ``num_nodes`` x ``gpus_per_node``
 GPUs (one task per GPU) runs its script once, on the first node. The script
-writes the job description (inputs, split roles, configs, output folder,
-resume key) to a JSON file and starts the ranks with :func:`srun_command`::
+writes the job description (inputs, split roles, and the run's
+``imgpipe.experiment.TrainingRun``: configs, image settings, output, resume
+and TensorBoard folders) to a JSON file and starts the ranks with
+:func:`srun_command`::
 
     srun --nodes=N --ntasks-per-node=G --kill-on-bad-exit=1 python -m imgpipe.launch job.json
 
-Each rank (``python -m imgpipe.launch job.json``) loads the data and calls
-``imgpipe.training.fit`` with ``devices=G`` and ``num_nodes=N``; Lightning's
+Each rank (``python -m imgpipe.launch job.json``) loads the data and trains
+the run through ``imgpipe.experiment.fit_run`` (the local path's own call of
+``imgpipe.training.fit``) with ``devices=G`` and ``num_nodes=N``; Lightning's
 SLURMEnvironment reads the rank from ``SLURM_PROCID`` / ``SLURM_LOCALID`` /
 ``SLURM_NODEID`` and rank 0 writes the outputs. srun's flags are explicit
 because Snakemake's job step strips the allocation's SLURM_* variables
@@ -25,7 +28,10 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imgpipe.experiment import TrainingRun
 
 log = logging.getLogger("imgpipe")
 
@@ -84,22 +90,14 @@ def make_job(
     inputs: Mapping[str, str],
     train_roles: Sequence[str],
     val_roles: Sequence[str],
-    model_cfg: Mapping,
-    train_cfg: Mapping,
-    out_dir: str | os.PathLike,
-    resume_dir: str | os.PathLike,
-    augment_cfg: Mapping | None = None,
+    run: TrainingRun,
 ) -> dict[str, Any]:
-    """The job description every rank reads (absolute paths: ranks may start elsewhere)."""
+    """The job description every rank reads: the data, its roles and the run (absolute paths)."""
     return {
         "inputs": {key: str(Path(path).resolve()) for key, path in inputs.items()},
         "train_roles": list(train_roles),
         "val_roles": list(val_roles),
-        "model": dict(model_cfg),
-        "train": dict(train_cfg),
-        "augment": dict(augment_cfg or {}),
-        "out_dir": str(Path(out_dir).resolve()),
-        "resume_dir": str(Path(resume_dir).resolve()),
+        "run": run.absolute().to_dict(),
     }
 
 
@@ -113,11 +111,16 @@ def write_job(job: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def read_job(path: str | os.PathLike) -> dict[str, Any]:
     """Read a job description written by :func:`write_job`."""
+    from imgpipe.experiment import TrainingRun
+
     job = json.loads(Path(path).read_text(encoding="utf-8"))
-    missing = {"inputs", "train_roles", "val_roles", "model", "train", "out_dir", "resume_dir"}
-    missing -= set(job)
+    missing = {"inputs", "train_roles", "val_roles", "run"} - set(job)
     if missing:
         raise ValueError(f"{path}: job description lacks {sorted(missing)}")
+    try:
+        TrainingRun.from_dict(job["run"])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return job
 
 
@@ -131,9 +134,9 @@ def launch_ranks(
     ``stdout`` receives every rank's output (each line prefixed with its rank).
     The job file is removed after a successful run and kept after a failure.
     """
-    train_cfg = job["train"]
+    train_cfg = job["run"]["train"]
     nodes, gpus = int(train_cfg["num_nodes"]), int(train_cfg["gpus_per_node"])
-    out_dir = Path(job["out_dir"])
+    out_dir = Path(job["run"]["out_dir"])
     job_path = write_job(job, out_dir / JOB_FILE)
     cmd = srun_command(job_path, nodes, gpus, cpus_per_task)
     log.info("starting %d rank(s) on %d node(s): %s", nodes * gpus, nodes, " ".join(cmd))
@@ -149,9 +152,9 @@ def launch_ranks(
 
 def run_rank(job: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dict:
     """Train as the rank SLURM made this process; rank 0 writes the outputs and gets the summary."""
-    from imgpipe.experiment import load_training_data
-    from imgpipe.training import fit
+    from imgpipe.experiment import TrainingRun, fit_run, load_training_data
 
+    run = TrainingRun.from_dict(job["run"])
     data = load_training_data(job["inputs"])
     devices = tasks_per_node(env)
     log.info(
@@ -162,20 +165,8 @@ def run_rank(job: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dic
         env.get("SLURM_LOCALID"),
         devices,
     )
-    return fit(
-        data.images,
-        data.labels,
-        data.ids(*job["train_roles"]),
-        data.ids(*job["val_roles"]),
-        data.aug_images,
-        data.aug_sources,
-        job["model"],
-        job["train"],
-        job["out_dir"],
-        devices=devices,
-        resume_dir=job["resume_dir"],
-        augment_cfg=job.get("augment"),
-        tensorboard_dir=job.get("tensorboard_dir"),
+    return fit_run(
+        run, data, data.ids(*job["train_roles"]), data.ids(*job["val_roles"]), devices=devices
     )
 
 

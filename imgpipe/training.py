@@ -17,8 +17,9 @@ and from Snakemake alike. Its one condition: CUDA must not be initialised in
 the parent, so ``fit`` only asks NVML about GPUs (Lightning sets
 PYTORCH_NVML_BASED_CUDA_CHECK) and nvidia-smi about bf16. A caller that did
 use CUDA before ``fit`` gets "ddp_spawn", which needs its main module guarded
-by ``if __name__ == "__main__":``. Under SLURM with several tasks, srun has
-already started one process per rank and plain "ddp" attaches to them.
+by ``if __name__ == "__main__":``. In the ranks imgpipe.launch starts with
+srun, srun has already started one process per rank and plain "ddp" attaches
+to them; any other process (one-process fits included) ignores SLURM's tasks.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import channel_stats
 from imgpipe.errors import DataError
 from imgpipe.image_datamodule import ImageDataModule, Images
+from imgpipe.launch import LAUNCHED_VAR
 from imgpipe.modelfile import METADATA_KEY, model_metadata
 from imgpipe.models import BackboneFreeze, normalisation, parse_freeze
 from imgpipe.progress import TrainingProgress
@@ -117,10 +119,25 @@ def resolve_precision(setting: str, on_gpu: bool) -> str:
     return "bf16-mixed" if on_gpu and gpu_supports_bf16() else "32-true"
 
 
+def started_by_srun(world_size: int) -> bool:
+    """True in a rank that imgpipe.launch started with srun: SLURM has wired the ``world_size`` ranks.
+
+    Only such a rank attaches to SLURM's tasks. Any other process trains as
+    the processes it starts itself, even inside a SLURM allocation of several
+    tasks (a local executor's job, a one-process fit).
+    """
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    return (
+        world_size > 1
+        and slurm_tasks > 1
+        and bool(os.environ.get(LAUNCHED_VAR))
+        and SLURMEnvironment.detect()
+    )
+
+
 def choose_strategy(world_size: int, on_gpu: bool) -> str:
     """Strategy name for this many processes (see the module docstring for why fork)."""
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-    if SLURMEnvironment.detect() and slurm_tasks > 1:
+    if started_by_srun(world_size):
         return "ddp"
     if world_size <= 1:
         return "auto"
@@ -141,17 +158,19 @@ def trainer_strategy(plan: RunPlan, train_cfg: Mapping) -> str:
 
 
 def trainer_plugins(strategy: str) -> list:
-    """Atomic checkpoint writes; and when we start the ranks ourselves, a plain local environment.
+    """Atomic checkpoint writes; and unless srun started the ranks, a plain local environment.
 
-    Inside a one-task SLURM job holding several GPUs, Lightning would otherwise
-    detect SLURM, expect srun to have started one task per device, and refuse.
+    Inside a SLURM allocation Lightning would otherwise detect SLURM and expect
+    srun to have started one task per device: a one-task job holding several
+    GPUs, or a one-process fit inside a multi-task allocation (``--ntasks=2``),
+    would be refused.
     """
     plugins: list = [AtomicCheckpointIO()]
-    if strategy in ("ddp_fork", "ddp_spawn"):
-        plugins.append(LightningEnvironment())
-    elif strategy == "ddp" and SLURMEnvironment.detect():
+    if strategy == "ddp" and SLURMEnvironment.detect():
         # Ranks started by srun (imgpipe.launch); Snakemake resubmits failed jobs, not Lightning.
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    else:
+        plugins.append(LightningEnvironment())
     return plugins
 
 
@@ -373,6 +392,33 @@ def monitor_mode(train_cfg: Mapping) -> tuple[str, str]:
     return monitor, "max" if monitor.endswith("acc") else "min"
 
 
+def checkpoint_callbacks(folder: Path, monitor: str, mode: str, validate: bool) -> list[Callback]:
+    """best.ckpt (the best epoch, when validating) and last.ckpt, rewritten after every epoch.
+
+    Lightning's ``save_last=True`` rewrites last.ckpt only when the same
+    callback saved a top-k checkpoint at that step, i.e. when best.ckpt
+    improved: a run killed after epochs that did not improve would resume from
+    its last improving epoch. A second callback without a monitor keeps its
+    one checkpoint, named ``last``, at the latest epoch instead. It comes after
+    the best one, so last.ckpt holds the best callback's updated state. Without
+    validation the last epoch is the model and last.ckpt is all there is.
+    """
+    latest = ModelCheckpoint(
+        dirpath=folder, filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
+    if not validate:
+        return [latest]
+    best = ModelCheckpoint(
+        dirpath=folder,
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    return [best, latest]
+
+
 def make_trainer(
     train_cfg: Mapping,
     plan: RunPlan,
@@ -392,17 +438,8 @@ def make_trainer(
     pool for a fixed number of epochs) the last epoch is the model.
     """
     monitor, mode = monitor_mode(train_cfg)
-    checkpoint = ModelCheckpoint(
-        dirpath=state_dir / "checkpoints",
-        filename="best",
-        monitor=monitor if validate else None,
-        mode=mode,
-        save_top_k=1,
-        save_last=True,
-        enable_version_counter=False,
-    )
     callbacks: list[Callback] = [
-        checkpoint,
+        *checkpoint_callbacks(state_dir / "checkpoints", monitor, mode, validate),
         LearningRateMonitor(logging_interval="epoch"),
         TrainingProgress(state_dir / "run-stats.json", plan.rank_threads),
     ]

@@ -4,7 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgpipe.cv import assign_folds, effective_k, summarise_folds, suspect_labels
+from imgpipe.cv import (
+    assign_folds,
+    effective_k,
+    folds_used,
+    held_out_folds,
+    summarise_folds,
+    suspect_labels,
+)
 from imgpipe.errors import DataError
 
 
@@ -69,3 +76,41 @@ def test_planted_label_errors_rank_first():
     first = table.iloc[0]
     assert first["suggested_label"] == ["x", "y", "z"][truth[first["row"]]]
     assert (table["score"].diff().dropna() >= 0).all()
+
+
+def test_k_counts_near_duplicate_groups_not_images():
+    # Two classes of 10 images, each class in 2 near-duplicate groups: 4 groups for k=5.
+    table = pool(n_per_class=10, classes=("a", "b"), group_size=5)
+    with pytest.raises(
+        DataError, match=r"cv.k=5.*'a' \(2 groups of 10 images\).*near-duplicate groups"
+    ):
+        assign_folds(table, 5, adapt_k=False, seed=0)
+    # Adapted, k drops to the groups of the smallest class (scikit-learn crashed here before).
+    folds = assign_folds(table, 5, adapt_k=True, seed=0)
+    assert sorted(folds["fold"].unique()) == [0, 1]
+    merged = table.merge(folds, on="id")
+    assert (merged.groupby("group")["fold"].nunique() == 1).all()
+
+
+# Found by a seeded random search: StratifiedGroupKFold(5, shuffle, random_state=29)
+# leaves fold 1 of these 11 images in 5 groups empty (held out: 1, 0, 5, 3, 2).
+EMPTY_FOLD_LABELS = [1, 0, 1, 1, 2, 2, 2, 1, 2, 3, 1]
+EMPTY_FOLD_GROUPS = [0, 1, 1, 2, 3, 0, 0, 1, 0, 4, 0]
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")
+def test_an_empty_fold_is_dropped_and_every_image_is_scored():
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    table = pd.DataFrame({"label": EMPTY_FOLD_LABELS, "group": EMPTY_FOLD_GROUPS})
+    splitter = StratifiedGroupKFold(5, shuffle=True, random_state=29)
+    raw = [len(held) for _, held in splitter.split(table, table["label"], table["group"])]
+    assert raw == [1, 0, 5, 3, 2]  # the empty fold is real
+    held_outs = held_out_folds(table, 5, seed=29)
+    # Numbered 0..3 with their images: fold jobs 0..3 each score images, job 4 is skipped.
+    assert [len(held) for held in held_outs] == [1, 5, 3, 2]
+    assert sorted(np.concatenate(held_outs).tolist()) == list(range(len(table)))
+    folds = pd.DataFrame({"id": range(len(table)), "fold": -1})
+    for fold, held in enumerate(held_outs):
+        folds.loc[held, "fold"] = fold
+    assert folds_used(folds) == 4 and sorted(folds["fold"].unique()) == [0, 1, 2, 3]

@@ -91,8 +91,8 @@ def test_cv_fold_never_looks_at_its_held_out_images(tmp_path, monkeypatch, with_
     job, index, folds = fold_job(tmp_path, best)
     seen = {}
 
-    def fake_training(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, job, key, **kw):
-        seen.update(train=train_ids, val=val_ids, cfg=train_cfg)
+    def fake_training(data, train_ids, val_ids, run, job):
+        seen.update(train=train_ids, val=val_ids, cfg=run.train)
         raise RuntimeError("stop after planning")
 
     monkeypatch.setattr(experiment, "run_training", fake_training)
@@ -255,12 +255,58 @@ def test_exact_val_metrics_under_ddp_with_uneven_shards(
     assert summary["best_score"] == 1.0
 
 
+def test_exact_val_metrics_under_ddp_with_wrong_predictions_on_uneven_shards(
+    tmp_path, tiny_model, tiny_train, monkeypatch
+):
+    from imgpipe import training
+
+    images = np.zeros((15, 8, 8, 1), np.uint8)
+    labels = np.array([0, 1] * 5 + [0, 0, 0, 0, 1])
+    images[labels == 1] = 255
+    # Validation ids 10..14 are predicted 1, 0, 1, 0, 1 (brightness) and labelled 0, 0, 0, 0, 1.
+    images[[10, 12]] = 255
+    monkeypatch.setattr(training, "ImageClassifier", PerfectClassifier)
+    cfg = {**tiny_train, "max_epochs": 1, "batch_size": 4, "threads": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_on(
+            (images, labels), np.arange(10), np.arange(10, 15), tiny_model, cfg, tmp_path, devices=2
+        )
+    # Rank 0 holds ids 10, 12, 14 (1 of 3 right), rank 1 ids 11, 13 (2 of 2 right): 3 of 5
+    # overall, where a mean of the ranks' (or of the batches') accuracies gives 2/3.
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["val_acc"].tolist() == [pytest.approx(0.6, abs=1e-7)]
+    # Cross entropy with logits 10 / 0: ~0 when right, ~10 when wrong: 2 x 10 / 5 images.
+    assert history["val_loss"].iloc[0] == pytest.approx(4.0, abs=1e-3)
+
+
 # ----------------------------------------------------------------------------- 10. channels_last
+
+
+def telling_weights(model):
+    """Conv weights whose layout shows: more than one input channel and a kernel above 1x1.
+
+    (A weight with one input channel, like the first conv of a grey model, is
+    contiguous in both layouts at once.)
+    """
+    weights = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[2:] != (1, 1)
+    ]
+    assert weights, "no conv weight tells the layouts apart"
+    return weights
+
+
+def channels_last(weight):
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
 def test_channels_last_is_set_before_ddp_wraps_the_model(
     tmp_path, tiny_model, tiny_train, digits16, monkeypatch, capfd
 ):
+    from pytorch_lightning.strategies import DDPStrategy
+
     from imgpipe import training
 
     class ChannelsLast(ImageClassifier):
@@ -273,11 +319,21 @@ def test_channels_last_is_set_before_ddp_wraps_the_model(
         def on_train_start(self):
             wrapped = self.trainer.strategy.model
             assert type(wrapped).__name__ == "DistributedDataParallel"
-            conv = next(m for m in self.model.modules() if isinstance(m, torch.nn.Conv2d))
-            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+            assert all(map(channels_last, telling_weights(self.model)))
+
+    wrap = DDPStrategy._setup_model
+
+    def wrap_checked(strategy, model):
+        # The layout DDP sees when it wraps the model is the one its gradient buckets take.
+        assert all(map(channels_last, telling_weights(model))), (
+            "DDP wrapped weights that are not channels_last yet"
+        )
+        return wrap(strategy, model)
 
     images, labels = digits16
     monkeypatch.setattr(training, "ImageClassifier", ChannelsLast)
+    # Patched in the parent, inherited by the forked ranks.
+    monkeypatch.setattr(DDPStrategy, "_setup_model", wrap_checked)
     cfg = {**tiny_train, "max_epochs": 1, "threads": 2}
     fit_on(
         (images, labels), np.arange(200), np.arange(200, 260), tiny_model, cfg, tmp_path, devices=2

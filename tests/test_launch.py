@@ -10,22 +10,38 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from imgpipe.demo import digits_images
+from imgpipe.experiment import TrainingRun
 from imgpipe.launch import (
     JOB_FILE,
     LAUNCHED_VAR,
     launch_ranks,
     make_job,
     read_job,
+    run_rank,
     should_launch,
     srun_command,
     tasks_per_node,
     write_job,
 )
+from imgpipe.modelfile import METADATA_KEY
 from imgpipe.predict import predict_proba
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def a_run(model_cfg, train_cfg, out_dir, resume_dir, image_fit="pad") -> TrainingRun:
+    """A training run as experiment.training_run builds it for the final model."""
+    return TrainingRun(
+        model=model_cfg,
+        train=train_cfg,
+        augment={},
+        image_fit=image_fit,
+        out_dir=str(out_dir),
+        resume_dir=str(resume_dir),
+    )
 
 
 @pytest.fixture
@@ -164,12 +180,16 @@ def test_job_file_round_trip_with_absolute_paths(
     inputs, _, _ = digit_files
     monkeypatch.chdir(tmp_path)
     relative = {key: os.path.relpath(path, tmp_path) for key, path in inputs.items()}
-    job = make_job(relative, ["train"], ["val"], tiny_model, ddp_train, "out", "state")
+    job = make_job(relative, ["train"], ["val"], a_run(tiny_model, ddp_train, "out", "state"))
     path = write_job(job, tmp_path / "out" / JOB_FILE)
     assert read_job(path) == job
     assert all(Path(p).is_absolute() and Path(p).exists() for p in job["inputs"].values())
-    assert job["out_dir"] == str(tmp_path / "out")
+    assert job["run"]["out_dir"] == str(tmp_path / "out")
     assert [p.name for p in path.parent.iterdir()] == [JOB_FILE]  # no temporary file left
+    del job["run"]["image_fit"]
+    path.write_text(json.dumps(job))
+    with pytest.raises(ValueError, match="image_fit"):
+        read_job(path)
     del job["train_roles"]
     path.write_text(json.dumps(job))
     with pytest.raises(ValueError, match="train_roles"):
@@ -181,7 +201,7 @@ def test_failed_srun_raises_and_keeps_the_job_file(
 ):
     inputs, _, _ = digit_files
     monkeypatch.setenv("FAKE_SRUN_FAIL", "1")
-    job = make_job(inputs, ["train"], ["val"], tiny_model, ddp_train, tmp_path / "out", "s")
+    job = make_job(inputs, ["train"], ["val"], a_run(tiny_model, ddp_train, tmp_path / "out", "s"))
     with pytest.raises(RuntimeError, match="srun exited with 3"):
         launch_ranks(job)
     assert (tmp_path / "out" / JOB_FILE).is_file()
@@ -192,7 +212,8 @@ def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun, tiny_m
     """launch_ranks -> srun -> 2 x `python -m imgpipe.launch`: Lightning wires the ranks from SLURM_*."""
     inputs, images, labels = digit_files
     out_dir = tmp_path / "out"
-    job = make_job(inputs, ["train"], ["val"], tiny_model, ddp_train, out_dir, tmp_path / "state")
+    run = a_run(tiny_model, ddp_train, out_dir, tmp_path / "state")
+    job = make_job(inputs, ["train"], ["val"], run)
     log_path = tmp_path / "ranks.log"
     with open(log_path, "w") as log:
         summary = launch_ranks(job, cpus_per_task=1, stdout=log)
@@ -210,3 +231,24 @@ def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun, tiny_m
     proba = predict_proba(out_dir / "model.ckpt", images[240:])
     accuracy = (proba.argmax(axis=1) == labels[240:]).mean()
     assert accuracy == pytest.approx(summary["score"], abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_an_srun_rank_records_the_class_names_and_image_settings(
+    tmp_path, digit_files, tiny_model, tiny_train
+):
+    """run_rank in this process (one task, no srun): its model file names the classes as the data does."""
+    inputs, _, _ = digit_files
+    index = pd.read_csv(inputs["index"])
+    index["label"] = "digit-" + index["label"].astype(str)
+    index.to_csv(inputs["index"], index=False)
+    train = {**tiny_train, "max_epochs": 1, "num_nodes": 1, "gpus_per_node": 1}
+    run = a_run(tiny_model, train, tmp_path / "out", tmp_path / "state", image_fit="crop")
+    job = read_job(write_job(make_job(inputs, ["train"], ["val"], run), tmp_path / JOB_FILE))
+    summary = run_rank(job, env={"SLURM_NTASKS_PER_NODE": "1"})
+    assert summary["world_size"] == 1
+    state = torch.load(tmp_path / "out" / "model.ckpt", weights_only=True)
+    meta = state[METADATA_KEY]
+    # Without them fit saved classes "0".."9" and `fit: pad`, whatever the data and config said.
+    assert meta["class_names"] == [f"digit-{d}" for d in range(10)]
+    assert meta["image"] == {"size": 16, "mode": "gray", "fit": "crop"}
