@@ -197,7 +197,7 @@ def summarise_cv(
     """
     import json
 
-    from imgpipe.baselines import flat_baselines
+    from imgpipe.baseline_warning import flat_baselines
     from imgpipe.dataset import class_names, load_images, load_index
     from imgpipe.plots import image_grid
 

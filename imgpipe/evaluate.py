@@ -218,7 +218,7 @@ def warn_if_beaten(
     """Log (and show on the terminal) one line when the model does not beat its baselines; return it."""
     import json
 
-    from imgpipe.baselines import likely_causes, warning_line
+    from imgpipe.baseline_warning import likely_causes, warning_line
     from imgpipe.logs import TERMINAL
 
     history = pd.read_csv(history_csv) if os.path.getsize(history_csv) else None

@@ -345,7 +345,8 @@ def rule_factories(job: StageJob) -> tuple[str, ...]:
 
 def add_baselines(summary: dict[str, Any], truth: np.ndarray, metadata: Mapping) -> None:
     """Add ``baselines`` (and ``warning`` when the model does not beat them) to a labelled summary."""
-    from imgpipe.baselines import labelled_input_baselines, warning_line
+    from imgpipe.baseline_warning import warning_line
+    from imgpipe.baselines import labelled_input_baselines
 
     summary["baselines"] = labelled_input_baselines(truth, summary["class_names"], metadata)
     line = warning_line(summary["metrics"], summary["baselines"])

@@ -537,7 +537,7 @@ def _reason_counts(rejected: pd.DataFrame) -> dict[str, int]:
 
 
 def _test_headline(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
-    from imgpipe.baselines import flat_baselines, likely_causes, shortfalls, warning_line
+    from imgpipe.baseline_warning import flat_baselines, likely_causes, shortfalls, warning_line
 
     metrics = read_json(inputs, "test_metrics")
     if metrics is None:

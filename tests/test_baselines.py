@@ -17,15 +17,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from imgpipe import baselines, experiment
+from imgpipe.baseline_warning import likely_causes, warning_line
 from imgpipe.baselines import (
     SAMPLE_MAX,
     fit_plan,
     labelled_input_baselines,
-    likely_causes,
     linear_pixels_baseline,
     majority_baseline,
     stratified_sample,
-    warning_line,
 )
 from imgpipe.cv import summarise_cv
 
