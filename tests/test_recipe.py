@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -103,8 +104,9 @@ def test_trials_folds_and_final_model_share_one_whole_schedule(tmp_path, monkeyp
     trial_job, fold_job_, final_job = recipe_jobs(tmp_path)
     seen = {}
 
-    def fake_training(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, job, key, **kw):
-        seen[job.rule or key.split("-")[0]] = {"cfg": train_cfg, "val": len(val_ids)}
+    def fake_training(data, train_ids, val_ids, run, job):
+        kind = Path(run.tensorboard_dir).parent.name  # results/tensorboard/<kind>/<run>
+        seen[job.rule or kind] = {"cfg": run.train, "val": len(val_ids)}
         raise RuntimeError("planned")
 
     monkeypatch.setattr(experiment, "run_training", fake_training)
