@@ -28,9 +28,9 @@ from workflow_utils import (
 
 from imgpipe import image_settings
 from imgpipe.config import config_errors, load_schema
+from imgpipe.config_snapshot import write_config_snapshot
 from imgpipe.image_settings import has_colour, resolve_settings
 from imgpipe.imageio import HEADER_BYTES, read_file_header
-from imgpipe.report import write_config_snapshot
 
 SCHEMA = load_schema(REPO / "config" / "schema.yaml")
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from imgpipe import report
+from imgpipe import config_snapshot, report
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -754,7 +754,7 @@ def test_config_changes_read_as_before_and_after():
 def test_config_snapshot_round_trips(tmp_path):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     path = tmp_path / "config.yaml"
-    report.write_config_snapshot(config, path, ["config/config.yaml"])
+    config_snapshot.write_config_snapshot(config, path, ["config/config.yaml"])
     text = path.read_text()
     assert "# from: config/config.yaml" in text
     assert yaml.safe_load(text) == config
