@@ -343,9 +343,10 @@ def test_new_grid_value_schedules_only_the_new_trial(finished_copy):
     ("module", "expected"),
     [
         # Each rule's fingerprint covers the modules its script imports, transitively:
-        # config_snapshot and report both run imgpipe/report.py.
+        # config_snapshot has its own module: a report edit reruns the report alone.
         ("clean", AFTER_CLEAN + REPORT_ONLY),
-        ("report", REPORTING),
+        ("report", REPORT_ONLY),
+        ("config_snapshot", REPORTING),
         ("cluster", Counter({"cluster": 2}) + REPORT_ONLY),
         # Imported by the training jobs through imgpipe.experiment (a hand-kept list missed it).
         ("sweep", AFTER_SWEEP + REPORT_ONLY),
