@@ -4,9 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
+# pytest-xdist workers for make test (one test file, or the tests sharing one
+# session fixture, per worker: tests/conftest.py).
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format report tensorboard clean-results venv
+.PHONY: run test test-quick lint format report tensorboard clean-results venv
 
 venv: $(STAMP)
 
@@ -40,7 +43,11 @@ format: $(STAMP)
 	$(BIN)/snakefmt .
 
 test: $(STAMP) lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -ra --durations=15
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 clean-results:
 	rm -rf results logs benchmarks .snakemake/metadata
+
+# The quick loop: everything but the end-to-end workflow runs (marked slow).
+test-quick: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
