@@ -228,5 +228,5 @@ def warn_if_beaten(
             summary = json.load(fh)
     line = warning_line(metrics, metrics.get("baselines"), likely_causes(history, summary))
     if line:
-        log.warning("WARNING: %s; see the report's training curves", line, extra={TERMINAL: True})
+        log.warning("%s; see the report's training curves", line, extra={TERMINAL: True})
     return line

@@ -183,11 +183,27 @@ def _terminal_stream(real_stderr: Any) -> tuple[Any, bool]:
     return open(fd, "w", encoding="utf-8", errors="replace", buffering=1), True  # noqa: SIM115
 
 
+class _TerminalFormatter(logging.Formatter):
+    """``[job] message``; a warning also names its level there (the log file's format
+    carries the level already, so a message never repeats it)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's line for the terminal."""
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname}: {message}"
+        return self.prefix + message
+
+
 def _terminal_handler(real_stderr: Any, job_name: str) -> tuple[logging.Handler, Any, bool]:
     stream, owned = _terminal_stream(real_stderr)
     handler = logging.StreamHandler(stream)
     prefix = f"[{job_name}] " if job_name else ""
-    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
+    handler.setFormatter(_TerminalFormatter(prefix))
     handler.addFilter(_TerminalOnly())
     return handler, stream, owned
 

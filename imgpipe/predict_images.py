@@ -384,5 +384,5 @@ def run_predict(job: StageJob) -> dict[str, Any]:
     if summary.get("warning"):
         from imgpipe.logs import TERMINAL
 
-        log.warning("WARNING: %s", summary["warning"], extra={TERMINAL: True})
+        log.warning("%s", summary["warning"], extra={TERMINAL: True})
     return summary

@@ -1799,7 +1799,5 @@ def run_report(job: StageJob) -> dict[str, Any]:
     if warning:  # the run's last job: the warning is its last line on the terminal too
         from imgpipe.logs import TERMINAL
 
-        log.warning(
-            "WARNING: %s; see %s#overview", warning, job.output["html"], extra={TERMINAL: True}
-        )
+        log.warning("%s; see %s#overview", warning, job.output["html"], extra={TERMINAL: True})
     return numbers

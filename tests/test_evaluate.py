@@ -364,8 +364,9 @@ def test_a_collapsed_model_is_warned_about_in_the_log_and_on_the_terminal(
         job = StageJob(input=inputs, output=outputs_in(tmp_path / "out"), log=str(log_path))
         metrics = run_evaluate(job, predict=one_class)
     assert metrics["balanced_accuracy"] <= metrics["baselines"]["majority"]["balanced_accuracy"]
-    warning = [line for line in log_path.read_text().splitlines() if "WARNING:" in line]
+    warning = [line for line in log_path.read_text().splitlines() if " WARNING " in line]
     assert len(warning) == 1
+    assert "WARNING WARNING" not in warning[0] and "WARNING:" not in warning[0]  # level said once
     assert "does not beat the baselines" in warning[0]
     assert "only 40 optimizer steps" in warning[0] and "still warming up" in warning[0]
     assert "validation loss diverging" in warning[0]
