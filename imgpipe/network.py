@@ -38,10 +38,22 @@ def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+class HyperParameters(dict):
+    """A model's hyper-parameters, read as keys or attributes (as Lightning's ``hparams``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        """The value of key ``name``."""
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class Network(nn.Module):
     """The classifier of a model file with its normalisation: uint8 batches in, logits out.
 
-    Built from the file's checked hyper-parameters (those of ``ImageClassifier``);
+    Built from the file's checked hyper-parameters (those of ``ImageClassifier``,
+    kept in ``hparams``);
     ``preprocess`` is ``ImageClassifier.preprocess`` without augmentation (the
     same lookup table on a CPU uint8 batch, the same float operations
     elsewhere), so both give the same bits.
@@ -55,9 +67,19 @@ class Network(nn.Module):
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        **_training_only: Any,
+        **training_only: Any,
     ) -> None:
         super().__init__()
+        # Every hyper-parameter of the file, as ImageClassifier.hparams shows them.
+        self.hparams = HyperParameters(
+            model_cfg=model_cfg,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            **training_only,
+        )
         self.model = build_model(
             model_cfg["name"],
             num_classes,

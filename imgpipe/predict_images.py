@@ -176,7 +176,9 @@ def _screen_chunk(
 
     statuses, reasons, details, paths = (columns[c] for c in ("status", "reason", "detail", "path"))
     opened = [row for row in rows if statuses[row] == "ok"]
-    prepared = list(prepare_images((paths[r] for r in opened), model.image, model.max_pixels))
+    # No identity hashes: prediction runs the quality checks, not the duplicate checks.
+    files = (paths[r] for r in opened)
+    prepared = list(prepare_images(files, model.image, model.max_pixels, hashes=False))
     decoded = {row: item for row, item in zip(opened, prepared, strict=True)}
     quality: dict[int, tuple[str, str]] = {}
     measured = [row for row in opened if decoded[row][1] is not None]
