@@ -18,6 +18,13 @@ from typing import Any, BinaryIO
 import pandas as pd
 import yaml
 
+# pandas 3 keeps text columns in pyarrow when pyarrow is installed (it is, for
+# Parquet predictions), and pyarrow text must be valid UTF-8: a file name that
+# is not (os.fsdecode's surrogates, kept byte for byte, see CSV_ENCODING) would
+# fail in any table. Python-backed text holds it. Every imgpipe module that
+# builds tables of file names imports this one.
+pd.set_option("mode.string_storage", "python")
+
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete the temporary files (``.NAME.*.tmp*``) a killed earlier attempt left beside ``path``.

@@ -102,8 +102,13 @@ BATCH_FILES = 128
 BATCH_BYTES = 64 * 2**20
 
 
-def decode_file(path: str, mode: str, max_pixels: int) -> tuple[tuple, np.ndarray | None]:
-    """Read and decode one file: its fields ``bytes`` to ``detail`` and the image (None if refused)."""
+def decode_file(
+    path: str, mode: str, max_pixels: int, hashes: bool = True
+) -> tuple[tuple, np.ndarray | None]:
+    """Read and decode one file: its fields ``bytes`` to ``detail`` and the image (None if refused).
+
+    ``hashes`` False leaves ``sha256`` empty (prediction does not need it).
+    """
     try:
         data = read_bytes(path)
     except OSError as err:
@@ -112,7 +117,7 @@ def decode_file(path: str, mode: str, max_pixels: int) -> tuple[tuple, np.ndarra
     decoded = decode_image(data, mode, max_pixels)
     head = (
         len(data),
-        hashlib.sha256(data).hexdigest(),
+        hashlib.sha256(data).hexdigest() if hashes else None,
         decoded.width or None,
         decoded.height or None,
         decoded.channels or None,
@@ -124,18 +129,23 @@ def decode_file(path: str, mode: str, max_pixels: int) -> tuple[tuple, np.ndarra
     return head, decoded.image
 
 
-def measure_images(images: list[np.ndarray]) -> list[tuple]:
+def measure_images(images: list[np.ndarray], hashes: bool = True) -> list[tuple]:
     """Fields ``pixel_hash`` to ``thumb`` of decoded images, measured on grey at full resolution.
 
     ``thumb`` is the near-duplicate signature (imagestats.thumbnail) as text.
+    ``hashes`` False leaves ``pixel_hash`` and ``thumb`` empty: the quality
+    checks' measurements alone.
     """
     grays = [
         image[:, :, 0] if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         for image in images
     ]
     stats = [gray_stats(gray) for gray in grays]
-    thumbs = [format_thumbnail(thumbnail(gray)) for gray in grays]
-    pixel_hashes = [pixel_hash(image) for image in images]
+    if not hashes:
+        thumbs = pixel_hashes = [None] * len(images)
+    else:
+        thumbs = [format_thumbnail(thumbnail(gray)) for gray in grays]
+        pixel_hashes = [pixel_hash(image) for image in images]
     return [
         (h, s["mean"], s["std"], s["p01"], s["p99"], s["blur"], t)
         for h, s, t in zip(pixel_hashes, stats, thumbs, strict=True)
@@ -148,11 +158,11 @@ PREPARED_COLUMNS = STATS_COLUMNS[STATS_COLUMNS.index("bytes") :]
 
 
 def _finish(
-    pending: list[tuple[tuple, np.ndarray | None]], size: int, fit: str
+    pending: list[tuple[tuple, np.ndarray | None]], size: int, fit: str, hashes: bool = True
 ) -> Iterator[tuple[tuple, np.ndarray | None]]:
     """Measure the decoded images of a batch together, then resize each: one step at a time."""
     decoded = [image for _, image in pending if image is not None]
-    measured = iter(measure_images(decoded))
+    measured = iter(measure_images(decoded, hashes))
     for head, image in pending:
         if image is None:
             yield (*head, *NOT_MEASURED), None
@@ -161,7 +171,7 @@ def _finish(
 
 
 def prepare_images(
-    paths: Iterable[str], image_cfg: Mapping, max_pixels: int
+    paths: Iterable[str], image_cfg: Mapping, max_pixels: int, hashes: bool = True
 ) -> Iterator[tuple[tuple, np.ndarray | None]]:
     """The one preprocessing path of ingest and prediction: read, decode, measure, resize.
 
@@ -170,7 +180,9 @@ def prepare_images(
     decides on) and its uint8 ``size x size x C`` array in ``image_cfg``'s mode
     and fit (None when the file is refused). Files are decoded in bounded
     batches (BATCH_FILES files or BATCH_BYTES decoded bytes), so memory stays
-    flat however many paths stream through.
+    flat however many paths stream through. ``hashes`` False skips the
+    identity fields (``sha256``, ``pixel_hash``, ``thumb``: clean's duplicate
+    checks) and keeps the quality checks' measurements: what prediction needs.
     """
     size, mode, fit = int(image_cfg["size"]), image_cfg["mode"], image_cfg.get("fit", "pad")
     if mode not in MODES:
@@ -178,13 +190,13 @@ def prepare_images(
     pending: list[tuple[tuple, np.ndarray | None]] = []
     nbytes = 0
     for path in paths:
-        head, image = decode_file(path, mode, max_pixels)
+        head, image = decode_file(path, mode, max_pixels, hashes)
         pending.append((head, image))
         nbytes += 0 if image is None else image.nbytes
         if len(pending) >= BATCH_FILES or nbytes >= BATCH_BYTES:
-            yield from _finish(pending, size, fit)
+            yield from _finish(pending, size, fit, hashes)
             pending, nbytes = [], 0
-    yield from _finish(pending, size, fit)
+    yield from _finish(pending, size, fit, hashes)
 
 
 def _open_array(path: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -15,6 +15,10 @@ Pretrained weights are only ever read from a local file (``model.weights``, see
 family gets a 3x3 stride-1 stem without max-pool and VGG drops the max-pools that
 would shrink the map below one pixel; at 64 px and above every model keeps its
 standard layout.
+
+No Lightning here: prediction builds these networks with torch alone. The
+``train.freeze`` callback (``BackboneFreeze``) lives with the trainer, in
+``imgpipe.training``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchvision import models as tvm
@@ -715,38 +718,3 @@ def parse_freeze(value: str | int | None) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise DataError(f"train.freeze: {value!r} is not none, backbone or a number of epochs >= 1")
-
-
-class BackboneFreeze(pl.Callback):
-    """``train.freeze`` for a LightningModule whose Classifier is ``pl_module.model``.
-
-    ``backbone``: frozen for the whole fit (a linear probe); an integer N: frozen
-    during epochs 0..N-1, trained from epoch N on. The state follows from the
-    epoch number alone, so a resumed fit is in the same state as an
-    uninterrupted one. Parameters stay in their optimiser groups throughout
-    (see :func:`optimizer_groups`), so the learning-rate schedule covers them.
-    Under DDP (world size > 1) with an integer freeze, requires_grad is kept and
-    the trainer needs ``strategy="ddp_find_unused_parameters_true"``.
-    """
-
-    def __init__(self, freeze: str | int | None):
-        super().__init__()
-        self.unfreeze_at = parse_freeze(freeze)
-        self.keep_requires_grad = False
-
-    def _apply(self, pl_module: pl.LightningModule, epoch: int) -> None:
-        trainable = self.unfreeze_at is not None and epoch >= self.unfreeze_at
-        set_backbone_trainable(
-            pl_module.model, trainable, keep_requires_grad=self.keep_requires_grad
-        )
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Freeze before the optimisers are made and the model is wrapped for DDP."""
-        if stage == "fit" and self.unfreeze_at != 0:
-            self.keep_requires_grad = self.unfreeze_at is not None and trainer.world_size > 1
-            self._apply(pl_module, 0)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Unfreeze once the epoch reaches train.freeze."""
-        if self.unfreeze_at != 0:
-            self._apply(pl_module, trainer.current_epoch)

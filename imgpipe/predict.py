@@ -8,8 +8,9 @@ Kept apart from training (no Trainer, no data module):
   ``model.ckpt``, or an exported ``model.onnx`` / ``model.pt`` with its JSON
   sidecar). Predicting folders of new image files is ``imgpipe.predict_images``.
 
-torch, Lightning and onnxruntime are imported where they are used: an ONNX
-model predicts without loading Lightning.
+torch and onnxruntime are imported where they are used, and Lightning never:
+a checkpoint loads into ``imgpipe.network.Network`` (torch and imgpipe's model
+code), an ONNX file into onnxruntime alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from imgpipe.modelfile import METADATA_KEY, TORCHSCRIPT_NOTE, checked_metadata
 if TYPE_CHECKING:
     import torch
 
-    from imgpipe.classifier_module import ImageClassifier
+    from imgpipe.network import Network
 
 log = logging.getLogger("imgpipe")
 
@@ -55,17 +56,17 @@ Factories = str | Iterable[str] | None
 
 def _classifier_from_state(
     state: Any, model_factory: Factories = None
-) -> tuple[ImageClassifier, dict[str, Any]]:
-    """The checked checkpoint's ImageClassifier (eval mode, on the CPU) and its metadata.
+) -> tuple[Network, dict[str, Any]]:
+    """The checked checkpoint's Network (eval mode, on the CPU) and its metadata.
 
     Every field is checked (``imgpipe.modelfile.validate_model_file``) before
     anything is built; the state dict must fit the architecture exactly.
     """
-    from imgpipe.classifier_module import ImageClassifier
     from imgpipe.modelfile import validate_model_file
+    from imgpipe.network import Network
 
     hparams, weights, metadata = validate_model_file(state, model_factory)
-    module = ImageClassifier(**hparams)
+    module = Network(**hparams)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -94,7 +95,7 @@ def _classifier_from_state(
 
 def _checkpoint_classifier(
     path: str | os.PathLike, model_factory: Factories
-) -> tuple[ImageClassifier, dict[str, Any]]:
+) -> tuple[Network, dict[str, Any]]:
     """Read, check and build a checkpoint; any refusal is one DataError line naming the file."""
     from imgpipe.modelfile import read_checkpoint
 
@@ -108,8 +109,8 @@ def load_classifier(
     checkpoint_path: str | os.PathLike,
     device: str | torch.device = "cpu",
     model_factory: Factories = None,
-) -> ImageClassifier:
-    """Rebuild the ImageClassifier of a checkpoint: weights-only load, every field checked first.
+) -> Network:
+    """Rebuild the Network of a checkpoint: weights-only load, every field checked first.
 
     ``model_factory``: the ``package.module:factory`` (or several) the caller
     trusts, for a model built by one; a name in the file alone is never run.
@@ -128,7 +129,7 @@ def _batched(
     import torch
 
     from imgpipe.gpus import claim_for_inference
-    from imgpipe.image_datamodule import to_uint8_nchw
+    from imgpipe.network import to_uint8_nchw
 
     ids = np.arange(len(images)) if ids is None else np.asarray(ids, dtype=np.int64)
     outputs = []
@@ -177,9 +178,9 @@ def embed(
 class Model:
     """A trained classifier ready to predict, and everything its file says about it.
 
-    ``probabilities(images)`` takes uint8 (N, S, S, C) arrays as
-    ``imgpipe.ingest.prepare_images`` makes them (decoded, colour mode, resized
-    with the model's fit) and returns float32 (N, classes) probabilities;
+    ``probabilities(images)`` and ``logits(images)`` take uint8 (N, S, S, C)
+    arrays as ``imgpipe.ingest.prepare_images`` makes them (decoded, colour
+    mode, resized with the model's fit) and return float32 (N, classes) arrays;
     scaling and normalisation happen inside. ``kind`` is ``checkpoint``,
     ``torchscript`` or ``onnx``; ``metadata`` the file's ``imgpipe`` entry.
     """
@@ -190,6 +191,9 @@ class Model:
     metadata: dict[str, Any]
     run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     module: Any = field(default=None, repr=False)
+    # What ``run`` returns: the network's "logits" (a checkpoint) or "probabilities"
+    # (an exported graph, which ends in the softmax).
+    outputs: str = "probabilities"
 
     @property
     def class_names(self) -> list[str]:
@@ -216,8 +220,13 @@ class Model:
         """File extensions listed for prediction (the training run's data.extensions)."""
         return list(self.metadata.get("extensions") or DEFAULT_EXTENSIONS)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, classes) of uint8 (N, S, S, C) images."""
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Class logits (N, classes) of uint8 (N, S, S, C) images.
+
+        A checkpoint gives its network's raw logits. An exported file's graph
+        ends in the softmax, so its logits are the log-probabilities: the raw
+        logits less a per-image constant, with the same softmax and the same order.
+        """
         images = np.asarray(images)
         expected = (self.image["size"], self.image["size"], 3 if self.image["mode"] == "rgb" else 1)
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != expected:
@@ -227,26 +236,71 @@ class Model:
             )
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
-        return np.asarray(self.run(images), dtype=np.float32)
+        found = np.asarray(self.run(images), dtype=np.float32)
+        if self.outputs == "probabilities":
+            # A probability that underflowed to 0 stays finite: log of the smallest float32.
+            return np.log(np.maximum(found, np.finfo(np.float32).tiny))
+        return found
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, classes) of uint8 (N, S, S, C) images."""
+        return scores_from_logits(self.logits(images), "prob")
+
+
+OUTPUT_TYPES = ("prob", "logit")
+
+
+def scores_from_logits(logits: np.ndarray, output_type: str = "prob") -> np.ndarray:
+    """The one logits -> output step of prediction: ``prob`` (softmax) or ``logit`` (as given).
+
+    Every probability imgpipe reports from a model file (predictions, their
+    montage and metrics, export parity) goes through here.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if output_type == "logit":
+        return logits
+    if output_type != "prob":
+        raise DataError(f"output type {output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+    if logits.size == 0:
+        return logits.copy()
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """``cpu``, ``cuda`` or ``cuda:N`` as (kind, N or None); anything else is a DataError."""
+    kind, colon, number = str(device).strip().lower().partition(":")
+    if kind == "cpu" and not colon:
+        return "cpu", None
+    if kind == "cuda" and (not colon or number.isdigit()):
+        return "cuda", int(number) if colon else None
+    raise DataError(f"device {device!r}: expected cpu, cuda or cuda:N (N a GPU number)")
 
 
 def resolve_device(device: str | None) -> str:
-    """``cpu`` or ``cuda``; None picks cuda when torch sees a GPU; cuda without one is a DataError."""
+    """``cpu``, ``cuda`` or ``cuda:N``; None picks cuda when torch sees a GPU; an absent GPU is a DataError."""
     import torch
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise DataError(f"device {device!r}: expected cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DataError("device cuda: torch finds no usable CUDA device here")
-    return device
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise DataError(f"device {device}: torch finds no usable CUDA device here")
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise DataError(
+            f"device {device}: torch sees {count} CUDA device(s), numbered 0 to {count - 1}"
+        )
+    return "cuda" if index is None else f"cuda:{index}"
 
 
 def _load_checkpoint(path: str, device: str, model_factory: Factories) -> Model:
     import torch
 
-    from imgpipe.image_datamodule import to_uint8_nchw
+    from imgpipe.network import to_uint8_nchw
 
     module, metadata = _checkpoint_classifier(path, model_factory)
     module = module.to(device)
@@ -254,9 +308,9 @@ def _load_checkpoint(path: str, device: str, model_factory: Factories) -> Model:
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = module.preprocess(to_uint8_nchw(images).to(device))
-            return torch.softmax(module(x).float(), dim=1).cpu().numpy()
+            return module(x).float().cpu().numpy()
 
-    return Model(path, "checkpoint", device, metadata, run, module)
+    return Model(path, "checkpoint", device, metadata, run, module, outputs="logits")
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
@@ -284,7 +338,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 def _load_torchscript(path: str, device: str, trust_torchscript: bool) -> Model:
     import torch
 
-    from imgpipe.image_datamodule import to_uint8_nchw
+    from imgpipe.network import to_uint8_nchw
 
     if not trust_torchscript:
         raise DataError(f"{path}: refused: {TORCHSCRIPT_NOTE}")
@@ -307,21 +361,22 @@ def _load_torchscript(path: str, device: str, trust_torchscript: bool) -> Model:
 
 
 def onnx_session(path: str, device: str = "cpu", threads: int | None = None) -> Any:
-    """An onnxruntime session of ``path`` on the CPU (``threads`` intra-op threads) or CUDA."""
+    """An onnxruntime session of ``path`` on the CPU (``threads`` intra-op threads) or CUDA (``cuda:N``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
+    providers: list[Any] = ["CPUExecutionProvider"]
+    kind, index = parse_device(device)
+    if kind == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise DataError(
-                "device cuda: this onnxruntime has no CUDAExecutionProvider "
+                f"device {device}: this onnxruntime has no CUDAExecutionProvider "
                 "(install onnxruntime-gpu, or use --device cpu)"
             )
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": index or 0}))
     try:
         return ort.InferenceSession(path, options, providers=providers)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets one line
@@ -383,7 +438,7 @@ def load_model(
 ) -> Model:
     """A ready model from its file alone: ``model.ckpt``, or ``model.onnx`` / ``model.pt`` with sidecar.
 
-    ``device``: cpu, cuda, or None for cuda when available. ``threads``: CPU
+    ``device``: cpu, cuda, cuda:N, or None for cuda when available. ``threads``: CPU
     threads of an ONNX Runtime session (torch uses ``torch.set_num_threads``).
     Nothing a file names is imported or run: a checkpoint whose model was built
     by ``package.module:factory`` loads only when ``model_factory`` names that
@@ -396,8 +451,7 @@ def load_model(
     if suffix == ".onnx":
         # ONNX needs no torch: only ask torch about CUDA when it is asked for.
         device = device or "cpu"
-        if device not in ("cpu", "cuda"):
-            raise DataError(f"device {device!r}: expected cpu or cuda")
+        parse_device(device)
         return _load_onnx(path, device, threads)
     device = resolve_device(device)
     if suffix == ".pt":

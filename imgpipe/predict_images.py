@@ -3,20 +3,25 @@
 ``predict_files`` predicts a folder or a CSV manifest. Each file goes through
 the pipeline's own checks (the listing's refusals, the decoder's, clean's
 quality checks with the settings the model was trained with) and its one
-preprocessing path (``imgpipe.ingest.prepare_images``); batches stream through
-the model into ``predictions.csv``, so memory follows the batch size, not the
-number of files.
+preprocessing path (``imgpipe.ingest.prepare_images``), decoded by a pool of
+threads; batches stream through the model into the predictions file (CSV, JSON
+or Parquet: ``imgpipe.predict_output``), so memory follows the batch size, not
+the number of files.
 """
 
 from __future__ import annotations
 
-import csv
+import collections
+import contextlib
+import functools
 import heapq
 import itertools
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,29 +30,34 @@ import pandas as pd
 
 from imgpipe.errors import DataError
 from imgpipe.modelfile import QUALITY_KEYS
-from imgpipe.predict import Model, load_model
+from imgpipe.predict import Model, load_model, scores_from_logits
+from imgpipe.predict_output import output_format as output_format_of
+from imgpipe.predict_output import score
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
 
-TOP_K = 3
-PREDICTION_COLUMNS = [
-    "path",
-    "relpath",
-    "label",
-    "probability",
-    "label_2",
-    "probability_2",
-    "label_3",
-    "probability_3",
-    "rejected",
-    "detail",
-    "given_label",
-]
-# Files screened together (quality checks are computed per chunk, not per file).
+# Default number of classes per row (``--topk``, ``predict.topk``), capped at the class count.
+TOP_K = 5
+# The score column of each output type (prob: softmax of the logits; logit: the logits).
+SCORE_COLUMN = {"prob": "probability", "logit": "logit"}
+# Most files screened together by one worker (a chunk's quality checks run on it at once).
 SCREEN_CHUNK = 256
+# Batches of decoded images a predict may hold ahead of the model: memory follows the batch.
+BATCHES_IN_FLIGHT = 2
 # Images per row of the montage of the most and the least confident predictions.
 MONTAGE_PER_ROW = 8
+
+
+def prediction_columns(k: int, output_type: str = "prob") -> list[str]:
+    """The output's columns for ``k`` classes per row: label, probability (or logit), label_2, ..."""
+    name = SCORE_COLUMN[output_type]
+    ranked = [
+        column
+        for rank in range(1, k + 1)
+        for column in (("label", name) if rank == 1 else (f"label_{rank}", f"{name}_{rank}"))
+    ]
+    return ["path", "relpath", *ranked, "rejected", "detail", "given_label"]
 
 
 def clean_settings_metadata(clean_section: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,45 +122,84 @@ class Screened:
     array: np.ndarray | None = None
 
 
-def screen(files: pd.DataFrame, model: Model) -> Iterator[Screened]:
+def screen(
+    files: pd.DataFrame, model: Model, workers: int = 0, batch_size: int = 256
+) -> Iterator[Screened]:
     """Every row of ``files`` in order with its uint8 array, or its reason for refusal.
 
     The listing's refusals pass through unopened; the others go through
     ``imgpipe.ingest.prepare_images`` (decoding and resizing exactly as ingest
     did for the training images) and clean's per-image quality checks with the
-    model's clean settings, a chunk of files at a time.
+    model's clean settings, a chunk of files at a time. ``workers`` > 0 screens
+    chunks on that many threads (OpenCV releases the GIL while it decodes and
+    resizes) and hands them back in order; at most ``BATCHES_IN_FLIGHT``
+    batches of ``batch_size`` files are decoded ahead of the consumer, so memory
+    follows the batch size whatever the number of files.
     """
-    from imgpipe.clean import CleanSettings, quality_reasons
-    from imgpipe.ingest import PREPARED_COLUMNS, prepare_images
+    from imgpipe.clean import CleanSettings
 
     settings = CleanSettings(**clean_settings_metadata(model.clean))
-    statuses = files["status"].tolist()
-    reasons = files["reason"].tolist()
-    details = files["detail"].tolist()
-    paths = files["path"].tolist()
-    for start in range(0, len(files), SCREEN_CHUNK):
-        rows = range(start, min(start + SCREEN_CHUNK, len(files)))
-        opened = [row for row in rows if statuses[row] == "ok"]
-        prepared = list(prepare_images((paths[r] for r in opened), model.image, model.max_pixels))
-        decoded = {row: item for row, item in zip(opened, prepared, strict=True)}
-        quality: dict[int, tuple[str, str]] = {}
-        measured = [row for row in opened if decoded[row][1] is not None]
-        if measured:
-            stats = pd.DataFrame([decoded[r][0] for r in measured], columns=PREPARED_COLUMNS)
-            found, found_detail = quality_reasons(stats, settings)
-            quality = dict(zip(measured, zip(found, found_detail, strict=True), strict=True))
-        for row in rows:
-            if statuses[row] != "ok":
-                yield Screened(row, reasons[row] or "unreadable", details[row])
-                continue
-            fields, array = decoded[row]
-            if array is None:
-                status = dict(zip(PREPARED_COLUMNS, fields, strict=True))
-                yield Screened(row, status["reason"] or "unreadable", status["detail"] or "")
-            elif quality[row][0]:
-                yield Screened(row, *quality[row])
-            else:
-                yield Screened(row, array=array)
+    columns = {c: files[c].tolist() for c in ("path", "status", "reason", "detail")}
+    chunk = chunk_size(batch_size, workers)
+    chunks = (range(s, min(s + chunk, len(files))) for s in range(0, len(files), chunk))
+    screen_one = functools.partial(_screen_chunk, columns=columns, model=model, settings=settings)
+    if workers <= 0:
+        for rows in chunks:
+            yield from screen_one(rows)
+        return
+    limit = max(workers, BATCHES_IN_FLIGHT * math.ceil(batch_size / chunk))
+    with ThreadPoolExecutor(workers, thread_name_prefix="imgpipe-decode") as pool:
+        pending: collections.deque = collections.deque()
+        try:
+            for rows in chunks:
+                if len(pending) >= limit:
+                    yield from pending.popleft().result()
+                pending.append(pool.submit(screen_one, rows))
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for future in pending:  # the consumer stopped early: drop what is queued
+                future.cancel()
+
+
+def chunk_size(batch_size: int, workers: int) -> int:
+    """Files per screening chunk: a batch shared among the workers (at most ``SCREEN_CHUNK``)."""
+    return max(1, min(SCREEN_CHUNK, math.ceil(batch_size / max(1, workers))))
+
+
+def _screen_chunk(
+    rows: range, columns: Mapping[str, list], model: Model, settings: Any
+) -> list[Screened]:
+    """Screen ``rows``: decode and resize the listed files, run the quality checks."""
+    from imgpipe.clean import quality_reasons
+    from imgpipe.ingest import PREPARED_COLUMNS, prepare_images
+
+    statuses, reasons, details, paths = (columns[c] for c in ("status", "reason", "detail", "path"))
+    opened = [row for row in rows if statuses[row] == "ok"]
+    # No identity hashes: prediction runs the quality checks, not the duplicate checks.
+    files = (paths[r] for r in opened)
+    prepared = list(prepare_images(files, model.image, model.max_pixels, hashes=False))
+    decoded = {row: item for row, item in zip(opened, prepared, strict=True)}
+    quality: dict[int, tuple[str, str]] = {}
+    measured = [row for row in opened if decoded[row][1] is not None]
+    if measured:
+        stats = pd.DataFrame([decoded[r][0] for r in measured], columns=PREPARED_COLUMNS)
+        found, found_detail = quality_reasons(stats, settings)
+        quality = dict(zip(measured, zip(found, found_detail, strict=True), strict=True))
+    screened = []
+    for row in rows:
+        if statuses[row] != "ok":
+            screened.append(Screened(row, reasons[row] or "unreadable", details[row]))
+            continue
+        fields, array = decoded[row]
+        if array is None:
+            status = dict(zip(PREPARED_COLUMNS, fields, strict=True))
+            screened.append(Screened(row, status["reason"] or "unreadable", status["detail"] or ""))
+        elif quality[row][0]:
+            screened.append(Screened(row, *quality[row]))
+        else:
+            screened.append(Screened(row, array=array))
+    return screened
 
 
 # ----------------------------------------------------------------------------- predicting files
@@ -196,10 +245,6 @@ class _Montage:
         )
 
 
-def _format(value: float) -> str:
-    return f"{value:.6g}"
-
-
 def predict_files(
     model: Model,
     source: str | os.PathLike,
@@ -209,31 +254,48 @@ def predict_files(
     metrics: str | os.PathLike | None = None,
     extensions: Sequence[str] | None = None,
     follow_symlinks: bool = False,
+    topk: int = TOP_K,
+    output_type: str = "prob",
+    output_format: str | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Predict every file of a folder or manifest into ``output`` (CSV); return the summary.
+    """Predict every file of a folder or manifest into ``output``; return the summary.
 
     One row per listed file in ``relpath`` order: ``label`` / ``probability``
-    (the top class), ``label_2`` ... ``probability_3`` (the next two),
-    ``rejected`` (the reason a file was not predicted: a listing, decoding or
-    quality refusal) with its ``detail``, and ``given_label`` (the file's class
-    when the input is labelled). Files are screened and predicted ``batch_size``
-    images at a time and rows are appended as they come: memory follows the
-    batch, not the input. ``montage``: PNG of the most and least confident
+    (the top class), ``label_2`` / ``probability_2`` ... up to ``topk`` classes
+    (capped at the class count), ``rejected`` (the reason a file was not
+    predicted: a listing, decoding or quality refusal) with its ``detail``, and
+    ``given_label`` (the file's class when the input is labelled).
+    ``output_type`` ``logit`` writes ``logit`` columns (the model's logits)
+    instead of probabilities. ``output_format``: csv, json or parquet (default:
+    by the output's suffix, see ``imgpipe.predict_output``). Files are screened
+    by ``workers`` decoding threads (0: this thread) and predicted
+    ``batch_size`` images at a time, rows appended as they come: memory follows
+    the batch, not the input; a progress line (files, rate, time left) is
+    logged every few seconds. ``montage``: PNG of the most and least confident
     images. ``metrics``: JSON of the counts, and for a labelled input the
     accuracy, macro F1 and per-class table over the images whose label is a
     class of the model. ``follow_symlinks``: read symlinks whose target lies
-    outside ``source`` (else refused as ``outside_root``). The input is only
-    read. A path that is not valid UTF-8 is written byte for byte (see
-    ``imgpipe.atomic.CSV_ENCODING``).
+    outside ``source`` (else refused as ``outside_root``). The input is only read.
     """
-    from imgpipe.atomic import CSV_ENCODING, atomic_path, write_json
+    from imgpipe.atomic import write_json
+    from imgpipe.logs import Progress
+    from imgpipe.predict_output import check_writable, open_rows
 
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if topk < 1:
+        raise DataError(f"topk must be at least 1, got {topk}")
+    if workers < 0:
+        raise DataError(f"workers must be 0 (decode in this thread) or more, got {workers}")
+    if output_type not in SCORE_COLUMN:
+        raise DataError(f"output type {output_type!r}: expected one of {', '.join(SCORE_COLUMN)}")
+    fmt = output_format_of(output, output_format)
+    check_writable(fmt)
     names = model.class_names
     files, labelled = list_inputs(source, extensions or model.extensions, names, follow_symlinks)
     code_of = {name: code for code, name in enumerate(names)}
-    k = min(TOP_K, len(names))
+    k = min(topk, len(names))
     counts: Counter = Counter()
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
@@ -242,68 +304,71 @@ def predict_files(
     paths, relpaths = files["path"].tolist(), files["relpath"].tolist()
     given = files["label"].tolist() if labelled else [""] * len(files)
     log.info(
-        "predicting %d listed file(s) of %s with %s (%s, %s); %s input",
+        "predicting %d listed file(s) of %s with %s (%s, %s, %d decoding worker(s)); %s input",
         len(files),
         source,
         model.path,
         model.kind,
         model.device,
+        workers,
         "labelled" if labelled else "unlabelled",
     )
+    progress = Progress(len(files), "predict", unit="files")
 
     def flush(pending: list[Screened], writer: Any) -> None:
         batch = [item for item in pending if item.array is not None]
-        probs = model.probabilities(np.stack([item.array for item in batch])) if batch else None
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k] if batch else None
+        if batch:
+            logits = model.logits(np.stack([item.array for item in batch]))
+            probs = scores_from_logits(logits, "prob")
+            written = probs if output_type == "prob" else scores_from_logits(logits, "logit")
+            order = np.argsort(-written, axis=1, kind="stable")[:, :k]
         predicted = iter(range(len(batch)))
         codes_true, codes_pred = [], []
+        rows: list[list[Any]] = []
         for item in pending:
             row = [paths[item.row], relpaths[item.row]]
             if item.array is None:
                 counts[item.reason] += 1
-                writer.writerow(
-                    [*row, *[""] * (2 * TOP_K), item.reason, item.detail, given[item.row]]
-                )
+                rows.append([*row, *[None] * (2 * k), item.reason, item.detail, given[item.row]])
                 continue
             j = next(predicted)
-            top = [(names[c], float(probs[j, c])) for c in order[j]]
-            top += [("", None)] * (TOP_K - len(top))
-            cells = [v for name, p in top for v in (name, "" if p is None else _format(p))]
-            writer.writerow([*row, *cells, "", "", given[item.row]])
+            cells = [v for c in order[j] for v in (names[c], score(written[j, c]))]
+            rows.append([*row, *cells, None, None, given[item.row] or None])
             counts["predicted"] += 1
-            caption = f"{top[0][0]} {top[0][1]:.2f}"
-            if given[item.row] and given[item.row] != top[0][0]:
+            top, confidence = names[order[j, 0]], float(probs[j, order[j, 0]])
+            caption = f"{top} {confidence:.2f}"
+            if given[item.row] and given[item.row] != top:
                 caption += f" [{given[item.row]}]"  # the given label, where it differs
-            gallery.add(top[0][1], item.array, caption)
+            gallery.add(confidence, item.array, caption)
             if labelled:
                 if given[item.row] in code_of:
                     codes_true.append(code_of[given[item.row]])
                     codes_pred.append(int(order[j, 0]))
                 else:
                     unknown_labels[given[item.row]] += 1
+        writer.write([[None if v == "" else v for v in r] for r in rows])
+        progress.advance(len(pending))
         if codes_true:
             y_true.append(np.asarray(codes_true, np.int32))
             y_pred.append(np.asarray(codes_pred, np.int32))
 
-    with atomic_path(output) as tmp, open(tmp, "w", newline="", **CSV_ENCODING) as fh:
-        writer = csv.writer(fh)
-        writer.writerow(PREDICTION_COLUMNS)
+    with open_rows(output, fmt, prediction_columns(k, output_type)) as writer:
         pending: list[Screened] = []
         images = 0
-        for item in screen(files, model):
+        for item in screen(files, model, workers, batch_size):
             pending.append(item)
             images += item.array is not None
             if images >= batch_size:
                 flush(pending, writer)
                 pending, images = [], 0
         flush(pending, writer)
-        fh.flush()
-        os.fsync(fh.fileno())
+    progress.finish()
     summary: dict[str, Any] = {
         "input": os.fspath(source),
         "model": model.path,
         "runtime": model.kind,
         "device": model.device,
+        "output": {"path": os.fspath(output), "format": fmt, "output_type": output_type, "topk": k},
         "files": len(files),
         "predicted": counts.pop("predicted", 0),
         "rejected": dict(sorted(counts.items())),
@@ -362,7 +427,13 @@ def run_predict(job: StageJob) -> dict[str, Any]:
 
     settings = job.params["settings"]
     torch.set_num_threads(max(1, int(job.threads)))
-    with claim_for_inference() as device:
+    # null: decode on as many threads as the rule has.
+    workers = settings.get("workers")
+    workers = int(job.threads) if workers is None else int(workers)
+    # A device the config names is used as named; otherwise one GPU is claimed when there are.
+    named = settings.get("device")
+    claim = contextlib.nullcontext(named) if named else claim_for_inference()
+    with claim as device:
         model = load_model(job.input["model"], device=device, model_factory=rule_factories(job))
         summary = predict_files(
             model,
@@ -372,6 +443,10 @@ def run_predict(job: StageJob) -> dict[str, Any]:
             montage=job.output["montage"],
             metrics=job.output["metrics"],
             follow_symlinks=bool(settings.get("follow_symlinks", False)),
+            topk=int(settings.get("topk", TOP_K)),
+            output_type=settings.get("output_type", "prob"),
+            output_format=settings.get("format", "csv"),
+            workers=workers,
         )
     if summary.get("metrics"):
         found = summary["metrics"]

@@ -58,7 +58,7 @@ from imgpipe.errors import DataError
 from imgpipe.image_datamodule import ImageDataModule, Images
 from imgpipe.launch import LAUNCHED_VAR
 from imgpipe.modelfile import METADATA_KEY, model_metadata
-from imgpipe.models import BackboneFreeze, normalisation, parse_freeze
+from imgpipe.models import normalisation, parse_freeze, set_backbone_trainable
 from imgpipe.progress import TrainingProgress
 from imgpipe.schedule import sized_schedule
 
@@ -700,3 +700,38 @@ def _best_score(history: pd.DataFrame, monitor: str, mode: str) -> float:
     if values.empty:
         return float("nan")
     return float(values.max() if mode == "max" else values.min())
+
+
+class BackboneFreeze(pl.Callback):
+    """``train.freeze`` for a LightningModule whose Classifier is ``pl_module.model``.
+
+    ``backbone``: frozen for the whole fit (a linear probe); an integer N: frozen
+    during epochs 0..N-1, trained from epoch N on. The state follows from the
+    epoch number alone, so a resumed fit is in the same state as an
+    uninterrupted one. Parameters stay in their optimiser groups throughout
+    (see :func:`optimizer_groups`), so the learning-rate schedule covers them.
+    Under DDP (world size > 1) with an integer freeze, requires_grad is kept and
+    the trainer needs ``strategy="ddp_find_unused_parameters_true"``.
+    """
+
+    def __init__(self, freeze: str | int | None):
+        super().__init__()
+        self.unfreeze_at = parse_freeze(freeze)
+        self.keep_requires_grad = False
+
+    def _apply(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        trainable = self.unfreeze_at is not None and epoch >= self.unfreeze_at
+        set_backbone_trainable(
+            pl_module.model, trainable, keep_requires_grad=self.keep_requires_grad
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Freeze before the optimisers are made and the model is wrapped for DDP."""
+        if stage == "fit" and self.unfreeze_at != 0:
+            self.keep_requires_grad = self.unfreeze_at is not None and trainer.world_size > 1
+            self._apply(pl_module, 0)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Unfreeze once the epoch reaches train.freeze."""
+        if self.unfreeze_at != 0:
+            self._apply(pl_module, trainer.current_epoch)

@@ -9,7 +9,6 @@ from torchvision import models as tvm
 
 from imgpipe.errors import DataError
 from imgpipe.models import (
-    BackboneFreeze,
     ModuleClassifier,
     adapt_first_conv,
     backbone_parameters,
@@ -19,6 +18,7 @@ from imgpipe.models import (
     optimizer_groups,
     set_backbone_trainable,
 )
+from imgpipe.training import BackboneFreeze
 
 
 def check_outputs(model, in_channels, size, classes, width):

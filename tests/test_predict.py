@@ -43,9 +43,9 @@ from imgpipe.listing import list_images
 from imgpipe.modelfile import METADATA_KEY
 from imgpipe.predict import Model, load_model, predict_proba
 from imgpipe.predict_images import (
-    PREDICTION_COLUMNS,
     list_inputs,
     predict_files,
+    prediction_columns,
     run_predict,
     screen,
 )
@@ -301,13 +301,13 @@ def test_predict_rule_gives_every_bad_file_a_row_with_its_reason(trained, tmp_pa
     summary = run_predict(job)
     assert tree_digest(folder) == before  # byte for byte, mode for mode
     table = read_predictions(out / "predictions.csv")
-    assert list(table.columns) == PREDICTION_COLUMNS
+    assert list(table.columns) == prediction_columns(len(CLASSES))  # topk 5 capped at 4
     assert table["relpath"].is_unique
     assert dict(zip(table["relpath"], table["rejected"], strict=True)) == expected
     predicted = table[table["rejected"] == ""]
     assert (predicted["label"].isin(CLASSES)).all()
-    probs = predicted[["probability", "probability_2", "probability_3"]].astype(float)
-    assert (probs.diff(axis=1).iloc[:, 1:] <= 0).all().all()  # top-3 in decreasing order
+    probs = predicted[["probability", "probability_2", "probability_3", "probability_4"]]
+    assert (probs.astype(float).diff(axis=1).iloc[:, 1:] <= 0).all().all()  # decreasing order
     rejected = table[table["rejected"] != ""]
     assert (rejected["label"] == "").all() and (rejected["probability"] == "").all()
     assert (table.loc[table["relpath"] == "tiny.png", "detail"] == "min side 4 < 8").all()
@@ -561,3 +561,275 @@ def test_memory_stays_bounded_on_a_large_folder(trained, tmp_path):
         assert len(read_predictions(tmp_path / f"{name}.csv")) == len(os.listdir(folder))
     # Holding the extra 2,000 decoded images would take 375 MiB more.
     assert peaks["large"] - peaks["small"] < 40, peaks
+
+
+# ----------------------------------------------------------------------------- flags, formats, workers
+
+
+def mixed_folder(root: Path, trained: dict) -> Path:
+    """The 80 digits (in their class folders) and a few bad files beside them: rows with reasons."""
+    shutil.copytree(trained["tree"], root)
+    make_tree(
+        root,
+        {
+            "zero.png": write_zero_byte,
+            "corrupt.png": write_corrupt_png,
+            "tiny.png": pattern(4, 4),
+            "notes.txt": "not an image",
+        },
+    )
+    return root
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def scores_by_class(table: pd.DataFrame, column: str, k: int) -> np.ndarray:
+    """(rows, classes) scores from the label_i / <column>_i pairs of a table listing every class."""
+    out = np.full((len(table), len(CLASSES)), np.nan)
+    for rank in range(1, k + 1):
+        suffix = "" if rank == 1 else f"_{rank}"
+        labels = table["label" + suffix].astype(int).to_numpy()
+        out[np.arange(len(table)), labels] = table[column + suffix].astype(float).to_numpy()
+    return out
+
+
+def test_topk_ranks_k_classes_capped_at_the_class_count(trained, tmp_path):
+    assert (
+        predict_command(trained["ckpt"], trained["tree"], tmp_path / "k2.csv", "-q", "--topk", "2")
+        == 0
+    )
+    two = read_predictions(tmp_path / "k2.csv")
+    assert list(two.columns) == prediction_columns(2)
+    assert list(two.columns)[2:6] == ["label", "probability", "label_2", "probability_2"]
+    assert (two["probability"].astype(float) >= two["probability_2"].astype(float)).all()
+    assert (
+        predict_command(trained["ckpt"], trained["tree"], tmp_path / "k9.csv", "-q", "--topk", "9")
+        == 0
+    )
+    every = read_predictions(tmp_path / "k9.csv")
+    assert list(every.columns) == prediction_columns(4) and "label_5" not in every.columns
+    assert (
+        every[["label", "label_2", "label_3", "label_4"]].apply(set, axis=1) == set(CLASSES)
+    ).all()
+    assert every["label"].tolist() == two["label"].tolist()
+    with pytest.raises(SystemExit):
+        predict_command(trained["ckpt"], trained["tree"], tmp_path / "k0.csv", "--topk", "0")
+
+
+@pytest.mark.parametrize("which", ["ckpt", "onnx"])
+def test_logit_output_softmaxes_to_the_probabilities(trained, exported, tmp_path, which):
+    model = trained["ckpt"] if which == "ckpt" else exported["onnx"]
+    common = ["-q", "--topk", "4"]
+    assert predict_command(model, trained["tree"], tmp_path / "p.csv", *common) == 0
+    assert (
+        predict_command(
+            model, trained["tree"], tmp_path / "l.csv", *common, "--output-type", "logit"
+        )
+        == 0
+    )
+    probs, logits = read_predictions(tmp_path / "p.csv"), read_predictions(tmp_path / "l.csv")
+    assert list(logits.columns) == prediction_columns(4, "logit")
+    assert "logit_4" in logits.columns and "probability" not in logits.columns
+    assert logits["label"].tolist() == probs["label"].tolist()  # the same ranking
+    expected = scores_by_class(probs, "probability", 4)
+    np.testing.assert_allclose(softmax(scores_by_class(logits, "logit", 4)), expected, atol=2e-5)
+    if which == "ckpt":  # the network's own logits, not log-probabilities
+        raw = load_model(model).logits(trained["images"])
+        assert not np.allclose(raw.max(axis=1), np.log(softmax(raw)).max(axis=1), atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_each_format_round_trips_the_same_rows(trained, tmp_path, fmt):
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    folder = mixed_folder(tmp_path / "in", trained)
+    assert predict_command(trained["ckpt"], folder, tmp_path / "p.csv", "-q", "--topk", "3") == 0
+    # By the suffix, and by --format whatever the suffix says.
+    assert predict_command(trained["ckpt"], folder, tmp_path / f"p.{fmt}", "-q", "--topk", "3") == 0
+    assert (
+        predict_command(
+            trained["ckpt"], folder, tmp_path / "p.out", "-q", "--topk", "3", "--format", fmt
+        )
+        == 0
+    )
+    reference = read_predictions(tmp_path / "p.csv")
+    for path in (tmp_path / f"p.{fmt}", tmp_path / "p.out"):
+        table = (
+            pd.read_json(path, dtype=False, precise_float=True)
+            if fmt == "json"
+            else pd.read_parquet(path)
+        )
+        assert list(table.columns) == list(reference.columns) == prediction_columns(3)
+        scores = [c for c in table.columns if c.startswith("probability")]
+        for column in table.columns:
+            if column in scores:
+                expected = pd.to_numeric(reference[column].replace("", np.nan))
+                np.testing.assert_array_equal(table[column].astype(float), expected)
+            else:
+                assert table[column].fillna("").astype(str).tolist() == reference[column].tolist()
+    assert set(reference["rejected"]) == {
+        "",
+        "zero_byte",
+        "unreadable",
+        "too_small",
+        "unsupported_extension",
+    }
+
+
+def test_parquet_without_pyarrow_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow fails as if not installed
+    assert predict_command(trained["ckpt"], trained["tree"], tmp_path / "p.parquet") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgpipe: Parquet output needs pyarrow") and "\n" not in err
+    assert not (tmp_path / "p.parquet").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:-1", "cpu:0"])
+def test_a_bad_device_is_one_line(trained, exported, tmp_path, capsys, device):
+    for model in (trained["ckpt"], exported["onnx"]):
+        assert predict_command(model, trained["tree"], tmp_path / "p.csv", "--device", device) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"imgpipe: device {device!r}: expected cpu, cuda or cuda:N (N a GPU number)"
+        )
+
+
+def test_an_absent_gpu_number_is_one_line(trained, tmp_path, capsys):
+    code = predict_command(
+        trained["ckpt"], trained["tree"], tmp_path / "p.csv", "--device", "cuda:7"
+    )
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        assert (
+            err
+            == f"imgpipe: device cuda:7: torch sees {count} CUDA device(s), numbered 0 to {count - 1}"
+        )
+    else:
+        assert err == "imgpipe: device cuda:7: torch finds no usable CUDA device here"
+
+
+def test_version_is_the_packages(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--version"])
+    assert stopped.value.code == 0
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert capsys.readouterr().out.strip() == f"imgpipe {project['version']}"
+
+
+def test_workers_give_the_rows_of_one_thread_in_order(trained, tmp_path):
+    folder = mixed_folder(tmp_path / "in", trained)
+    model = load_model(trained["ckpt"])
+    for workers in (0, 3):
+        predict_files(model, folder, tmp_path / f"w{workers}.csv", batch_size=5, workers=workers)
+    one, many = (tmp_path / "w0.csv").read_bytes(), (tmp_path / "w3.csv").read_bytes()
+    assert one == many
+    assert read_predictions(tmp_path / "w3.csv")["relpath"].is_monotonic_increasing
+
+
+def test_decoding_stays_within_the_batches_in_flight(trained, tmp_path, monkeypatch):
+    import threading
+
+    from imgpipe import ingest
+    from imgpipe.predict_images import BATCHES_IN_FLIGHT, chunk_size
+
+    decoded, lock, ahead = [0], threading.Lock(), []
+    real_prepare = ingest.prepare_images
+
+    def counting_prepare(*args, **kwargs):
+        for item in real_prepare(*args, **kwargs):
+            with lock:
+                decoded[0] += 1
+            yield item
+
+    monkeypatch.setattr(ingest, "prepare_images", counting_prepare)
+    model = load_model(trained["ckpt"])
+    real_run, given = model.run, [0]
+
+    def watching_run(images):
+        given[0] += len(images)
+        with lock:
+            ahead.append(decoded[0] - given[0])
+        return real_run(images)
+
+    model.run = watching_run
+    batch, workers = 8, 2
+    summary = predict_files(
+        model, trained["tree"], tmp_path / "p.csv", batch_size=batch, workers=workers
+    )
+    assert summary["predicted"] == given[0] == decoded[0] == 80
+    bound = BATCHES_IN_FLIGHT * batch + chunk_size(batch, workers)
+    assert len(ahead) == 10 and max(ahead) <= bound < 80, ahead
+
+
+def test_no_lightning_and_progress_lines_unless_quiet(trained, exported, tmp_path):
+    """A fresh process predicts a checkpoint and an ONNX file: Lightning is never imported."""
+    code = (
+        "import sys\n"
+        "import imgpipe.logs\n"
+        "imgpipe.logs.PROGRESS_SECONDS = 0.0  # a line per batch\n"
+        "from imgpipe.cli import main\n"
+        "assert main(sys.argv[1:]) == 0\n"
+        "found = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'lightning', 'pytorch_lightning', 'lightning_fabric'})\n"
+        "print('LIGHTNING', found)\n"
+    )
+    runs = {}
+    for name, model, extra in (("ckpt", trained["ckpt"], []), ("onnx", exported["onnx"], ["-q"])):
+        args = [str(model), str(trained["tree"]), "-o", str(tmp_path / f"{name}.csv")]
+        proc = subprocess.run(
+            [sys.executable, "-c", code, "predict", *args, "--batch-size", "16", *extra],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            },
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "LIGHTNING []" in proc.stdout, proc.stdout
+        runs[name] = proc.stderr
+    lines = [line.split(" ", 1)[1] for line in runs["ckpt"].splitlines() if " predict: " in line]
+    assert any("files (" in line and "files/s" in line and "left" in line for line in lines), lines
+    assert lines[-1].startswith("predict: 80/80 files in "), lines
+    assert "predict: " not in runs["onnx"] and runs["onnx"].strip() == ""
+
+
+def test_predict_rule_takes_its_settings_from_the_config(trained, tmp_path):
+    out = tmp_path / "rule"
+    settings = {
+        "input": str(trained["tree"]),
+        "name": "n",
+        "topk": 2,
+        "output_type": "logit",
+        "format": "json",
+        "batch_size": 16,
+        "device": "cpu",
+        "workers": 2,
+    }
+    job = StageJob(
+        input={"model": str(trained["ckpt"]), "images": str(trained["tree"])},
+        output={
+            "predictions": str(out / "predictions.json"),
+            "montage": str(out / "montage.png"),
+            "metrics": str(out / "metrics.json"),
+        },
+        params={"settings": settings},
+        threads=1,
+    )
+    summary = run_predict(job)
+    assert summary["output"] == {
+        "path": str(out / "predictions.json"),
+        "format": "json",
+        "output_type": "logit",
+        "topk": 2,
+    }
+    table = pd.read_json(out / "predictions.json")
+    assert list(table.columns) == prediction_columns(2, "logit") and len(table) == 80
+    assert summary["device"] == "cpu" and summary["metrics"]["n_labelled"] == 80

@@ -1,6 +1,7 @@
 # Predict new images with the final model: only when the config has a predict
 # section (predict: {input: <folder or CSV manifest>, name: <run name>}), so the
-# default DAG does not change. The input is only read.
+# default DAG does not change. The input is only read. Settings (topk,
+# output_type, format, batch_size, device, workers) as imgpipe predict's flags.
 if config.get("predict"):
 
     rule predict:
@@ -8,7 +9,8 @@ if config.get("predict"):
             model=rules.train_final.output.model,
             images=config["predict"]["input"],
         output:
-            predictions=f"results/predict/{config['predict']['name']}/predictions.csv",
+            # predictions.csv, .json or .parquet: predict.format.
+            predictions=f"results/predict/{config['predict']['name']}/predictions.{config['predict'].get('format', 'csv')}",
             montage=f"results/predict/{config['predict']['name']}/montage.png",
             metrics=f"results/predict/{config['predict']['name']}/metrics.json",
         log:
