@@ -216,15 +216,16 @@ def weights_error(name: Any, weights: Any) -> str | None:
 
 
 def named_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Every (model.name, model.weights) pair with named weights a run trains: the model section's,
-    or the sweep grid's model.name / model.weights values in their place."""
+    """Every (model.name, model.weights) pair with named weights a run may train: the model
+    section's, with the sweep's model.name / model.weights values (grid values, or a random
+    sweep's choices) in their place."""
     model = config.get("model", {})
     names, weights = [model.get("name")], [model.get("weights")]
     sweep = config.get("sweep", {})
-    if sweep.get("enabled") and sweep.get("method", "grid") == "grid":
-        grid = sweep.get("grid") or {}
-        names = list(grid.get("model.name", names))
-        weights = list(grid.get("model.weights", weights))
+    if sweep.get("enabled"):
+        swept = sweep.get("grid" if sweep.get("method", "grid") == "grid" else "ranges") or {}
+        names = list(swept.get("model.name", names))
+        weights = list(swept.get("model.weights", weights))
     pairs = itertools.product(names, weights)
     return sorted({(n, w) for n, w in pairs if isinstance(n, str) and is_named(w)})
 
@@ -248,6 +249,11 @@ def needed_files(config: Mapping[str, Any]) -> dict[str, PretrainedFile]:
 # ---------------------------------------------------------------- the cache
 
 
+def hub_filenames(spec: PretrainedFile) -> tuple[str, ...]:
+    """The hub files timm would read, in its order: a tag's own file, else safetensors then .bin."""
+    return HF_FILENAMES if spec.filename in HF_FILENAMES else (spec.filename,)
+
+
 def cached_file(spec: PretrainedFile) -> Path | None:
     """The file in the library's cache, or None when it is not there (never downloads)."""
     if spec.source != "timm":
@@ -255,10 +261,7 @@ def cached_file(spec: PretrainedFile) -> Path | None:
         return path if path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    candidates = (
-        (spec.filename, *HF_FILENAMES) if spec.filename not in HF_FILENAMES else HF_FILENAMES
-    )
-    for filename in dict.fromkeys(candidates):
+    for filename in hub_filenames(spec):
         found = try_to_load_from_cache(spec.repo_id, filename, cache_dir=hf_cache_dir())
         if isinstance(found, str) and os.path.isfile(found):
             return Path(found)
@@ -329,8 +332,10 @@ def _download_torch_hub(spec: PretrainedFile) -> Path:
 
     target = torch_checkpoints_dir() / spec.filename
     target.parent.mkdir(parents=True, exist_ok=True)
-    match = HASH_RE.search(spec.filename)
-    # torch.hub's own download: a temporary file, checked against the name's hash, then moved.
+    # torch.hub's own download: a temporary file, moved into place once complete. torchvision's
+    # file names carry the start of their sha256 (its naming rule): checked; timm's URLs are not
+    # checked, as timm itself does not.
+    match = HASH_RE.search(spec.filename) if spec.source == "torchvision" else None
     torch.hub.download_url_to_file(
         spec.url, str(target), hash_prefix=match.group(1) if match else None, progress=False
     )
@@ -341,11 +346,8 @@ def _download_hf(spec: PretrainedFile) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    names = dict.fromkeys(
-        (spec.filename, *HF_FILENAMES) if spec.filename not in HF_FILENAMES else HF_FILENAMES
-    )
     error: Exception | None = None
-    for filename in names:
+    for filename in hub_filenames(spec):
         try:
             return Path(hf_hub_download(spec.repo_id, filename, cache_dir=hf_cache_dir()))
         except EntryNotFoundError as err:  # timm publishes .safetensors or .bin: try the next

@@ -232,6 +232,20 @@ def test_sweep_grid_names_and_weights_are_checked_pair_by_pair():
     assert sorted(files) == [f"timm-{TIMM_TAG}", "torchvision-resnet18-f37072fd"]
 
 
+def test_a_random_sweeps_choices_count_too():
+    ranges = {"train.lr": [0.001, 0.1], "model.weights": [None, "imagenet"]}
+    config = config_with({"name": "resnet18"}, {"method": "random", "ranges": ranges})
+    assert pretrained.named_pairs(config) == [("resnet18", "imagenet")]
+
+
+def test_a_timm_pytorch_model_bin_in_the_cache_is_found(caches):
+    seed_timm(caches)
+    snapshot = caches["hf"] / "hub" / f"models--timm--{TIMM_TAG}" / "snapshots" / REVISION
+    (snapshot / "model.safetensors").rename(snapshot / "pytorch_model.bin")
+    spec = pretrained.resolve("timm/resnet10t", "imagenet")
+    assert pretrained.cached_file(spec) == snapshot / "pytorch_model.bin"
+
+
 def test_no_named_weights_need_no_file():
     assert pretrained.needed_files(config_with({"name": "resnet18", "weights": "x.pth"})) == {}
     assert pretrained.needed_files(config_with({"name": "resnet18"})) == {}
