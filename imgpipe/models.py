@@ -32,7 +32,7 @@ from torchvision import models as tvm
 
 from imgpipe.errors import DataError
 from imgpipe.model_names import FACTORY_RE, timm_name_error, torchvision_names, unknown_name
-from imgpipe.pretrained import is_named, local_file
+from imgpipe.pretrained import current_keys, is_named, local_file
 
 # Below this input size the ResNet family gets the small-input stem and VGG drops pools.
 SMALL_INPUT = 64
@@ -573,12 +573,13 @@ def load_weights(model: Classifier, path: str | os.PathLike, name: str) -> None:
     adapted to the model's input channels and (small-input stem) kernel size.
     Any other missing or unexpected key or shape mismatch raises a DataError
     that names the file and the keys. A name (``imagenet``, ``timm/<arch>.<tag>``)
-    is read from the library's cache (:mod:`imgpipe.pretrained`), never downloaded.
+    is read from the library's cache (:mod:`imgpipe.pretrained`), never downloaded;
+    torchvision's old DenseNet keys (``norm.1``) are renamed as torchvision does.
     """
     if is_named(path):
         path = local_file(name, str(path))
     path = os.fspath(path)
-    state = read_state_dict(path)
+    state = current_keys(read_state_dict(path))
     backbone = model.backbone
     targets = {k: v for k, v in backbone.state_dict().items() if not _under(k, model.head_keys)}
     conv = first_conv(backbone)

@@ -46,6 +46,11 @@ HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 TRUE_WORDS = {"1", "ON", "YES", "TRUE"}
 # torch.hub's check: the hex digits after the last '-' of a file name start its sha256.
 HASH_RE = re.compile(r"-([a-f0-9]*)\.")
+# torchvision's DenseNet files keep old module names ("norm.1" for "norm1"); torchvision renames
+# them as it loads a file (torchvision.models.densenet._load_state_dict), and so does imgpipe.
+DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,11 @@ def hf_cache_dir() -> Path:
 def offline() -> bool:
     """Whether the Hugging Face offline switch ``HF_HUB_OFFLINE`` is on (imgpipe then never fetches)."""
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE_WORDS
+
+
+def current_keys(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A weights file's keys as the library's models name them today (old DenseNet keys renamed)."""
+    return {DENSENET_OLD_KEY.sub(r"\1\2", key): value for key, value in state.items()}
 
 
 # ---------------------------------------------------------------- names -> files

@@ -8,6 +8,7 @@ HF_HUB_OFFLINE is set.
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 from dataclasses import asdict
 from pathlib import Path
@@ -89,6 +90,25 @@ def test_timm_names_build_from_the_hugging_face_cache(caches, weights):
     model = build_model("timm/resnet10t", 3, 3, 64, weights=weights)
     assert_backbone_is(model, reference, "fc")
     assert model.head.out_features == 3
+
+
+def test_torchvision_densenet_file_with_its_old_key_names_loads(caches):
+    """torchvision's DenseNet files say ``norm.1`` where the model says ``norm1``."""
+    torch.manual_seed(10)
+    reference = tvm.densenet121(weights=None).state_dict()
+    # The file predates batch norm's num_batches_tracked, as torchvision's own does.
+    old = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in reference.items()
+        if not k.endswith("num_batches_tracked")
+    }
+    assert old.keys() != reference.keys()
+    folder = caches["torch"] / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    filename = pretrained.resolve("densenet121", "imagenet").filename
+    torch.save(old, folder / filename)
+    model = build_model("densenet121", 3, 3, 64, weights="imagenet")
+    assert_backbone_is(model, reference, "classifier")
 
 
 def test_a_local_path_still_loads_as_before(caches, tmp_path):
