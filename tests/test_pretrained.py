@@ -266,6 +266,18 @@ def test_a_timm_pytorch_model_bin_in_the_cache_is_found(caches):
     assert pretrained.cached_file(spec) == snapshot / "pytorch_model.bin"
 
 
+def test_timm_weights_published_only_as_a_url_go_to_the_torch_hub_cache(caches):
+    spec = pretrained.resolve("timm/gcvit_xxtiny", "imagenet")
+    assert spec.source == "timm-url" and spec.url.endswith("/" + spec.filename)
+    folder = caches["torch"] / "hub" / "checkpoints"
+    assert pretrained.cached_file(spec) is None and f"in {folder}/" in pretrained.missing_message(
+        spec
+    )
+    folder.mkdir(parents=True)
+    (folder / spec.filename).write_bytes(b"")
+    assert pretrained.cached_file(spec) == folder / spec.filename
+
+
 def test_no_named_weights_need_no_file():
     assert pretrained.needed_files(config_with({"name": "resnet18", "weights": "x.pth"})) == {}
     assert pretrained.needed_files(config_with({"name": "resnet18"})) == {}
