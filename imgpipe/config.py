@@ -165,10 +165,15 @@ def model_name_error(name: str) -> str | None:
 
 
 def model_errors(config: Mapping) -> list[str]:
-    """``model.name`` checked at start-up, not when the first trial builds the model."""
+    """``model.name`` and named ``model.weights`` checked at start-up, not when a trial builds the model."""
     name = config.get("model", {}).get("name")
     error = model_name_error(name) if isinstance(name, str) else None
-    return [error] if error else []
+    if error:
+        return [error]
+    # Imported here for the same reason: only names of weights need the registries.
+    from imgpipe.pretrained import config_weights_errors
+
+    return config_weights_errors(config)
 
 
 def check_config(config: Mapping, schema: Mapping) -> None:

@@ -10,7 +10,8 @@ Every model is a :class:`Classifier`: ``embed(x)`` gives the penultimate feature
 * ``package.module:factory``: your own ``factory(num_classes, in_channels, image_size)``
   returning an ``nn.Module`` whose output is the logits (see :class:`ModuleClassifier`).
 
-Pretrained weights are only ever read from a local file (``model.weights``, see
+Pretrained weights are only ever read from a local file (``model.weights``: a path,
+or a name such as ``imagenet`` found in the library's cache by :mod:`imgpipe.pretrained`, see
 :func:`load_weights`); nothing is downloaded. Below 64 px the torchvision ResNet
 family gets a 3x3 stride-1 stem without max-pool and VGG drops the max-pools that
 would shrink the map below one pixel; at 64 px and above every model keeps its
@@ -34,6 +35,7 @@ from torchvision import models as tvm
 
 from imgpipe.errors import DataError
 from imgpipe.model_names import FACTORY_RE, timm_name_error, torchvision_names, unknown_name
+from imgpipe.pretrained import current_keys, is_named, local_file
 
 # Below this input size the ResNet family gets the small-input stem and VGG drops pools.
 SMALL_INPUT = 64
@@ -481,8 +483,8 @@ def build_model(
     """
     if pretrained:
         raise DataError(
-            "model.pretrained is gone (nothing is read from the torch hub cache any more): "
-            "set model.weights to a local weights file"
+            "model.pretrained is gone: set model.weights to imagenet (the library's cached "
+            "pretrained weights) or to a local weights file"
         )
     if num_classes < 2:
         raise DataError(f"a classifier needs at least 2 classes, got {num_classes}")
@@ -573,10 +575,14 @@ def load_weights(model: Classifier, path: str | os.PathLike, name: str) -> None:
     imgpipe Classifier's ``head.*``) are dropped. The first convolution is
     adapted to the model's input channels and (small-input stem) kernel size.
     Any other missing or unexpected key or shape mismatch raises a DataError
-    that names the file and the keys.
+    that names the file and the keys. A name (``imagenet``, ``timm/<arch>.<tag>``)
+    is read from the library's cache (:mod:`imgpipe.pretrained`), never downloaded;
+    torchvision's old DenseNet keys (``norm.1``) are renamed as torchvision does.
     """
+    if is_named(path):
+        path = local_file(name, str(path))
     path = os.fspath(path)
-    state = read_state_dict(path)
+    state = current_keys(read_state_dict(path))
     backbone = model.backbone
     targets = {k: v for k, v in backbone.state_dict().items() if not _under(k, model.head_keys)}
     conv = first_conv(backbone)

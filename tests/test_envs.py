@@ -33,6 +33,7 @@ ENV_OF_SCRIPT = {
     "split": "data",
     "augment": "data",
     "cluster": "train",  # embeddings come from the trained model
+    "fetch_weights": "train",  # torchvision, timm and huggingface_hub find the files
     "train_final": "train",
     "sweep_trial": "train",
     "sweep_aggregate": "train",

@@ -253,8 +253,9 @@ def _rule_names() -> set[str]:
     return {name for f in files for name in re.findall(r"^\s*rule (\w+):", f.read_text(), re.M)}
 
 
-# Rules outside the default target: run by name (export) or only when configured (predict).
-OPT_IN_RULES = {"export", "predict"}
+# Rules outside the default target: run by name (export) or only when configured (predict;
+# fetch_weights: model.weights names pretrained weights, tests/test_pretrained.py).
+OPT_IN_RULES = {"export", "predict", "fetch_weights"}
 
 
 def test_default_config_plans_the_whole_dag(tmp_path):

@@ -22,6 +22,8 @@ rule cv_fold:
     input:
         unpack(best_params_input),
         **TRAIN_INPUTS,
+        # Named pretrained weights (model.weights: imagenet): fetched first.
+        pretrained=pretrained_records,
         folds=rules.cv_assign.output.folds,
     output:
         oof="results/cv/fold-{fold}/oof.csv",

@@ -11,6 +11,8 @@ if config["sweep"]["enabled"]:
     rule sweep_trial:
         input:
             **TRAIN_INPUTS,
+            # Named pretrained weights (model.weights: imagenet): fetched first.
+            pretrained=pretrained_records,
         output:
             summary="results/sweep/trials/{trial}/summary.json",
             history="results/sweep/trials/{trial}/history.csv",

@@ -6,6 +6,8 @@ rule train_final:
     input:
         unpack(best_params_input),
         **TRAIN_INPUTS,
+        # Named pretrained weights (model.weights: imagenet): fetched first.
+        pretrained=pretrained_records,
     output:
         model="results/train/final/model.ckpt",
         history="results/train/final/history.csv",

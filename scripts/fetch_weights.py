@@ -1,0 +1,9 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
+
+from imgpipe.pretrained import run_fetch_weights  # noqa: E402
+from imgpipe.stage import run_stage  # noqa: E402
+
+run_stage(snakemake, run_fetch_weights)
