@@ -102,7 +102,7 @@ def documented_yaml(doc: Path, name: str) -> dict | None:
     """The YAML block ``doc`` introduces with `name` (in the paragraph just before it), if any."""
     text = doc.read_text(encoding="utf-8")
     for match in re.finditer(r"```yaml\n(.*?)```", text, re.S):
-        before = text[: match.start()].rsplit("\n\n", 1)[-1]
+        before = text[: match.start()].rstrip().rsplit("\n\n", 1)[-1]
         if f"`{name}`" in before:
             return yaml.safe_load(match.group(1))
     return None
