@@ -248,3 +248,17 @@ def test_imgpipe_predict_takes_the_int8_file(deployed, quantised, tmp_path):
     assert len(int8_rows) == len(float_rows)
     agree = (int8_rows["label"] == float_rows["label"]).mean()
     assert agree >= 0.8, (int8_rows["label"].tolist(), float_rows["label"].tolist())
+
+
+def test_a_graph_that_cannot_be_quantised_gives_one_line(tmp_path):
+    from imgpipe.errors import DataError
+    from imgpipe.quantize import quantize_int8
+
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"\x00not onnx" * 20)
+    images = np.zeros((4, 12, 12, 1), np.uint8)
+    with pytest.raises(DataError, match=r"^int8 export failed \(.*set export.quantize: none"):
+        quantize_int8(garbage, tmp_path / "model.int8.onnx", images)
+    with pytest.raises(DataError, match="no training image to calibrate on"):
+        quantize_int8(garbage, tmp_path / "model.int8.onnx", images[:0])
+    assert not (tmp_path / "model.int8.onnx").exists()
