@@ -5,7 +5,10 @@ on the model.ckpt and on the model.pt / model.onnx that ``imgpipe.export`` write
 and timed on the same uint8 batch through ``Model.probabilities``: pixels in, class
 probabilities out, normalisation included, file decoding not. Each runtime is warmed up,
 then timed ``--repeats`` times for about ``--seconds`` each; the best round counts.
-Prints images/s side by side and their largest probability difference, and
+Prints images/s side by side and their largest probability difference, then the int8
+model (``export.quantize: int8``, quantised here with the random batch as calibration: speed
+does not depend on it; the export job measures int8 accuracy on the test images) against the
+float ONNX model, ``int8 vs float onnxruntime: ratio X``, then
 ``onnxruntime vs eager: ratio X`` (X > 1: ONNX Runtime is faster).
 
 Then end to end, files on disk to the predictions CSV: ``--files`` JPEGs of ``--file-size``
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -177,6 +181,27 @@ def end_to_end(model, folder: Path, args: argparse.Namespace) -> None:
     print(f"predict files/s vs decode+resize: ratio {pooled / bare:.2f}")
 
 
+def int8_vs_float(folder: Path, float_model, batch: np.ndarray, args: argparse.Namespace) -> float:
+    """Quantise ``folder/model.onnx`` to int8 as the export does, time both; print a row, return int8 / float."""
+    from imgpipe.quantize import quantize_int8
+
+    int8_path = folder / "model.int8.onnx"
+    quantize_int8(folder / "model.onnx", int8_path, batch[:64])
+    shutil.copy(folder / "model.onnx.json", folder / "model.int8.onnx.json")  # what it predicts
+    int8 = load_model(int8_path, device="cpu", threads=args.threads)
+    speed = images_per_s(int8, batch, args.seconds, args.repeats)
+    float_speed = images_per_s(float_model, batch, args.seconds, args.repeats)
+    diff = max_difference(float_model.probabilities(batch), int8.probabilities(batch))
+    size = int8_path.stat().st_size / (folder / "model.onnx").stat().st_size
+    print(
+        f"{'onnxruntime int8':16s}{speed:12,.0f}{'':10s}{diff:11.1e}  "
+        f"(float onnxruntime re-timed: {float_speed:,.0f} images/s; file {size:.2f}x the float's)"
+    )
+    ratio = speed / float_speed
+    print(f"int8 vs float onnxruntime: ratio {ratio:.2f}")
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="a model.ckpt (default: config/config.yaml's model)")
@@ -231,6 +256,7 @@ def main() -> None:
             diff = max_difference(reference, model.probabilities(batch))
             ratio = speeds[name] / speeds["pytorch eager"]
             print(f"{name:16s}{speeds[name]:12,.0f}{ratio:9.2f}x{diff:11.1e}")
+        int8_vs_float(folder, runtimes["onnxruntime"], batch, args)
         print(f"onnxruntime vs eager: ratio {speeds['onnxruntime'] / speeds['pytorch eager']:.2f}")
         end_to_end(runtimes["onnxruntime"], folder, args)
 

@@ -91,7 +91,10 @@ def image_grid(
     plt = pyplot()
     n_rows = max(1, len(rows))
     n_cols = max([1, *(len(row) for row in rows)])
-    caption = 14 if cell_titles is not None else 0
+    caption = 0
+    if cell_titles is not None:  # 14 px for one caption line, 9 more for each further line
+        lines = max([1, *(text.count("\n") + 1 for row in cell_titles for text in row)])
+        caption = 14 + 9 * (lines - 1)
     step_x, step_y = tile + GAP, tile + GAP + caption
     canvas = np.full((GAP + n_rows * step_y, GAP + n_cols * step_x, 3), 255, np.uint8)
     for r, row in enumerate(rows):

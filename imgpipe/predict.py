@@ -6,7 +6,8 @@ Kept apart from training (no Trainer, no data module):
   arrays or the shards on disk (``imgpipe.dataset.ShardImages``), batch by batch;
 * files: ``load_model(path)`` restores a ready model from its file alone (a
   ``model.ckpt``, or an exported ``model.onnx`` / ``model.pt`` with its JSON
-  sidecar). Predicting folders of new image files is ``imgpipe.predict_images``.
+  sidecar; an ONNX file without one, from its ``metadata_props``). Predicting
+  folders of new image files is ``imgpipe.predict_images``.
 
 torch and onnxruntime are imported where they are used, and Lightning never:
 a checkpoint loads into ``imgpipe.network.Network`` (torch and imgpipe's model
@@ -416,10 +417,38 @@ def check_onnx_shapes(path: str, session: Any, metadata: Mapping[str, Any]) -> N
         )
 
 
+# The ONNX metadata_props entry holding what a sidecar's METADATA_KEY entry holds
+# (imgpipe.export writes it), read when an .onnx file travels without its sidecar.
+ONNX_METADATA_PROP = "imgpipe.metadata"
+
+
+def onnx_props_metadata(path: str, session: Any) -> dict[str, Any]:
+    """The model metadata an ONNX file carries in its ``metadata_props`` (for a file without sidecar)."""
+    props = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA_PROP not in props:
+        raise DataError(
+            f"{path}: its sidecar {Path(path).name}{SIDECAR_SUFFIX} (preprocessing and class "
+            f"names) is missing, and the file has no {ONNX_METADATA_PROP!r} metadata_props entry"
+        )
+    try:
+        found = json.loads(props[ONNX_METADATA_PROP])
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}: metadata_props {ONNX_METADATA_PROP!r} is no JSON ({err})"
+        ) from None
+    try:
+        return checked_metadata(found, f"metadata_props {ONNX_METADATA_PROP}")
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+
+
 def _load_onnx(path: str, device: str, threads: int | None) -> Model:
-    sidecar = read_sidecar(path)
-    session = onnx_session(path, device, threads)
-    metadata = dict(sidecar[METADATA_KEY])
+    if Path(f"{path}{SIDECAR_SUFFIX}").exists():
+        metadata = dict(read_sidecar(path)[METADATA_KEY])
+        session = onnx_session(path, device, threads)
+    else:  # an exported file handed on alone describes itself
+        session = onnx_session(path, device, threads)
+        metadata = onnx_props_metadata(path, session)
     check_onnx_shapes(path, session, metadata)
     name = session.get_inputs()[0].name
 

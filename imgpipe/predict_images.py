@@ -205,6 +205,38 @@ def _screen_chunk(
 # ----------------------------------------------------------------------------- predicting files
 
 
+# Characters of a file name in a montage caption (a 96 px cell holds about 18
+# at the captions' font size); longer names keep their start and end.
+CAPTION_NAME_WIDTH = 18
+MONTAGE_TILE = 96
+ELLIPSIS = "\u2026"
+
+
+def shorten_middle(text: str, width: int = CAPTION_NAME_WIDTH) -> str:
+    """``text`` in at most ``width`` characters: its start and end around a middle ellipsis."""
+    if width < 1:
+        raise ValueError(f"width {width}: expected at least 1")
+    if len(text) <= width:
+        return text
+    kept = width - 1
+    head = (kept + 1) // 2  # the start gets the odd character: names differ there more often
+    tail = kept - head
+    return text[:head] + ELLIPSIS + (text[-tail:] if tail else "")
+
+
+def montage_caption(relpath: str, label: str, probability: float, given: str = "") -> str:
+    """A montage cell's caption: the file name (shortened), then its top label and probability.
+
+    The given label follows in brackets where it differs from the prediction.
+    A file name that is not UTF-8 shows its odd bytes as ``\\xNN``.
+    """
+    name = os.fsencode(relpath).decode("utf-8", "backslashreplace")
+    line = f"{label} {probability:.2f}"
+    if given and given != label:
+        line += f" [{given}]"
+    return f"{shorten_middle(name)}\n{line}"
+
+
 class _Montage:
     """The most and the least confident predictions seen so far (a bounded pair of heaps)."""
 
@@ -242,6 +274,7 @@ class _Montage:
             cell_titles=captions,
             title="predictions: most and least confident",
             empty_text="no image was predicted",
+            tile=MONTAGE_TILE,
         )
 
 
@@ -336,9 +369,7 @@ def predict_files(
             rows.append([*row, *cells, None, None, given[item.row] or None])
             counts["predicted"] += 1
             top, confidence = names[order[j, 0]], float(probs[j, order[j, 0]])
-            caption = f"{top} {confidence:.2f}"
-            if given[item.row] and given[item.row] != top:
-                caption += f" [{given[item.row]}]"  # the given label, where it differs
+            caption = montage_caption(relpaths[item.row], top, confidence, given[item.row])
             gallery.add(confidence, item.array, caption)
             if labelled:
                 if given[item.row] in code_of:

@@ -313,17 +313,29 @@ def reason_label(reason: str) -> str:
 # ----------------------------------------------------------------------------- inputs
 
 
+# The export rule's sidecars the report shows (test accuracy of each export) when an
+# export has been made: the export is not part of the default target.
+EXPORT_SIDECARS = {"export_onnx": "model.onnx.json", "export_int8": "model.int8.onnx.json"}
+
+
+def existing_exports(results: str) -> list[str]:
+    """The ``EXPORT_SIDECARS`` keys whose file exists under ``results/export`` (read while the DAG is built)."""
+    return [key for key, name in EXPORT_SIDECARS.items() if Path(results, "export", name).is_file()]
+
+
 def input_paths(
     results: str,
     sweep_enabled: bool,
     features: Sequence[str],
     folds: int = 0,
     trials: Sequence[str] = (),
+    exports: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The named files the report reads; sweep and per-feature cluster files only when configured.
 
     ``folds`` (cv.k) and ``trials`` (the sweep's trial folder names) add the
-    training histories the curves are drawn from (lists of paths).
+    training histories the curves are drawn from (lists of paths); ``exports``
+    (``existing_exports``) the export sidecars whose test accuracy the page shows.
     """
     paths: dict[str, Any] = {
         "config": f"{results}/config.yaml",
@@ -360,6 +372,8 @@ def input_paths(
     for name in features:
         for kind in ("metrics", "montage", "scatter"):
             paths[f"cluster_{name}_{kind}"] = f"{results}/cluster/{name}/{kind}.{_ext(kind)}"
+    for key in exports:
+        paths[key] = f"{results}/export/{EXPORT_SIDECARS[key]}"
     return paths
 
 
@@ -1434,6 +1448,7 @@ def test_section(inputs: Mapping[str, Any]) -> str:
         ]
         parts.append(key_value_table(rows, "Test set", "Value"))
         parts.append(baselines_table(metrics))
+        parts.append(exports_table(inputs, metrics))
         missing = metrics.get("classes_without_test_images")
         if isinstance(missing, list) and missing:
             parts.append(
@@ -1458,6 +1473,38 @@ def test_section(inputs: Mapping[str, Any]) -> str:
     )
     parts.append(human_table(per_class) if per_class is not None else not_run("per_class.csv"))
     return section("test", "\n".join(parts))
+
+
+def exports_table(inputs: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """The exported models' accuracy on the same test images (float ONNX, int8 ONNX), when exported."""
+    onnx = read_json(inputs, "export_onnx") or {}
+    int8 = ((read_json(inputs, "export_int8") or {}).get("quantization") or {}).get("test") or {}
+    float_test = onnx.get("test") or {}
+    if not float_test and not int8:
+        return ""
+    rows = [("PyTorch (model.ckpt)", [metrics.get("accuracy"), None, metrics.get("n_test")])]
+    if float_test:
+        rows.append(
+            (
+                "ONNX float (model.onnx)",
+                [float_test.get("accuracy"), None, float_test.get("images")],
+            )
+        )
+    if int8:
+        rows.append(
+            (
+                "ONNX int8 (model.int8.onnx)",
+                [int8.get("accuracy_int8"), int8.get("label_agreement"), int8.get("images")],
+            )
+        )
+    text = (
+        "<b>Exported models</b> (<code>snakemake export</code>) on the same test images: "
+        "the int8 file is the float graph quantised (static, calibrated on training images) "
+        "for the CPU; label agreement is the share of test images where int8 and float "
+        "predict the same class."
+    )
+    headers = ["", "Accuracy", "Label agreement with float", "Test images"]
+    return explain(text) + row_table(rows, headers)
 
 
 def baselines_table(metrics: Mapping[str, Any]) -> str:

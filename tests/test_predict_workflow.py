@@ -73,6 +73,14 @@ def test_train_evaluate_export_predict(finished_copy, tmp_path):
     assert onnx_meta["opset"] == config["export"]["opset"]
     assert onnx_meta["imgpipe"]["test_metrics"] == meta["test_metrics"]
     assert script_meta["class_names"] == meta["class_names"]
+    # Self-describing (issue 22): preprocess.json, and int8 with its test accuracy beside float's.
+    preprocess = json.loads((results / "export/preprocess.json").read_text())
+    assert preprocess["class_names"] == meta["class_names"]
+    assert preprocess["image"] == meta["image"] and "letterbox" in preprocess
+    int8_test = json.loads((results / "export/model.int8.onnx.json").read_text())["quantization"]
+    assert int8_test["test"]["images"] == evaluated["n_test"] == onnx_meta["test"]["images"]
+    assert int8_test["test"]["accuracy_float"] == pytest.approx(evaluated["accuracy"], abs=1e-12)
+    assert onnx_meta["test"]["accuracy"] == int8_test["test"]["accuracy_float"]
 
     # The predict rule: one row per file of the tree, a labelled tree, the montage.
     predicted = pd.read_csv(results / "predict/demo/predictions.csv", keep_default_na=False)
@@ -81,6 +89,13 @@ def test_train_evaluate_export_predict(finished_copy, tmp_path):
     assert summary["labelled"] and summary["metrics"]["n_labelled"] == summary["predicted"]
     assert (results / "predict/demo/montage.png").stat().st_size > 0
     assert planned_jobs(workdir, "results/evaluate/metrics.json", "export", "predict") == {}
+    # The default target reruns the snapshot (the config gained predict:) and the report,
+    # which now shows the export's test accuracy; nothing upstream.
+    assert planned_jobs(workdir) == {"config_snapshot": 1, "report": 1, "all": 1}
+    snakemake(workdir)
+    page = (results / "report/index.html").read_text()
+    assert "Exported models" in page and "ONNX int8 (model.int8.onnx)" in page
+    assert planned_jobs(workdir) == {}
 
     # imgpipe predict on the test split gives evaluate's labels, from the checkpoint and ONNX.
     evaluation = pd.read_csv(results / "evaluate/predictions.csv", dtype=str)

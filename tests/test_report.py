@@ -406,6 +406,38 @@ def test_a_model_above_its_baselines_gets_no_warning(tmp_path):
     assert pd.read_csv(tmp_path / "runs.csv")["warning"].isna().all()
 
 
+def test_an_export_shows_its_float_and_int8_accuracy_in_the_test_section(tmp_path):
+    inputs = write_fake_results(tmp_path)
+    results = Path(inputs["test_metrics"]).parents[1]
+    assert report.existing_exports(str(results)) == []  # no export yet: nothing is asked for
+    export = results / "export"
+    export.mkdir()
+    float_test = {"role": "test", "images": 32, "accuracy": 0.8125}
+    int8_test = {
+        "role": "test",
+        "images": 32,
+        "accuracy_float": 0.8125,
+        "accuracy_int8": 0.78125,
+        "label_agreement": 0.96875,
+        "max_abs_difference": 0.1,
+    }
+    (export / "model.onnx.json").write_text(json.dumps({"test": float_test}))
+    (export / "model.int8.onnx.json").write_text(json.dumps({"quantization": {"test": int8_test}}))
+    exports = report.existing_exports(str(results))
+    assert exports == ["export_onnx", "export_int8"]
+    inputs = {**inputs, **report.input_paths(str(results), True, [], exports=exports)}
+    assert inputs["export_int8"] == f"{results}/export/model.int8.onnx.json"
+    out = tmp_path / "out"
+    report.write_report(inputs, out / "index.html", out / "summary.json", {}, tmp_path / "r.csv")
+    test = section_html((out / "index.html").read_text(), "test")
+    assert "Exported models" in test
+    for cells in (
+        '<th scope="row">ONNX float (model.onnx)</th><td>0.8125</td>',
+        '<th scope="row">ONNX int8 (model.int8.onnx)</th><td>0.7812</td><td>0.9688</td>',
+    ):
+        assert cells in test
+
+
 def test_page_has_every_section_and_embeds_every_image(tmp_path):
     inputs = write_fake_results(tmp_path)
     out = tmp_path / "report"

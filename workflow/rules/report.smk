@@ -1,4 +1,4 @@
-from imgpipe.report import input_paths
+from imgpipe.report import existing_exports, input_paths
 
 
 # The effective configuration as a file: its params are the whole config, so
@@ -41,6 +41,9 @@ rule report:
                     if config["sweep"]["enabled"]
                     else []
                 ),
+                # An export's test accuracy, once `snakemake export` has made one
+                # (the export is not in the default target: never asked for here).
+                exports=existing_exports("results"),
             )
         ),
     output:
