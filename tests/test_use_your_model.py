@@ -136,12 +136,14 @@ def test_the_doc_marks_both_snippets():
     assert set(doc_snippets()) == {"onnxruntime", "pytorch"}
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "pytorch"])
+# The PyTorch snippet's prepare() is the ONNX snippet's, checked in both settings: one
+# setting is enough for its weights.
+@pytest.mark.parametrize(
+    ("deployed", "name"),
+    [("gray-pad", "onnxruntime"), ("rgb-crop", "onnxruntime"), ("gray-pad", "pytorch")],
+    indirect=["deployed"],
+)
 def test_doc_snippet_gives_imgpipe_predicts_probabilities(deployed, name, tmp_path):
-    if name == "pytorch" and deployed["image"]["mode"] == "rgb":
-        # Its prepare() is the ONNX snippet's, checked in both settings; the PyTorch
-        # run costs ~8 s (Lightning's import): one setting is enough for the weights.
-        pytest.skip("the PyTorch snippet runs on the grey model only")
     reference = predicted_by_imgpipe(
         deployed["export"] / "model.onnx", deployed["files"], tmp_path / "imgpipe.csv"
     )
@@ -211,8 +213,6 @@ def test_an_onnx_file_without_sidecar_or_props_gives_one_line(deployed, tmp_path
 @pytest.fixture(scope="module")
 def quantised(deployed, tmp_path_factory):
     """The grey model quantised to int8 on its training images, compared on 600 unseen digits."""
-    if deployed["image"]["mode"] != "gray":
-        pytest.skip("one int8 check is enough")
     base = tmp_path_factory.mktemp("int8")
     images, labels = train_images(
         digits_tree(base / "digits", per_class=170, classes=4), SETTINGS["gray-pad"]
@@ -228,6 +228,7 @@ def quantised(deployed, tmp_path_factory):
     return {"meta": meta, "path": export / "model.int8.onnx"}
 
 
+@pytest.mark.parametrize("deployed", ["gray-pad"], indirect=True)  # one int8 check
 def test_int8_accuracy_is_within_a_point_of_float(quantised):
     test = quantised["meta"]["quantization"]["test"]
     assert test["images"] == 600 and test["role"] == "test"
@@ -240,6 +241,7 @@ def test_int8_accuracy_is_within_a_point_of_float(quantised):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+@pytest.mark.parametrize("deployed", ["gray-pad"], indirect=True)  # one int8 check
 def test_imgpipe_predict_takes_the_int8_file(deployed, quantised, tmp_path):
     float_rows = predicted_by_imgpipe(
         deployed["export"] / "model.onnx", deployed["files"], tmp_path / "f.csv"
