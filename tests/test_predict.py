@@ -164,8 +164,8 @@ def test_load_model_refuses_what_it_cannot_use(tmp_path, trained):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
     with pytest.raises(DataError, match="not an imgpipe model file"):
         load_model(tmp_path / "other.ckpt")
-    shutil.copy2(trained["ckpt"], tmp_path / "alone.onnx")
-    with pytest.raises(DataError, match="sidecar"):
+    shutil.copy2(trained["ckpt"], tmp_path / "alone.onnx")  # no sidecar, and no ONNX inside
+    with pytest.raises(DataError, match="cannot be read as an ONNX model"):
         load_model(tmp_path / "alone.onnx")
     if not torch.cuda.is_available():
         with pytest.raises(DataError, match="no usable CUDA"):
