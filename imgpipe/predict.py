@@ -117,6 +117,15 @@ def load_classifier(
     return _checkpoint_classifier(checkpoint_path, model_factory)[0].to(device).eval()
 
 
+def probabilities_of(module: ImageClassifier, x: torch.Tensor) -> torch.Tensor:
+    """Calibrated class probabilities of a preprocessed batch: softmax(logits / the model's T)."""
+    import torch
+
+    from imgpipe.calibration import apply_temperature
+
+    return torch.softmax(apply_temperature(module(x).float(), module.temperature), dim=1)
+
+
 def _batched(
     checkpoint_path: str | os.PathLike,
     images: Images,
@@ -124,6 +133,7 @@ def _batched(
     features: bool,
     ids: np.ndarray | None = None,
     model_factory: Factories = None,
+    logits: bool = False,
 ) -> np.ndarray:
     import torch
 
@@ -140,7 +150,10 @@ def _batched(
             for start in range(0, len(ids), batch_size):
                 pixels = to_uint8_nchw(images[ids[start : start + batch_size]])
                 x = module.preprocess(pixels.to(device))
-                out = module.embed(x) if features else torch.softmax(module(x), dim=1)
+                if features:
+                    out = module.embed(x)
+                else:
+                    out = module(x) if logits else probabilities_of(module, x)
                 outputs.append(out.float().cpu())
     if not outputs:
         width = module.model.head.in_features if features else module.model.head.out_features
@@ -155,8 +168,19 @@ def predict_proba(
     ids: np.ndarray | None = None,
     model_factory: Factories = None,
 ) -> np.ndarray:
-    """Class probabilities (N, num_classes) of uint8 (N, S, S, C) images (or of ``images[ids]``)."""
+    """Calibrated class probabilities (N, num_classes) of uint8 (N, S, S, C) images (or of ``images[ids]``)."""
     return _batched(checkpoint_path, images, batch_size, False, ids, model_factory)
+
+
+def predict_logits(
+    checkpoint_path: str | os.PathLike,
+    images: Images,
+    batch_size: int = 512,
+    ids: np.ndarray | None = None,
+    model_factory: Factories = None,
+) -> np.ndarray:
+    """Raw class logits (N, num_classes), before the temperature, of uint8 images (or ``images[ids]``)."""
+    return _batched(checkpoint_path, images, batch_size, False, ids, model_factory, logits=True)
 
 
 def embed(
@@ -254,7 +278,7 @@ def _load_checkpoint(path: str, device: str, model_factory: Factories) -> Model:
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = module.preprocess(to_uint8_nchw(images).to(device))
-            return torch.softmax(module(x).float(), dim=1).cpu().numpy()
+            return probabilities_of(module, x).cpu().numpy()
 
     return Model(path, "checkpoint", device, metadata, run, module)
 
