@@ -1485,7 +1485,10 @@ def calibration_part(calibration: Mapping[str, Any]) -> str:
     )
     rows = [
         (label, [calibration.get(f"{key}_before"), calibration.get(f"{key}_after")])
-        for key, label in (("ece", "Expected calibration error"), ("nll", "Negative log-likelihood"))
+        for key, label in (
+            ("ece", "Expected calibration error"),
+            ("nll", "Negative log-likelihood"),
+        )
     ]
     parts = [explain(text), row_table(rows, ["", "Before (T = 1)", "After"])]
     reliability = calibration.get("reliability")
