@@ -1502,10 +1502,6 @@ def calibration_part(calibration: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if _is_number(value) else "n/a"
-
-
 def reliability_chart(reliability: Mapping[str, Any]) -> str:
     """Confidence against accuracy per bin, before and after calibration, with the diagonal."""
     plt = pyplot()

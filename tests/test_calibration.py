@@ -242,3 +242,22 @@ def test_the_demo_run_is_calibrated_without_changing_a_prediction(finished_run):
     assert predictions["predicted"].tolist() == names[logits.argmax(axis=1)].tolist()
     report = (results / "report" / "index.html").read_text()
     assert "Reliability diagram" in report and "Expected calibration error" in report
+
+
+def test_the_report_shows_the_calibration_and_its_reliability_diagram(tmp_path):
+    from imgpipe.calibration import calibration_summary
+    from imgpipe.report import headline, test_section
+
+    _, labels, logits = sampled(300, 3, sharpness=3.0)
+    calibration = calibration_summary(
+        logits, labels, fit_temperature(logits, labels), "the 300 validation images"
+    )
+    metrics = {"accuracy": 0.9, "n_test": 300, "calibration": calibration}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    page = test_section({"test_metrics": str(path)})
+    assert "Reliability diagram on the 300 test images" in page
+    assert "fitted by minimising the negative log-likelihood on the 300 validation images" in page
+    assert "Expected calibration error" in page and "data:image/png;base64," in page
+    test = headline({"test_metrics": str(path)})["test"]
+    assert test["ece_before"] == calibration["ece_before"] > test["ece_after"]
