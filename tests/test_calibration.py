@@ -236,7 +236,7 @@ def test_on_the_demo_digits_the_test_ece_falls_and_no_prediction_changes(trained
 # ----------------------------------------------------------------------------- the demo run
 
 
-def test_the_tiny_run_is_calibrated_without_changing_a_prediction(finished_run):
+def test_the_tiny_run_is_calibrated_without_changing_a_prediction(finished_run, monkeypatch):
     # The shared tiny run (3 epochs, 16 test images, accuracy ~0.4) is too small to show
     # the ECE fall (the digits test above does); here: where T comes from, what is written.
     results = finished_run / "results"
@@ -255,6 +255,7 @@ def test_the_tiny_run_is_calibrated_without_changing_a_prediction(finished_run):
     test_ids = np.sort(split.loc[split["role"] == "test", "id"].to_numpy())
     from imgpipe.dataset import class_names, load_index, open_images
 
+    monkeypatch.chdir(finished_run)  # the index names its shards relative to the run
     index = load_index(results / "clean" / "index.csv")
     logits = predict_logits(
         results / "train" / "final" / "model.ckpt", open_images(index), ids=test_ids
