@@ -1519,7 +1519,7 @@ def reliability_chart(reliability: Mapping[str, Any]) -> str:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("confidence (mean of the bin)")
     ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     return chart(fig)
 
