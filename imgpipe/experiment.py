@@ -377,9 +377,10 @@ def run_cv_fold(job: StageJob) -> dict:
     them) are not declared outputs for that reason.
     """
     from imgpipe.baselines import both_baselines
+    from imgpipe.calibration import calibrated_probabilities, calibration_summary
     from imgpipe.cv import fold_metrics, folds_used
     from imgpipe.dataset import class_names
-    from imgpipe.predict import predict_proba
+    from imgpipe.predict import predict_logits
 
     fold = int(job.wildcards["fold"])
     oof_path, summary_path = job.output["oof"], job.output["summary"]
@@ -418,9 +419,17 @@ def run_cv_fold(job: StageJob) -> dict:
     )
     result = run_training(data, train_ids, val_ids, run, job)
     # The fold's model was built from this config's model.name: its factory, if any, is trusted.
-    probs = predict_proba(
+    logits = predict_logits(
         out_dir / "model.ckpt", data.images, ids=held_out, model_factory=model_cfg["name"]
     )
+    # Calibrated like the final model (imgpipe.calibration): ECE / NLL before and after on the
+    # held-out fold go to summary.csv.
+    temperature = result.get("temperature", 1.0)
+    calibration = calibration_summary(
+        logits, data.labels[held_out], temperature, result.get("temperature_fitted_on", "none")
+    )
+    calibration.pop("reliability")
+    probs = calibrated_probabilities(logits, temperature)
     oof = pd.DataFrame(probs, columns=[f"p{c}" for c in range(probs.shape[1])])
     oof.insert(0, "label", data.labels[held_out])
     oof.insert(0, "fold", fold)
@@ -440,6 +449,7 @@ def run_cv_fold(job: StageJob) -> dict:
         "n_inner_val": len(val_ids),
         "n_held_out": len(held_out),
         "baselines": baselines,
+        "calibration": calibration,
     }
     write_json(summary, summary_path)
     return summary

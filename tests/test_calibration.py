@@ -250,6 +250,12 @@ def test_the_tiny_run_is_calibrated_without_changing_a_prediction(finished_run, 
     assert state["hyper_parameters"]["temperature"] == best["temperature"]
     assert calibration["temperature"] == best["temperature"]
     assert best["trial"] in calibration["fitted_on"]
+    # The folds follow the final model's rule: after a sweep, the winner's temperature.
+    fold = json.loads((results / "cv" / "fold-0" / "summary.json").read_text())
+    assert fold["temperature"] == best["temperature"]
+    assert fold["calibration"]["n"] == fold["n_held_out"]
+    cv = pd.read_csv(results / "cv" / "summary.csv")
+    assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(cv.columns)
     # The argmax never changes: the written predictions are those of the raw logits.
     split = pd.read_csv(results / "split" / "split.csv")
     test_ids = np.sort(split.loc[split["role"] == "test", "id"].to_numpy())
