@@ -69,9 +69,13 @@ class ImageClassifier(pl.LightningModule):
         class_names: Sequence[str] | None = None,
         image_cfg: dict | None = None,
         class_weights: Sequence[float] | None = None,
+        temperature: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters()
+        # Calibration (imgpipe.calibration): fitted after training, used only where logits
+        # become probabilities for people (never in the loss or the validation metrics).
+        self.temperature = float(temperature)
         self.model = build_model(
             model_cfg["name"],
             num_classes,

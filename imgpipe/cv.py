@@ -193,7 +193,9 @@ def summarise_cv(
     """Gather the folds: summary.csv (per fold, mean, std), oof.csv and the suspect labels.
 
     summary.csv has the model's metrics and, beside them, each fold's
-    baselines (``baseline_majority_accuracy``, ... ``baseline_linear_f1_macro``).
+    baselines (``baseline_majority_accuracy``, ... ``baseline_linear_f1_macro``)
+    and its calibration on the held-out fold (``ece_before``, ``ece_after``,
+    ``nll_before``, ``nll_after``).
     """
     import json
 
@@ -211,6 +213,8 @@ def summarise_cv(
             row = {key: summary[key] for key in ("fold", *METRIC_KEYS)}
             if "baselines" in summary:  # the majority class and the linear model on pixels
                 row |= flat_baselines(summary["baselines"])
+            calibration = summary.get("calibration") or {}
+            row |= {key: calibration[key] for key in CALIBRATION_KEYS if key in calibration}
             fold_rows.append(row)
     table = summarise_folds(pd.DataFrame(fold_rows))
     write_csv(table, outputs["summary"])
@@ -242,4 +246,6 @@ def summarise_cv(
     return table
 
 
+# The held-out fold's expected calibration error and NLL before (T = 1) and after its temperature.
+CALIBRATION_KEYS = ("ece_before", "ece_after", "nll_before", "nll_after")
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro")

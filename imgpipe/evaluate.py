@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -141,11 +140,13 @@ def evaluate_predictions(
     class_names: Sequence[str],
     outputs: Mapping[str, str],
     baselines: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict:
     """Write metrics.json, confusion.csv/.png, per_class.csv and predictions.csv; return the metrics.
 
     ``baselines`` (``imgpipe.baselines``: majority, linear_pixels) go into
-    metrics.json under ``baselines``.
+    metrics.json under ``baselines``, ``calibration`` (ECE and NLL before and
+    after the temperature) under ``calibration``.
     """
     if probs.shape != (len(rows), len(class_names)):
         raise DataError(
@@ -159,6 +160,8 @@ def evaluate_predictions(
     metrics = {"n_test": metrics.pop("n"), **metrics, "classes": names}
     if baselines is not None:
         metrics["baselines"] = dict(baselines)
+    if calibration is not None:
+        metrics["calibration"] = dict(calibration)
     write_json(metrics, outputs["metrics"])
     cm = confusion_matrix_table(y_true, y_pred, names)
     write_csv(cm, outputs["confusion"], index=True)
@@ -181,35 +184,91 @@ def run_evaluate(job: StageJob, predict: Callable[..., np.ndarray] | None = None
     training images and scored on the same test images; a model that does not
     beat them gets a warning line in the log and on the terminal.
 
-    ``predict(checkpoint, images, ids=...) -> probabilities`` defaults to
-    ``imgpipe.predict.predict_proba`` (images are read from the shards batch by batch).
+    By default the model's raw logits of the test images are read once
+    (``imgpipe.predict.predict_logits``, from the shards batch by batch): the
+    probabilities are ``softmax(logits / T)`` with the model file's
+    temperature, and metrics.json's ``calibration`` compares them with T = 1
+    (``imgpipe.calibration.calibration_summary``). A ``predict(checkpoint,
+    images, ids=...) -> probabilities`` given instead is used as it is (no
+    ``calibration`` entry).
     """
     from imgpipe.baselines import both_baselines
     from imgpipe.dataset import class_names, label_codes, load_index, open_images
     from imgpipe.split import final_roles, load_split, role_ids
 
-    if predict is None:
-        from imgpipe.modelfile import configured_factories
-        from imgpipe.predict import predict_proba
-
-        # A model built by package.module:factory loads when the user's config names it.
-        predict = partial(predict_proba, model_factory=configured_factories(job.config))
     index = load_index(job.input["index"])
     roles = load_split(job.input["split"])
     rows = rows_of_test_set(index, roles)
     images = open_images(index)
-    probs = predict(job.input["model"], images, ids=rows["id"].to_numpy())
+    calibration = None
+    if predict is None:
+        probs, calibration = calibrated_test_probabilities(job, images, rows, class_names(index))
+    else:
+        probs = predict(job.input["model"], images, ids=rows["id"].to_numpy())
     # The final model's training images (train, or train + val after a sweep: its input best).
     train_ids = role_ids(roles, *final_roles("best" in job.input)[0])
     baselines = both_baselines(
         images, label_codes(index), train_ids, rows["id"].to_numpy(), class_names(index)
     )
     metrics = evaluate_predictions(
-        rows, np.asarray(probs, dtype=np.float64), class_names(index), job.output, baselines
+        rows,
+        np.asarray(probs, dtype=np.float64),
+        class_names(index),
+        job.output,
+        baselines,
+        calibration,
     )
     plot_training_curves(job.input["history"], job.output["curves"])
     warn_if_beaten(metrics, job.input["history"], job.input.get("train_summary"))
     return metrics
+
+
+def calibrated_test_probabilities(
+    job: StageJob, images: Any, rows: pd.DataFrame, class_names: Sequence[str]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The test images' calibrated probabilities and the ``calibration`` entry of metrics.json.
+
+    One pass of the model over the test images gives the raw logits; the
+    temperature and where it was fitted come from the model file and its
+    training summary.
+    """
+    from imgpipe.calibration import calibrated_probabilities, calibration_summary
+    from imgpipe.modelfile import configured_factories, read_checkpoint
+    from imgpipe.predict import predict_logits
+
+    # A model built by package.module:factory loads when the user's config names it.
+    logits = predict_logits(
+        job.input["model"],
+        images,
+        ids=rows["id"].to_numpy(),
+        model_factory=configured_factories(job.config),
+    )
+    hparams = read_checkpoint(job.input["model"]).get("hyper_parameters") or {}
+    temperature = float(hparams.get("temperature", 1.0))
+    y_true = np.searchsorted(np.asarray(list(class_names)), rows["label"].astype(str).to_numpy())
+    summary = calibration_summary(logits, y_true, temperature, fitted_on(job))
+    log.info(
+        "calibration: T %.3f; test ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+        temperature,
+        summary["ece_before"],
+        summary["ece_after"],
+        summary["nll_before"],
+        summary["nll_after"],
+    )
+    return calibrated_probabilities(logits, temperature), summary
+
+
+def fitted_on(job: StageJob) -> str:
+    """Where the final model's temperature was fitted, as its training summary says."""
+    import json
+
+    path = job.input.get("train_summary")
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            found = json.load(fh).get("temperature_fitted_on")
+        if found:
+            return str(found)
+    return "unknown (the training summary does not say)"
 
 
 def warn_if_beaten(

@@ -197,6 +197,10 @@ class TrainingRun:
     out_dir: str
     resume_dir: str
     tensorboard_dir: str | None = None
+    # A run without validation images takes this temperature (imgpipe.calibration),
+    # fitted by the sweep's winning trial; None: fitted on the run's own validation images.
+    temperature: float | None = None
+    temperature_source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields."""
@@ -231,6 +235,7 @@ def training_run(
     out_dir: str | os.PathLike,
     key: str,
     tensorboard_dir: str | os.PathLike | None = None,
+    best: Mapping[str, Any] | None = None,
 ) -> TrainingRun:
     """The description of a job's training run: its sections, image settings and folders.
 
@@ -238,8 +243,12 @@ def training_run(
     job's config, code and inputs, so a rerun after a kill continues from the
     last checkpoint while a changed job never resumes a stale one.
     ``tensorboard_dir``: the job's TensorBoard run (``tensorboard_dir_for``).
+    ``best``: the sweep's best.yaml, whose winning trial's temperature a run
+    without validation images takes (``winner_temperature``).
     """
     from imgpipe.atomic import plain
+
+    temperature, source = winner_temperature(best or {})
 
     return TrainingRun(
         model=plain(model_cfg),
@@ -249,7 +258,25 @@ def training_run(
         out_dir=str(out_dir),
         resume_dir=str(resume_dir_for(key)),
         tensorboard_dir=str(tensorboard_dir) if tensorboard_dir is not None else None,
+        temperature=temperature,
+        temperature_source=source,
     )
+
+
+def winner_temperature(best: Mapping[str, Any]) -> tuple[float | None, str | None]:
+    """(temperature, where it was fitted) of the sweep's winning trial, or (None, None) without one.
+
+    The winner trained on the train role and fitted its temperature on the
+    val role (imgpipe.training.calibrate_run): the final model and the folds
+    after a sweep, which train without validation images, take it.
+    """
+    if best.get("temperature") is None:
+        return None, None
+    where = (
+        f"the sweep winner {best.get('trial')}'s validation images "
+        "(trained on train, fitted on val, last epoch)"
+    )
+    return float(best["temperature"]), where
 
 
 def fit_run(
@@ -279,6 +306,8 @@ def fit_run(
         class_names=class_names(data.index),
         image_cfg=image_settings(data, run.image_fit),
         tensorboard_dir=run.tensorboard_dir,
+        temperature=run.temperature,
+        temperature_source=run.temperature_source,
     )
 
 
@@ -348,9 +377,10 @@ def run_cv_fold(job: StageJob) -> dict:
     them) are not declared outputs for that reason.
     """
     from imgpipe.baselines import both_baselines
+    from imgpipe.calibration import calibrated_probabilities, calibration_summary
     from imgpipe.cv import fold_metrics, folds_used
     from imgpipe.dataset import class_names
-    from imgpipe.predict import predict_proba
+    from imgpipe.predict import predict_logits
 
     fold = int(job.wildcards["fold"])
     oof_path, summary_path = job.output["oof"], job.output["summary"]
@@ -385,13 +415,21 @@ def run_cv_fold(job: StageJob) -> dict:
     out_dir = Path(summary_path).parent
     key = resume_key("cv", job, fold, model_cfg, train_cfg, best, name=f"cv-fold-{fold}")
     run = training_run(
-        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("cv", f"fold-{fold}")
+        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("cv", f"fold-{fold}"), best
     )
     result = run_training(data, train_ids, val_ids, run, job)
     # The fold's model was built from this config's model.name: its factory, if any, is trusted.
-    probs = predict_proba(
+    logits = predict_logits(
         out_dir / "model.ckpt", data.images, ids=held_out, model_factory=model_cfg["name"]
     )
+    # Calibrated like the final model (imgpipe.calibration): ECE / NLL before and after on the
+    # held-out fold go to summary.csv.
+    temperature = result.get("temperature", 1.0)
+    calibration = calibration_summary(
+        logits, data.labels[held_out], temperature, result.get("temperature_fitted_on", "none")
+    )
+    calibration.pop("reliability")
+    probs = calibrated_probabilities(logits, temperature)
     oof = pd.DataFrame(probs, columns=[f"p{c}" for c in range(probs.shape[1])])
     oof.insert(0, "label", data.labels[held_out])
     oof.insert(0, "fold", fold)
@@ -411,6 +449,7 @@ def run_cv_fold(job: StageJob) -> dict:
         "n_inner_val": len(val_ids),
         "n_held_out": len(held_out),
         "baselines": baselines,
+        "calibration": calibration,
     }
     write_json(summary, summary_path)
     return summary
@@ -450,7 +489,7 @@ def run_train_final(job: StageJob) -> dict:
         train_cfg["num_nodes"] = 1
     # The one description of this run, for the srun ranks and the local fit alike.
     run = training_run(
-        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("final", "final")
+        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("final", "final"), best
     )
     if launching:
         # A SLURM job of nodes x gpus tasks: srun starts one rank per GPU (imgpipe.launch).

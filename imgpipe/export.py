@@ -1,8 +1,8 @@
 """Export the final model to ONNX (float and int8) and TorchScript, each self-describing.
 
 Both files hold one graph, ``Predictor``: uint8 (or float, 0-255) NCHW images
-in, class probabilities out; scaling to [0, 1], the normalisation and the
-softmax are inside. What remains outside is the file preprocessing that every
+in, class probabilities out; scaling to [0, 1], the normalisation, the
+calibration temperature and the softmax are inside. What remains outside is the file preprocessing that every
 imgpipe stage shares (``imgpipe.ingest.prepare_images``: decode, EXIF
 orientation, colour mode, resize with pad or crop), described in the sidecar
 with the class names, so either file is usable alone, by ``imgpipe predict``
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from imgpipe.atomic import atomic_path, write_json
+from imgpipe.calibration import apply_temperature
 from imgpipe.errors import DataError
 from imgpipe.modelfile import METADATA_KEY, configured_factories
 from imgpipe.predict import ONNX_METADATA_PROP, SIDECAR_SUFFIX, Model, load_model
@@ -57,28 +58,34 @@ class Predictor(nn.Module):
     """uint8 (or float in 0-255) NCHW images -> class probabilities, normalisation included.
 
     The very operations of ``ImageClassifier.preprocess`` (divide by 255,
-    subtract the mean, divide by the std) followed by the network and softmax.
+    subtract the mean, divide by the std) followed by the network, the
+    calibration temperature (``imgpipe.calibration.apply_temperature``, baked
+    into the graph as a constant) and softmax: the file alone gives calibrated
+    probabilities.
     """
 
-    def __init__(self, network: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(
+        self, network: nn.Module, mean: torch.Tensor, std: torch.Tensor, temperature: float = 1.0
+    ):
         super().__init__()
         self.network = network
         self.register_buffer("mean", mean.detach().clone().float().reshape(1, -1, 1, 1))
         self.register_buffer("std", std.detach().clone().float().reshape(1, -1, 1, 1))
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities (N, classes) of a (N, C, S, S) batch of 0-255 pixel values."""
         x = images.float() / 255.0
         x = (x - self.mean) / self.std
-        return torch.softmax(self.network(x), dim=1)
+        return torch.softmax(apply_temperature(self.network(x), self.temperature), dim=1)
 
 
 def predictor(model: Model) -> Predictor:
-    """The export graph of a checkpoint's model (CPU, eval mode)."""
+    """The export graph of a checkpoint's model (CPU, eval mode), its temperature included."""
     if model.kind != "checkpoint":
         raise DataError(f"{model.path}: export starts from a model.ckpt, not a {model.kind} file")
     module = model.module.to("cpu").eval()
-    return Predictor(module.model, module.mean, module.std).eval()
+    return Predictor(module.model, module.mean, module.std, module.temperature).eval()
 
 
 def example_batch(model: Model, n: int = PARITY_IMAGES, seed: int = 0) -> np.ndarray:
@@ -118,7 +125,13 @@ def sidecar(model: Model, runtime: str, **extra: Any) -> dict[str, Any]:
             "shape": ["batch", channels, image["size"], image["size"]],
             "range": [0, 255],
         },
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.class_names)]},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", len(model.class_names)],
+            "is": "softmax(logits / temperature): calibrated probabilities",
+        },
+        # The calibration temperature (imgpipe.calibration), already inside the graph.
+        "temperature": float(model.module.temperature),
         "preprocessing": {
             "steps": [
                 "decode the file (EXIF orientation applied; 16-bit shifted to 8 bits; "
@@ -225,7 +238,9 @@ def preprocess_spec(model: Model) -> dict[str, Any]:
         "output": {
             "name": OUTPUT_NAME,
             "shape": ["batch", len(model.class_names)],
-            "meaning": "class probabilities (softmax inside the graph), column j is class_names[j]",
+            "meaning": "calibrated class probabilities, softmax(logits / temperature) inside "
+            "the graph; column j is class_names[j]",
+            "temperature": float(model.metadata.get("temperature", 1.0)),
         },
         "reference": "imgpipe.ingest.prepare_images",
     }

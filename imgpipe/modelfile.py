@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from imgpipe.atomic import plain
+from imgpipe.calibration import checked_temperature
 from imgpipe.errors import DataError
 
 METADATA_KEY = "imgpipe"
@@ -84,6 +85,8 @@ def model_metadata(hparams: Mapping[str, Any]) -> dict[str, Any]:
                 "mean": [float(v) for v in hparams["mean"]],
                 "std": [float(v) for v in hparams["std"]],
             },
+            # Probabilities are softmax(logits / temperature) (imgpipe.calibration).
+            "temperature": float(hparams.get("temperature", 1.0)),
         }
     )
 
@@ -113,6 +116,7 @@ HPARAM_KEYS = (
     "class_names",
     "image_cfg",
     "class_weights",
+    "temperature",
 )
 REQUIRED_HPARAMS = ("model_cfg", "num_classes", "in_channels", "image_size", "mean", "std")
 # config/schema.yaml's image.size range; imgpipe's colour modes and their channels.
@@ -315,6 +319,9 @@ def safe_hparams(hparams: Any, factories: Iterable[str] = ()) -> dict[str, Any]:
         "class_names": None,
         "image_cfg": None,
         "class_weights": None,
+        # The calibration temperature (imgpipe.calibration): a file without one predicts as
+        # it was trained (T = 1), so files older than calibration still load.
+        "temperature": checked_temperature(hp.get("temperature", 1.0)),
     }
     if hp.get("class_names") is not None:
         safe["class_names"] = class_names_of(hp["class_names"], "class_names", num_classes)

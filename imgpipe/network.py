@@ -89,6 +89,8 @@ class Network(nn.Module):
             dropout=model_cfg.get("dropout", 0.3),
             weights=None,  # the file's own weights replace any initial ones
         )
+        # Calibration (imgpipe.calibration): logits / T become the probabilities people see.
+        self.temperature = float(training_only.get("temperature", 1.0))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

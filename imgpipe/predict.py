@@ -119,6 +119,15 @@ def load_classifier(
     return _checkpoint_classifier(checkpoint_path, model_factory)[0].to(device).eval()
 
 
+def probabilities_of(module: Network, x: torch.Tensor) -> torch.Tensor:
+    """Calibrated class probabilities of a preprocessed batch: softmax(logits / the model's T)."""
+    import torch
+
+    from imgpipe.calibration import apply_temperature
+
+    return torch.softmax(apply_temperature(module(x).float(), module.temperature), dim=1)
+
+
 def _batched(
     checkpoint_path: str | os.PathLike,
     images: Images,
@@ -126,6 +135,7 @@ def _batched(
     features: bool,
     ids: np.ndarray | None = None,
     model_factory: Factories = None,
+    logits: bool = False,
 ) -> np.ndarray:
     import torch
 
@@ -142,7 +152,10 @@ def _batched(
             for start in range(0, len(ids), batch_size):
                 pixels = to_uint8_nchw(images[ids[start : start + batch_size]])
                 x = module.preprocess(pixels.to(device))
-                out = module.embed(x) if features else torch.softmax(module(x), dim=1)
+                if features:
+                    out = module.embed(x)
+                else:
+                    out = module(x) if logits else probabilities_of(module, x)
                 outputs.append(out.float().cpu())
     if not outputs:
         width = module.model.head.in_features if features else module.model.head.out_features
@@ -157,8 +170,19 @@ def predict_proba(
     ids: np.ndarray | None = None,
     model_factory: Factories = None,
 ) -> np.ndarray:
-    """Class probabilities (N, num_classes) of uint8 (N, S, S, C) images (or of ``images[ids]``)."""
+    """Calibrated class probabilities (N, num_classes) of uint8 (N, S, S, C) images (or of ``images[ids]``)."""
     return _batched(checkpoint_path, images, batch_size, False, ids, model_factory)
+
+
+def predict_logits(
+    checkpoint_path: str | os.PathLike,
+    images: Images,
+    batch_size: int = 512,
+    ids: np.ndarray | None = None,
+    model_factory: Factories = None,
+) -> np.ndarray:
+    """Raw class logits (N, num_classes), before the temperature, of uint8 images (or ``images[ids]``)."""
+    return _batched(checkpoint_path, images, batch_size, False, ids, model_factory, logits=True)
 
 
 def embed(
@@ -224,9 +248,10 @@ class Model:
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Class logits (N, classes) of uint8 (N, S, S, C) images.
 
-        A checkpoint gives its network's raw logits. An exported file's graph
-        ends in the softmax, so its logits are the log-probabilities: the raw
-        logits less a per-image constant, with the same softmax and the same order.
+        A checkpoint gives its network's logits divided by the model's
+        temperature (calibrated logits). An exported file's graph ends in the
+        softmax of those, so its logits are the log-probabilities: the
+        calibrated logits less a per-image constant, with the same softmax and order.
         """
         images = np.asarray(images)
         expected = (self.image["size"], self.image["size"], 3 if self.image["mode"] == "rgb" else 1)
@@ -301,6 +326,7 @@ def resolve_device(device: str | None) -> str:
 def _load_checkpoint(path: str, device: str, model_factory: Factories) -> Model:
     import torch
 
+    from imgpipe.calibration import apply_temperature
     from imgpipe.network import to_uint8_nchw
 
     module, metadata = _checkpoint_classifier(path, model_factory)
@@ -309,7 +335,8 @@ def _load_checkpoint(path: str, device: str, model_factory: Factories) -> Model:
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = module.preprocess(to_uint8_nchw(images).to(device))
-            return module(x).float().cpu().numpy()
+            # The calibrated logits (logits / T): their softmax is the calibrated probabilities.
+            return apply_temperature(module(x).float(), module.temperature).cpu().numpy()
 
     return Model(path, "checkpoint", device, metadata, run, module, outputs="logits")
 

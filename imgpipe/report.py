@@ -562,6 +562,12 @@ def _test_headline(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
         "f1_macro": find_number(metrics, ["f1_macro", "macro_f1", "macro avg.f1-score"]),
         "n_test": find_number(metrics, ["n_test"]),
     }
+    calibration = metrics.get("calibration")
+    if isinstance(calibration, Mapping):
+        result |= {
+            key: calibration.get(key)
+            for key in ("temperature", "ece_before", "ece_after", "nll_before", "nll_after")
+        }
     baselines = metrics.get("baselines")
     if not isinstance(baselines, Mapping):
         return result
@@ -1459,6 +1465,8 @@ def test_section(inputs: Mapping[str, Any]) -> str:
             )
         elif isinstance(missing, list):
             parts.append(explain("Every class has test images."))
+    if metrics is not None and isinstance(metrics.get("calibration"), Mapping):
+        parts.append(calibration_part(metrics["calibration"]))
     parts.append(
         explain(
             "Rows are the true classes, columns the predicted ones: off-diagonal cells are mistakes."
@@ -1505,6 +1513,62 @@ def exports_table(inputs: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
     )
     headers = ["", "Accuracy", "Label agreement with float", "Test images"]
     return explain(text) + row_table(rows, headers)
+
+
+def calibration_part(calibration: Mapping[str, Any]) -> str:
+    """The calibration numbers (ECE, NLL before and after the temperature) and the reliability diagram."""
+    n = calibration.get("n")
+    bins = calibration.get("bins")
+    text = (
+        "<b>Calibrated probabilities.</b> Every probability imgpipe writes is "
+        f"softmax(logits / T) with T = {esc(_fmt(calibration.get('temperature')))}, fitted by "
+        "minimising the negative log-likelihood on "
+        f"{esc(calibration.get('fitted_on', 'images the model did not train on'))}; "
+        "T only rescales the logits, so every prediction (and accuracy) is unchanged. "
+        f"Measured on the {esc(_count(n))} test images: expected calibration error (ECE, "
+        f"{esc(bins)} equal-width confidence bins: the mean gap between confidence and "
+        "accuracy, weighted by the images in each bin) and negative log-likelihood (NLL), "
+        "before (T = 1) and after."
+    )
+    rows = [
+        (label, [calibration.get(f"{key}_before"), calibration.get(f"{key}_after")])
+        for key, label in (
+            ("ece", "Expected calibration error"),
+            ("nll", "Negative log-likelihood"),
+        )
+    ]
+    parts = [explain(text), row_table(rows, ["", "Before (T = 1)", "After"])]
+    reliability = calibration.get("reliability")
+    if isinstance(reliability, Mapping):
+        caption = (
+            f"Reliability diagram on the {_count(n)} test images: mean confidence against "
+            "accuracy per confidence bin, before and after the temperature (the diagonal is "
+            "a perfectly calibrated model; a marker's size follows its bin's images)."
+        )
+        parts.append(figure(reliability_chart(reliability), caption))
+    return "\n".join(parts)
+
+
+def reliability_chart(reliability: Mapping[str, Any]) -> str:
+    """Confidence against accuracy per bin, before and after calibration, with the diagonal."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, colour in (("before", "#c44e52"), ("after", "#4c72b0")):
+        table = pd.DataFrame(reliability.get(name) or [])
+        if table.empty or "count" not in table:
+            continue
+        table = table[table["count"] > 0]
+        ax.plot(table["confidence"], table["accuracy"], color=colour, linewidth=1)
+        sizes = 20 + 180 * table["count"] / max(1, table["count"].max())
+        ax.scatter(table["confidence"], table["accuracy"], s=sizes, color=colour, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return chart(fig)
 
 
 def baselines_table(metrics: Mapping[str, Any]) -> str:

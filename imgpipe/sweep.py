@@ -153,6 +153,8 @@ def collect_trials(summaries: list[Mapping], monitor: str) -> pd.DataFrame:
         row["epochs"] = summary["epochs"]
         row["steps"] = summary.get("steps")
         row["seconds"] = summary["seconds"]
+        # Fitted on the trial's validation images: the final model after the sweep takes it.
+        row["temperature"] = summary.get("temperature", 1.0)
         rows.append(row)
     return rank_trials(pd.DataFrame(rows), monitor)
 
@@ -170,6 +172,10 @@ def best_config(trials: pd.DataFrame, monitor: str) -> dict[str, Any]:
         # The whole schedule the trial ran and was scored at the end of: the
         # final model and the CV folds run the same schedule (imgpipe.schedule).
         "epochs": int(best["epochs"]),
+        # The winner's calibration temperature, fitted on its validation images
+        # (imgpipe.calibration): the final model and the folds, which train
+        # without validation images, take it.
+        "temperature": float(best.get("temperature", 1.0)),
     }
 
 

@@ -493,6 +493,8 @@ def fit(
     class_names: Sequence[str] | None = None,
     image_cfg: Mapping | None = None,
     tensorboard_dir: str | os.PathLike | None = None,
+    temperature: float | None = None,
+    temperature_source: str | None = None,
 ) -> dict:
     """Train on ``train_ids`` over the whole schedule, scoring each epoch on ``val_ids``; write the files.
 
@@ -513,7 +515,12 @@ def fit(
     ``class_names`` (label order) and ``image_cfg`` (size, mode, fit) are kept
     in the checkpoint so that it describes itself. ``tensorboard_dir``: also
     log to TensorBoard there (see ``tensorboard_logger``; kept after success,
-    continued on resume, cleared on a fresh start). Returns the summary.
+    continued on resume, cleared on a fresh start). Calibration
+    (``imgpipe.calibration``): with ``val_ids``, the temperature is fitted on
+    the last epoch's logits of the validation images; without them the model
+    takes ``temperature`` (fitted elsewhere: ``temperature_source`` says
+    where), or 1. It is stored in model.ckpt's ``hyper_parameters``. Returns
+    the summary.
     """
     started = time.perf_counter()
     train_ids = np.asarray(train_ids, dtype=np.int64)
@@ -602,7 +609,19 @@ def fit(
         "schedule_images": train_cfg["schedule_images"],
         "scheduled_epochs": train_cfg["max_epochs"],
     }
-    summary = write_outputs(state_dir, out_dir, train_cfg, plan, counts, resumed_epoch, started)
+    calibration = calibrate_run(
+        state_dir / "checkpoints" / "last.ckpt",
+        images,
+        labels,
+        val_ids,
+        model_cfg,
+        device="cuda" if plan.on_gpu else "cpu",
+        batch_size=int(train_cfg["batch_size"]),
+        given=(temperature, temperature_source),
+    )
+    summary = write_outputs(
+        state_dir, out_dir, train_cfg, plan, counts, resumed_epoch, started, calibration
+    )
     shutil.rmtree(state_dir, ignore_errors=True)
     log.info(
         "%s %.4f at the last epoch (best %.4f); %d steps of batch %d; %.1f s",
@@ -624,18 +643,25 @@ def write_outputs(
     counts: Mapping[str, int],
     resumed_epoch: int | None,
     started: float,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict:
     """Write the last epoch's checkpoint (weights, hyper-parameters, metadata), history.csv and summary.json.
 
     ``score`` is the last epoch's monitored metric (what a sweep trial is
     ranked by); ``best_score`` / ``best_epoch`` (the best epoch's) are only
-    reported.
+    reported. ``calibration`` (``calibrate_run``): its ``temperature`` goes
+    into the hyper-parameters, all of it into the summary.
     """
     saved = torch.load(
         state_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     kept = {k: saved[k] for k in CHECKPOINT_KEYS if k in saved}
-    kept[METADATA_KEY] = model_metadata(saved["hyper_parameters"])
+    calibration = dict(calibration or {"temperature": 1.0, "temperature_fitted_on": "none"})
+    kept["hyper_parameters"] = {
+        **saved["hyper_parameters"],
+        "temperature": float(calibration["temperature"]),
+    }
+    kept[METADATA_KEY] = model_metadata(kept["hyper_parameters"])
     save_torch(kept, out_dir / "model.ckpt")
     history = combined_history(state_dir / "logs")
     write_text(history.to_csv(index=False), out_dir / "history.csv")
@@ -672,11 +698,76 @@ def write_outputs(
         "precision": plan.precision,
         "threads_per_rank": plan.rank_threads,
         **counts,
+        **calibration,
         "resumed_from_epoch": resumed_epoch,
         "attempts": int(history["attempt"].max()) + 1 if len(history) else 1,
     }
     write_text(json.dumps(summary, indent=2) + "\n", out_dir / "summary.json")
     return summary
+
+
+def validation_logits(
+    state: Mapping[str, Any],
+    images: Images,
+    ids: np.ndarray,
+    model_name: str,
+    device: str,
+    batch_size: int,
+) -> np.ndarray:
+    """Raw logits (N, classes) of ``images[ids]`` under a saved checkpoint (eval mode, float32)."""
+    from imgpipe.image_datamodule import to_uint8_nchw
+    from imgpipe.modelfile import validate_model_file
+
+    # The run's own model: its model.name (a package.module:factory included) is the config's.
+    hparams, weights, _ = validate_model_file(state, model_name)
+    module = ImageClassifier(**hparams)
+    module.load_state_dict(weights, strict=True)
+    module = module.eval().to(device)
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            pixels = to_uint8_nchw(images[ids[start : start + batch_size]]).to(device)
+            outputs.append(module(module.preprocess(pixels)).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+def calibrate_run(
+    checkpoint: Path,
+    images: Images,
+    labels: np.ndarray,
+    val_ids: np.ndarray,
+    model_cfg: Mapping,
+    device: str,
+    batch_size: int,
+    given: tuple[float | None, str | None] = (None, None),
+) -> dict[str, Any]:
+    """The run's temperature: fitted on the last epoch's validation logits, else the one ``given``.
+
+    Returns the summary fields ``temperature``, ``temperature_fitted_on`` and,
+    when fitted here, the validation NLL before and after
+    (``val_nll_before`` / ``val_nll_after``). Without validation images and
+    without a given temperature the model keeps T = 1.
+    """
+    from imgpipe.calibration import checked_temperature, fit_temperature, nll
+
+    if len(val_ids) == 0:
+        temperature, source = given
+        if temperature is None:
+            return {"temperature": 1.0, "temperature_fitted_on": "none (no validation images)"}
+        return {
+            "temperature": checked_temperature(temperature),
+            "temperature_fitted_on": source or "given",
+        }
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    logits = validation_logits(state, images, val_ids, model_cfg["name"], device, batch_size)
+    found = fit_temperature(logits, labels[val_ids])
+    log.info("temperature %.4f fitted on %d validation images", found, len(val_ids))
+    return {
+        "temperature": found,
+        "temperature_fitted_on": f"this run's {len(val_ids)} validation images (last epoch)",
+        "val_nll_before": nll(logits, labels[val_ids], 1.0),
+        "val_nll_after": nll(logits, labels[val_ids], found),
+    }
 
 
 def _last_value(history: pd.DataFrame, metric: str) -> float:

@@ -142,3 +142,7 @@ def test_final_models_epochs_equal_the_schedules(tmp_path, monkeypatch, tiny_mod
     assert final["batch_size"] == trial["batch_size"] == 16
     # Same epochs over more images (100 vs 84): more steps per epoch, same batch.
     assert (trial["steps_per_epoch"], final["steps_per_epoch"]) == (5, 6)
+    # Calibration: the final model (no validation images) takes the winner's temperature.
+    assert final["temperature"] == best["temperature"] == trial["temperature"]
+    assert "validation images" in trial["temperature_fitted_on"]
+    assert "sweep winner" in final["temperature_fitted_on"]
