@@ -80,6 +80,8 @@ class ImageClassifier(pl.LightningModule):
             channels=model_cfg.get("channels", (16, 32, 64)),
             dropout=model_cfg.get("dropout", 0.3),
             weights=model_cfg.get("weights"),
+            # A model_cfg without stem (a model file written before it existed): the old layout.
+            stem=model_cfg.get("stem", "none"),
         )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
