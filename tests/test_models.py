@@ -175,6 +175,8 @@ def test_the_retired_hub_cache_switch_points_to_model_weights():
         ("model", "weights", None, True),
         ("model", "normalize", "imagenet", True),
         ("model", "normalize", "yes", False),
+        ("model", "stem", "none", True),
+        ("model", "stem", "patch", False),
         ("model", "pretrained", False, False),
     ],
 )
