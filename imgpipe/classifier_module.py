@@ -22,7 +22,7 @@ from imgpipe.augment import (
     policy,
     warp_uint8,
 )
-from imgpipe.models import build_model, head_parameters, optimizer_groups
+from imgpipe.models import head_parameters, model_from_config, optimizer_groups
 
 # One-cycle momentum dips to this share of train.momentum at the learning-rate peak
 # (torch's defaults, 0.85 / 0.95, scaled to the configured momentum).
@@ -76,14 +76,8 @@ class ImageClassifier(pl.LightningModule):
         # Calibration (imgpipe.calibration): fitted after training, used only where logits
         # become probabilities for people (never in the loss or the validation metrics).
         self.temperature = float(temperature)
-        self.model = build_model(
-            model_cfg["name"],
-            num_classes,
-            in_channels,
-            image_size,
-            channels=model_cfg.get("channels", (16, 32, 64)),
-            dropout=model_cfg.get("dropout", 0.3),
-            weights=model_cfg.get("weights"),
+        self.model = model_from_config(
+            model_cfg, num_classes, in_channels, image_size, weights=model_cfg.get("weights")
         )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))

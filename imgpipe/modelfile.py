@@ -71,6 +71,7 @@ def model_metadata(hparams: Mapping[str, Any]) -> dict[str, Any]:
                 "in_channels": channels,
                 "image_size": int(hparams["image_size"]),
                 "channels": model_cfg.get("channels"),
+                "stem": model_cfg.get("stem", "none"),
                 "dropout": model_cfg.get("dropout"),
                 "weights": model_cfg.get("weights"),
             },
@@ -125,6 +126,7 @@ MODE_CHANNELS = {"gray": 1, "rgb": 3}
 FITS = ("pad", "crop")
 MAX_CLASSES = 100_000
 NORMALIZE_MODES = ("auto", "imagenet", "data")
+SMALL_CNN_STEMS = ("auto", "none")  # imgpipe.models.SMALL_CNN_STEMS (no torch import here)
 TORCHSCRIPT_NOTE = (
     "a TorchScript file is a program (PyTorch's security notes: load only files you trust); "
     "if you trust it, pass --trust-torchscript (trust_torchscript=True); "
@@ -281,6 +283,11 @@ def _checked_model_cfg(value: Any, factories: Iterable[str]) -> dict[str, Any]:
     if normalize is not None and normalize not in NORMALIZE_MODES:
         raise DataError(f"model_cfg.normalize is {_shown(normalize)}, expected auto/imagenet/data")
     checked["normalize"] = normalize
+    # Files written before smallcnn had a stem have no model_cfg.stem: their layout is none.
+    stem = cfg.get("stem", "none")
+    if stem not in SMALL_CNN_STEMS:
+        raise DataError(f"model_cfg.stem is {_shown(stem)}, expected auto or none")
+    checked["stem"] = stem
     # The trained weights come from the file's state dict: never read a weights file.
     checked["weights"] = None
     return checked
@@ -360,7 +367,10 @@ def checked_metadata(meta: Any, what: str = METADATA_KEY) -> dict[str, Any]:
 
 
 def smallcnn_weight_count(in_channels: int, channels: Iterable[int]) -> int:
-    """Number of convolution weights of a small CNN: a lower bound of its state dict's size."""
+    """Number of convolution weights of a small CNN: a lower bound of its state dict's size.
+
+    The blocks' weights without a stem; a stem (``stem: auto`` from 64 px) only adds to them.
+    """
     count, previous = 0, in_channels
     for width in channels:
         count += 9 * (previous * width + width * width)

@@ -3,7 +3,8 @@
 Every model is a :class:`Classifier`: ``embed(x)`` gives the penultimate features
 (N, D) and ``forward(x)`` the class logits (N, num_classes). ``model.name`` picks it:
 
-* ``smallcnn``: a configurable CNN for small inputs (``model.channels``);
+* ``smallcnn``: a configurable CNN (``model.channels``), with a strided stem from
+  64 px on (``model.stem``) so it stays fast at photo sizes;
 * any torchvision classification model (``resnet18``, ``efficientnet_b0``, ...), built
   without weights, its classifier (the last ``nn.Linear``) replaced by the head;
 * ``timm/<name>`` (``timm/convnext_atto``, ...), built with ``num_classes=0``;
@@ -14,8 +15,8 @@ Pretrained weights are only ever read from a local file (``model.weights``: a pa
 or a name such as ``imagenet`` found in the library's cache by :mod:`imgpipe.pretrained`, see
 :func:`load_weights`); nothing is downloaded. Below 64 px the torchvision ResNet
 family gets a 3x3 stride-1 stem without max-pool and VGG drops the max-pools that
-would shrink the map below one pixel; at 64 px and above every model keeps its
-standard layout.
+would shrink the map below one pixel; at 64 px and above every torchvision model
+keeps its standard layout.
 
 No Lightning here: prediction builds these networks with torch alone. The
 ``train.freeze`` callback (``BackboneFreeze``) lives with the trainer, in
@@ -183,11 +184,51 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-def small_cnn_backbone(in_channels: int, channels: Sequence[int], image_size: int) -> nn.Sequential:
-    """Blocks of (conv-bn-relu) x2 + 2x2 max-pool; pooling stops once the map is 1 pixel wide."""
+# smallcnn's stem: ``auto`` downsamples early from SMALL_INPUT px on, ``none`` never
+# (the layout of model files written before the stem existed).
+SMALL_CNN_STEMS = ("auto", "none")
+
+
+def small_cnn_stem_stride(image_size: int, stem: str = "auto") -> int:
+    """Stride of smallcnn's stem: 1 (no stem) below 64 px or with ``none``, 2 at 64-127 px, 4 from 128."""
+    if stem not in SMALL_CNN_STEMS:
+        raise DataError(f"model.stem: {stem!r} is not one of {', '.join(SMALL_CNN_STEMS)}")
+    if stem == "none" or image_size < SMALL_INPUT:
+        return 1
+    return 2 if image_size < 2 * SMALL_INPUT else 4
+
+
+def strided_stem(in_channels: int, width: int, stride: int) -> list[nn.Module]:
+    """(3x3 stride-2 conv-bn-relu) once per halving: the map shrinks ``stride`` times before the blocks."""
+    layers: list[nn.Module] = []
+    previous = in_channels
+    while stride > 1:
+        layers += [
+            nn.Conv2d(previous, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+        previous, stride = width, stride // 2
+    return layers
+
+
+def small_cnn_backbone(
+    in_channels: int, channels: Sequence[int], image_size: int, stem: str = "auto"
+) -> nn.Sequential:
+    """Blocks of (conv-bn-relu) x2 + 2x2 max-pool; pooling stops once the map is 1 pixel wide.
+
+    From 64 px on (``stem: auto``) a strided stem comes first (see
+    :func:`small_cnn_stem_stride`): at full resolution the first blocks cost most of
+    the time and see only edges. Below 64 px the layers, their names and their
+    initialisation order are those of the model without a stem.
+    """
     layers: list[nn.Module] = []
     size = image_size
     previous = in_channels
+    stride = small_cnn_stem_stride(image_size, stem)
+    if stride > 1:
+        layers += strided_stem(in_channels, channels[0], stride)
+        previous, size = channels[0], -(-size // stride)
     for width in channels:
         layers += conv_bn_relu(previous, width) + conv_bn_relu(width, width)
         if size >= 2:
@@ -466,6 +507,30 @@ def check_input_size(model: Classifier, name: str, in_channels: int, image_size:
         model.train(was_training)
 
 
+def model_from_config(
+    model_cfg: Mapping[str, Any],
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    weights: str | os.PathLike | None = None,
+) -> Classifier:
+    """The network a model file's (or the config's) ``model`` section describes: one home for
+    training (``ImageClassifier``) and inference (``imgpipe.network.Network``).
+
+    A section without ``stem`` (a model file written before it existed) is the old layout.
+    """
+    return build_model(
+        model_cfg["name"],
+        num_classes,
+        in_channels,
+        image_size,
+        channels=model_cfg.get("channels") or (16, 32, 64),
+        dropout=model_cfg.get("dropout", 0.3),
+        weights=weights,
+        stem=model_cfg.get("stem", "none"),
+    )
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -475,11 +540,13 @@ def build_model(
     dropout: float = 0.3,
     weights: str | os.PathLike | None = None,
     pretrained: bool = False,
+    stem: str = "auto",
 ) -> Classifier:
     """Build a classifier by name (smallcnn, torchvision, timm/<name>, package.module:factory).
 
     ``pretrained`` is the retired ``model.pretrained`` (hub cache), kept only so
-    callers that still pass ``pretrained=False`` work: True is refused.
+    callers that still pass ``pretrained=False`` work: True is refused. ``stem`` is
+    smallcnn's (``model.stem``: auto or none, see :func:`small_cnn_stem_stride`).
     """
     if pretrained:
         raise DataError(
@@ -489,7 +556,7 @@ def build_model(
     if num_classes < 2:
         raise DataError(f"a classifier needs at least 2 classes, got {num_classes}")
     if name == "smallcnn":
-        backbone = small_cnn_backbone(in_channels, channels, image_size)
+        backbone = small_cnn_backbone(in_channels, channels, image_size, stem)
         model = Classifier(backbone, channels[-1], num_classes, dropout)
     else:
         if name.startswith("timm/"):

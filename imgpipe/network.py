@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgpipe.models import build_model
+from imgpipe.models import model_from_config
 
 
 def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:
@@ -80,15 +80,8 @@ class Network(nn.Module):
             std=std,
             **training_only,
         )
-        self.model = build_model(
-            model_cfg["name"],
-            num_classes,
-            in_channels,
-            image_size,
-            channels=model_cfg.get("channels", (16, 32, 64)),
-            dropout=model_cfg.get("dropout", 0.3),
-            weights=None,  # the file's own weights replace any initial ones
-        )
+        # The file's own weights replace any initial ones.
+        self.model = model_from_config(model_cfg, num_classes, in_channels, image_size)
         # Calibration (imgpipe.calibration): logits / T become the probabilities people see.
         self.temperature = float(training_only.get("temperature", 1.0))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

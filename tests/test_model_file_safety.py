@@ -436,3 +436,39 @@ def test_predict_section_takes_a_model_factory(tmp_path):
     digits_tree(workdir / "data", per_class=4, classes=2)
     write_config(workdir, {"predict": {"input": "data", "name": "new", "model_factory": "a.b:c"}})
     assert planned_jobs(workdir, "predict")["predict"] == 1  # the config validates
+
+
+# ----------------------------------------------------------------------------- smallcnn's stem
+
+
+def saved_classifier(folder: Path, name: str, model_cfg: dict, size: int) -> Path:
+    """A model file as training writes it (state dict, hyper-parameters, metadata)."""
+    module = ImageClassifier(model_cfg, {}, 3, 3, size, [0.5] * 3, [0.25] * 3, class_names=CLASSES)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    state[METADATA_KEY] = model_metadata(state["hyper_parameters"])
+    torch.save(state, folder / name)
+    return folder / name
+
+
+def test_a_model_file_from_before_the_stem_loads_in_its_own_layout(tmp_path):
+    # Written before model.stem existed: no stem key, the blocks at full resolution.
+    old_cfg = {"name": "smallcnn", "channels": [4, 8], "dropout": 0.0, "weights": None}
+    torch.manual_seed(0)
+    old = saved_classifier(tmp_path, "old.ckpt", old_cfg, 96)
+    loaded = load_classifier(old)
+    backbone = {k: tuple(v.shape) for k, v in loaded.model.backbone.state_dict().items()}
+    assert backbone["0.weight"] == (4, 3, 3, 3) and backbone["7.weight"] == (8, 4, 3, 3)
+    assert loaded.model.backbone[0].stride == (1, 1)
+    x = torch.rand(2, 3, 96, 96)
+    saved = read(old)["state_dict"]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
+    assert loaded(x).shape == (2, 3)
+    # The same file with the stem the config now defaults to: its own layout, and it loads.
+    new = saved_classifier(tmp_path, "new.ckpt", {**old_cfg, "stem": "auto"}, 96)
+    assert load_classifier(new).model.backbone[0].stride == (2, 2)
+    assert read(new)["hyper_parameters"]["model_cfg"]["stem"] == "auto"
+
+
+def test_a_model_file_with_an_unknown_stem_is_refused(real):
+    with pytest.raises(DataError, match="model_cfg.stem is 'patch', expected auto or none"):
+        safe_hparams(hparams_with(real, **{"model_cfg.stem": "patch"}))

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.nn import Conv2d
 
 from imgpipe.config import ConfigError, check_config, load_schema
 from imgpipe.errors import DataError
@@ -174,6 +175,8 @@ def test_the_retired_hub_cache_switch_points_to_model_weights():
         ("model", "weights", None, True),
         ("model", "normalize", "imagenet", True),
         ("model", "normalize", "yes", False),
+        ("model", "stem", "none", True),
+        ("model", "stem", "patch", False),
         ("model", "pretrained", False, False),
     ],
 )
@@ -186,3 +189,81 @@ def test_schema_of_the_model_and_freeze_keys(section, key, value, ok):
     else:
         with pytest.raises(ConfigError, match=rf"{section}\.{key}:"):
             check_config(config, schema)
+
+
+# ---------------------------------------------------------------- smallcnn's stem
+
+
+def key_shapes(module):
+    return [(key, tuple(value.shape)) for key, value in module.state_dict().items()]
+
+
+def conv_macs(model, size, in_channels=3):
+    """Multiply-accumulates of the model's convolutions for one image (from the shapes alone)."""
+    total = 0
+
+    def count(conv, args, out):
+        nonlocal total
+        total += out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, Conv2d)]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, in_channels, size, size))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def old_small_cnn_layout(in_channels, channels):
+    """smallcnn's (key, shape) list before the stem existed: per block conv, bn, relu, conv, bn, relu, pool."""
+    layout, previous = [], in_channels
+    for block, width in enumerate(channels):
+        for offset, cin in ((0, previous), (3, width)):
+            conv, norm = block * 7 + offset, block * 7 + offset + 1
+            layout.append((f"{conv}.weight", (width, cin, 3, 3)))
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                layout.append((f"{norm}.{name}", (width,)))
+            layout.append((f"{norm}.num_batches_tracked", ()))
+        previous = width
+    return layout
+
+
+def test_below_64_px_the_small_cnn_has_no_stem():
+    model = build_model("smallcnn", 10, 1, 16, channels=(16, 32, 64))
+    assert key_shapes(model.backbone) == old_small_cnn_layout(1, (16, 32, 64))
+    for size in (16, 63):
+        torch.manual_seed(0)
+        auto = build_model("smallcnn", 4, 3, size, channels=(8, 16), stem="auto")
+        torch.manual_seed(0)
+        none = build_model("smallcnn", 4, 3, size, channels=(8, 16), stem="none")
+        assert state_hash(auto) == state_hash(none)
+
+
+@pytest.mark.parametrize(("size", "stride"), [(64, 2), (96, 2), (127, 2), (128, 4), (224, 4)])
+def test_the_stem_shrinks_the_image_before_the_blocks(size, stride):
+    model = build_model("smallcnn", 6, 3, size, channels=(16, 32, 64))
+    stem_convs = [m for m in model.backbone[: 3 * (stride // 2)] if isinstance(m, Conv2d)]
+    assert [c.stride for c in stem_convs] == [(2, 2)] * (stride // 2)
+    block_input = model.backbone[: 3 * (stride // 2)](torch.zeros(1, 3, size, size))
+    assert block_input.shape == (1, 16, -(-size // stride), -(-size // stride))
+    x = torch.zeros(2, 3, size, size)
+    assert model(x).shape == (2, 6) and model.embed(x).shape == (2, 64)
+
+
+@pytest.mark.parametrize("size", [96, 224])
+def test_the_stem_cuts_the_convolution_work_several_times(size):
+    with_stem = build_model("smallcnn", 6, 3, size, stem="auto")
+    without = build_model("smallcnn", 6, 3, size, stem="none")
+    macs = conv_macs(with_stem, size)
+    assert conv_macs(without, size) > 3 * macs
+    if size == 96:  # resnet18 is the slow part of this test: once is enough
+        assert conv_macs(build_model("resnet18", 6, 3, size), size) > 5 * macs
+    # A few more weights (the stem), not a wider model.
+    params = sum(p.numel() for p in with_stem.parameters())
+    assert params < 1.2 * sum(p.numel() for p in without.parameters())
+
+
+def test_an_unknown_stem_is_refused():
+    with pytest.raises(DataError, match="model.stem: 'patch' is not one of auto, none"):
+        build_model("smallcnn", 3, 3, 96, stem="patch")
