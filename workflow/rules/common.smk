@@ -1,6 +1,8 @@
 import json
 import os
+import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -23,6 +25,7 @@ from imgpipe.config import (
 )
 from imgpipe.listing import tree_fingerprint
 from imgpipe.logs import PROGRESS_VAR, progress_wanted
+from imgpipe.pretrained import cached_file, missing_offline_error, needed_files
 from imgpipe.sweep import overrides, trial_table
 
 ##### config validation #####
@@ -231,3 +234,31 @@ def cluster_inputs(wildcards):
     if wildcards.features == "embeddings":
         inputs["model"] = "results/train/final/model.ckpt"
     return inputs
+
+
+##### pretrained weights by name (rule fetch_weights in weights.smk) #####
+
+# slug -> the cache file, for the model section and the sweep grid's model.* values.
+PRETRAINED = needed_files(config)
+PRETRAINED_RECORD = "results/weights/{slug}.json"
+
+
+def check_pretrained_cache():
+    """Stop at start-up when a needed file is missing and HF_HUB_OFFLINE says no fetch can work;
+    forget the record of a fetch whose file has left the cache, so the rule fetches it again.
+    """
+    error = missing_offline_error(PRETRAINED)
+    if error:
+        raise WorkflowError(error)
+    for slug, spec in PRETRAINED.items():
+        record = Path(PRETRAINED_RECORD.format(slug=slug))
+        if record.is_file() and cached_file(spec) is None:
+            record.unlink()
+
+
+check_pretrained_cache()
+
+
+def pretrained_records(wildcards):
+    """The fetch records every training job waits for ([] without named weights: no job)."""
+    return [PRETRAINED_RECORD.format(slug=slug) for slug in PRETRAINED]
