@@ -202,10 +202,10 @@ def test_each_fold_and_the_cv_summary_carry_the_baselines(tmp_path, monkeypatch)
         return {"best_epoch": 0, "epochs": 1}
 
     def one_class(model_path, images, ids, **loading):  # a collapsed model: always class 0
-        return np.tile([1.0, 0.0, 0.0, 0.0], (len(ids), 1))
+        return np.tile([20.0, 0.0, 0.0, 0.0], (len(ids), 1))  # its logits
 
     monkeypatch.setattr(experiment, "run_training", fake_training)
-    monkeypatch.setattr("imgpipe.predict.predict_proba", one_class)
+    monkeypatch.setattr("imgpipe.predict.predict_logits", one_class)
     summaries, oofs = [], []
     for fold in range(3):
         job.wildcards["fold"] = str(fold)
