@@ -4,8 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= 2
-# pytest-xdist workers for make test (one test file, or the tests sharing one
-# session fixture, per worker: tests/conftest.py).
+# pytest-xdist workers for make test; --dist loadfile keeps each test file on one
+# worker, so its module-scoped fixtures (a whole-DAG run, a local SLURM) are made
+# once. (loadgroup would be finer, but xdist 3.8 cannot rename pytest 9's node ids,
+# so its groups are silently ignored.)
 TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
@@ -43,11 +45,11 @@ format: $(STAMP)
 	$(BIN)/snakefmt .
 
 test: $(STAMP) lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 clean-results:
 	rm -rf results logs benchmarks .snakemake/metadata
 
 # The quick loop: everything but the end-to-end workflow runs (marked slow).
 test-quick: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile

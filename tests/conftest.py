@@ -106,18 +106,3 @@ def finished_copy(finished_run, tmp_path) -> Path:
     shutil.copytree(finished_run, workdir, symlinks=True)
     assert planned_jobs(workdir) == Counter()
     return workdir
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group tests for pytest-xdist's ``--dist loadgroup`` (make test runs two workers).
-
-    A test file runs on one worker, so its module-scoped fixtures (a trained
-    model, a whole-DAG run) are made once; every test of the session-scoped
-    ``finished_run`` shares one worker for the same reason.
-    """
-    for item in items:
-        if "finished_run" in getattr(item, "fixturenames", ()):
-            group = "finished_run"
-        else:
-            group = item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
