@@ -20,7 +20,6 @@ when a probability differs by more than ``PARITY_TOLERANCE``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgpipe.atomic import atomic_path, write_json
+from imgpipe.atomic import atomic_path, file_sha256, write_json
 from imgpipe.calibration import apply_temperature
 from imgpipe.errors import DataError
 from imgpipe.modelfile import METADATA_KEY, configured_factories
@@ -97,15 +96,6 @@ def example_batch(model: Model, n: int = PARITY_IMAGES, seed: int = 0) -> np.nda
 
 def _nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar(model: Model, runtime: str, **extra: Any) -> dict[str, Any]:

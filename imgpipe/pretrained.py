@@ -24,7 +24,6 @@ run at start-up (:func:`missing_offline_error`).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import re
@@ -387,27 +386,18 @@ def fetch(spec: PretrainedFile) -> tuple[Path, bool]:
     return path, True
 
 
-def sha256(path: str | os.PathLike) -> str:
-    """The file's sha256 (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_fetch_weights(job: StageJob) -> dict[str, Any]:
     """The fetch_weights stage: the file in the cache (fetched if missing), recorded in a JSON."""
     import logging
 
-    from imgpipe.atomic import write_json
+    from imgpipe.atomic import file_sha256, write_json
 
     spec = PretrainedFile(**job.params["weights"])
     path, downloaded = fetch(spec)
     record = {
         **asdict(spec),
         "path": str(path),
-        "sha256": sha256(path),
+        "sha256": file_sha256(path),
         "bytes": path.stat().st_size,
         "downloaded": downloaded,
     }

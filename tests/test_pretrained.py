@@ -21,6 +21,7 @@ from torchvision import models as tvm
 from workflow_utils import REPO, copy_workflow, digits_tree, snakemake, write_config
 
 from imgpipe import pretrained
+from imgpipe.atomic import file_sha256
 from imgpipe.config import ConfigError, check_config, load_schema
 from imgpipe.errors import DataError
 from imgpipe.models import IMAGENET_MEAN, build_model, normalisation
@@ -186,7 +187,7 @@ def test_fetch_records_a_cached_file_without_downloading(caches, tmp_path, monke
     record = json.loads((tmp_path / "record.json").read_text())
     cached = caches["torch"] / "hub" / "checkpoints" / RESNET18_FILE
     assert record["path"] == str(cached) and record["source"] == "torchvision"
-    assert record["sha256"] == pretrained.sha256(cached) and record["downloaded"] is False
+    assert record["sha256"] == file_sha256(cached) and record["downloaded"] is False
 
 
 # ---------------------------------------------------------------- config validation
@@ -326,7 +327,7 @@ def test_the_fetch_rule_records_the_cache_file_and_training_waits_for_it(caches,
     snakemake(tiny_workflow, record)
     cached = caches["torch"] / "hub" / "checkpoints" / RESNET18_FILE
     written = json.loads((tiny_workflow / record).read_text())
-    assert written["path"] == str(cached) and written["sha256"] == pretrained.sha256(cached)
+    assert written["path"] == str(cached) and written["sha256"] == file_sha256(cached)
     assert "fetch_weights" not in snakemake(tiny_workflow, "-n", FINAL).stdout
     # A file gone from the cache: its record is forgotten, and the rule runs again.
     cached.unlink()
