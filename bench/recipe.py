@@ -22,7 +22,12 @@ folder from files Debian and PyPI packages install, each run with only
 ``data.root`` set and with ``model.name: resnet18`` (from scratch), beside
 logistic regression on the raw pixels (32 px colour) of the same split: test
 accuracy, balanced accuracy (a run whose test predictions are all one class is
-flagged), and the final model's training time per image:
+flagged), the final model's training time per image, and the sweep trials'
+validation loss (worst epoch and last epoch, eval mode): a spike there is the
+batch-norm running statistics lagging the weights, not the training loss.
+``--real-models`` picks the rows: ``smallcnn`` (the default recipe),
+``smallcnn-stem-none`` (the default recipe with ``model.stem: none``, the
+layout before the stem) and ``resnet18``:
 
 - ``icons``: the Adwaita icon theme (``/usr/share/icons/Adwaita``, Debian's
   ``adwaita-icon-theme``): 6 categories as classes (legacy, status, actions,
@@ -45,7 +50,8 @@ the digits ran. No assertions on time or accuracy.
 
     .venv/bin/python bench/recipe.py [--sets digits,icons,photos,speed] [--seeds 5]
         [--split-seeds 3] [--sizes 100,200,300] [--draws 5] [--no-cv] [--cores 2]
-        [--max-per-class 150] [--photo-patches 80] [--backbone-no-sweep] [--speed-rounds 2]
+        [--max-per-class 150] [--photo-patches 80] [--real-models smallcnn,resnet18]
+        [--backbone-no-sweep] [--speed-rounds 2]
         [--workflow DIR]
 
 ``--workflow DIR`` runs another checkout's workflow (e.g. a worktree of main)
@@ -233,6 +239,8 @@ ICON_CLASSES = ("legacy", "status", "actions", "devices", "mimetypes", "places")
 REAL_SIZE = 96
 LOGREG_SIZE = 32
 BACKBONE = "resnet18"
+NO_STEM = "smallcnn-stem-none"
+REAL_MODELS = ("smallcnn", NO_STEM, BACKBONE)
 
 
 def largest_icons(category: str) -> dict[str, Path]:
@@ -320,6 +328,22 @@ def final_model_ms_per_image(workdir: Path) -> float:
     return 1000 / summary["images_per_s"] if summary.get("images_per_s") else float("nan")
 
 
+def trial_val_loss(workdir: Path) -> dict[str, float]:
+    """The largest and the last-epoch validation loss over the sweep trials (NaN without a sweep)."""
+    histories = [
+        pd.read_csv(path)
+        for path in sorted((workdir / "results/sweep/trials").glob("*/history.csv"))
+    ]
+    losses = [h["val_loss"].dropna() for h in histories if "val_loss" in h]
+    losses = [loss for loss in losses if len(loss)]
+    if not losses:
+        return {"trial_val_loss_max": float("nan"), "trial_val_loss_last": float("nan")}
+    return {
+        "trial_val_loss_max": round(max(float(loss.max()) for loss in losses), 3),
+        "trial_val_loss_last": round(max(float(loss.iloc[-1]) for loss in losses), 3),
+    }
+
+
 def real_set_rows(args: argparse.Namespace, scratch: Path) -> pd.DataFrame:
     """One row per (real set, model): the recipe's and logistic regression's test scores."""
     from sklearn.metrics import balanced_accuracy_score
@@ -333,11 +357,13 @@ def real_set_rows(args: argparse.Namespace, scratch: Path) -> pd.DataFrame:
         built = builders[set_name]()
         if built is None:
             continue
-        for model in ("smallcnn", BACKBONE):
+        for model in args.real_models:
             workdir = copy_workflow(args.workflow, scratch / f"{set_name}-{model}")
             write_colour_tree(workdir / "data", *built)
             config: dict = {"data": {"root": "data"}}
-            if model != "smallcnn":
+            if model == NO_STEM:
+                config["model"] = {"stem": "none"}
+            elif model != "smallcnn":
                 config["model"] = {"name": model}
                 if args.backbone_no_sweep:
                     config["sweep"] = {"enabled": False}
@@ -349,7 +375,7 @@ def real_set_rows(args: argparse.Namespace, scratch: Path) -> pd.DataFrame:
             row = {
                 "set": set_name,
                 "model": model
-                + (" (no sweep)" if model != "smallcnn" and args.backbone_no_sweep else ""),
+                + (" (no sweep)" if model == BACKBONE and args.backbone_no_sweep else ""),
                 "images": len(built[1]),
                 "classes": f"{len(counts)} ({counts.max()}..{counts.min()})",
                 "test_acc": round(float(metrics["accuracy"]), 4),
@@ -358,6 +384,9 @@ def real_set_rows(args: argparse.Namespace, scratch: Path) -> pd.DataFrame:
                 "logreg_acc": round(float((logreg == truth).mean()), 4),
                 "logreg_balanced": round(float(balanced_accuracy_score(truth, logreg)), 4),
                 "ms_per_image": round(final_model_ms_per_image(workdir), 2),
+                # The sweep trials' validation loss (eval mode, running batch-norm
+                # statistics): its worst epoch and its last, over the trials.
+                **trial_val_loss(workdir),
                 "seconds": round(seconds, 1),
             }
             print("real set", row, flush=True)
@@ -442,6 +471,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-per-class", type=int, default=150, help="icons per category")
     parser.add_argument("--photo-patches", type=int, default=80, help="photo crops per class")
     parser.add_argument(
+        "--real-models",
+        default=f"smallcnn,{BACKBONE}",
+        help=f"models run on the real sets: {', '.join(REAL_MODELS)} "
+        "(the default recipe, the default recipe with model.stem none, resnet18 from scratch)",
+    )
+    parser.add_argument(
         "--backbone-no-sweep",
         action="store_true",
         help="resnet18 rows with sweep.enabled false (one training at train.lr 0.01)",
@@ -451,6 +486,10 @@ def parse_args() -> argparse.Namespace:
     unknown = sorted(set(args.sets) - {"digits", "icons", "photos", "speed"})
     if unknown:
         parser.error(f"--sets: unknown part(s) {', '.join(unknown)}")
+    args.real_models = [m for m in args.real_models.split(",") if m]
+    odd = sorted(set(args.real_models) - set(REAL_MODELS))
+    if odd:
+        parser.error(f"--real-models: unknown model(s) {', '.join(odd)}")
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.workflow = args.workflow.resolve()
     return args

@@ -401,6 +401,14 @@ def torchvision_backbone(
         kwargs: dict[str, Any] = {}
         if name in AUX_HEADS:
             kwargs = {"aux_logits": False, "init_weights": True}
+        if name.startswith(RESNET_FAMILY):
+            # Each residual block starts as the identity (its last batch-norm scale 0), as
+            # timm's ResNets do by default (``zero_init_last``; Goyal et al. 2017). From
+            # scratch at the recipe's learning rate on a few hundred images, torchvision's
+            # default init made the eval-mode (running-statistics) validation loss jump
+            # 2.6 -> 142 in the second epoch; see bench/recipe.py. Weights loaded later
+            # (model.weights) overwrite these scales.
+            kwargs["zero_init_residual"] = True
         net = tvm.get_model(name, weights=None, **kwargs)
         path, width = strip_last_linear(net, name)
         head_keys = (path, *AUX_HEADS.get(name, ()))

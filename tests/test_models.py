@@ -93,6 +93,18 @@ def test_resnet_gets_the_small_input_stem_only_below_64_px():
     assert isinstance(standard.maxpool, torch.nn.MaxPool2d)
 
 
+@pytest.mark.parametrize(("name", "last_norm"), [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_resnets_from_scratch_start_each_residual_block_as_the_identity(name, last_norm):
+    # torchvision's default init made the eval-mode validation loss of resnet18 from
+    # scratch jump 2.6 -> 142 in its second epoch on a few hundred icons.
+    backbone = build_model(name, 6, 3, 96).backbone
+    blocks = [m for m in backbone.modules() if hasattr(m, last_norm) and hasattr(m, "conv1")]
+    assert blocks
+    for block in blocks:
+        assert torch.count_nonzero(getattr(block, last_norm).weight) == 0
+    assert torch.count_nonzero(backbone.bn1.weight) > 0
+
+
 def test_unknown_names_are_refused_with_close_matches():
     with pytest.raises(DataError, match=r"unknown model 'resnt18'.*close: resnet18"):
         build_model("resnt18", 10, 1, 16)
