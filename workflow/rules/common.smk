@@ -105,8 +105,8 @@ def code(script):
 ##### image settings #####
 
 # image.size / image.mode as ingest used them (auto resolved from the data) live
-# in this file, an input of ingest and of the config snapshot; rules never take
-# them from the config.
+# in this file, an input of ingest, of the training jobs (their model files
+# record it) and of the config snapshot; rules never take them from the config.
 IMAGE_SETTINGS = "results/ingest/image.json"
 IMAGE_CONFIG = config["image"]
 # The report's captions read the config only: once a run has resolved the
