@@ -117,6 +117,15 @@ def test_gpu_facts_import_without_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+def test_launch_imports_no_lightning_before_its_ranks_set_up_logging():
+    """launch.main configures logging before Lightning is imported (else Lightning adds its own handler)."""
+    code = (
+        "import sys, imgpipe.launch\n"
+        "assert not {'torch', 'pytorch_lightning'} & set(sys.modules), 'imported too early'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_every_gpu_fact_lives_in_gpus():
     from imgpipe import config, gpus, training
 
