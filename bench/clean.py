@@ -231,25 +231,13 @@ def write_tree(root: Path, n: int, seed: int = 0) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the three runs
 
 
-def _ingest_one(args: tuple) -> None:
-    from imgpipe.ingest import index_shard
-    from imgpipe.listing import load_files
-
-    # As scripts/ingest_shard.py: the shards are the parallelism, not OpenCV's threads.
-    cv2.setNumThreads(1)
-    files_csv, shard, shards, image_cfg, max_pixels, out = args
-    stats_path, images_path = f"{out}/shard-{shard}/stats.csv", f"{out}/shard-{shard}/images.npy"
-    index_shard(
-        load_files(files_csv), shard, shards, image_cfg, max_pixels, stats_path, images_path
-    )
-
-
 def run_ours(
     root: Path, work: Path, config: dict, shards: int = 2
 ) -> tuple[float, pd.DataFrame, pd.DataFrame]:
     """Index + clean like the workflow; return (seconds, rejected table, index table)."""
     from imgpipe.clean import CleanSettings, clean_shards
     from imgpipe.image_settings import resolve_settings
+    from imgpipe.ingest import ingest_listing
     from imgpipe.listing import list_images
 
     start = time.perf_counter()
@@ -263,11 +251,7 @@ def run_ours(
         for k, v in resolve_settings(config["image"], ok).items()
         if k in ("size", "mode", "fit")
     }
-    jobs = [
-        (files_csv, s, shards, image, config["ingest"]["max_pixels"], work) for s in range(shards)
-    ]
-    with ProcessPoolExecutor(shards, mp_context=FRESH_PROCESSES) as pool:
-        list(pool.map(_ingest_one, jobs))
+    ingest_listing(files_csv, image, config["ingest"]["max_pixels"], work, shards)
     outputs = {
         name: work / "clean" / f"{name}.{ext}"
         for name, ext in (

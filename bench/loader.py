@@ -126,23 +126,6 @@ def make_jpegs(root: Path, n: int, processes: int = 2) -> float:
     return time.perf_counter() - start
 
 
-def _ingest_one(args: tuple) -> None:
-    from imgpipe.ingest import index_shard
-    from imgpipe.listing import load_files
-
-    cv2.setNumThreads(1)  # as scripts/ingest_shard.py: the shards are the parallelism
-    files_csv, shard, shards, settings, out = args
-    index_shard(
-        load_files(files_csv),
-        shard,
-        shards,
-        settings,
-        10**8,
-        f"{out}/shard-{shard}/stats.csv",
-        f"{out}/shard-{shard}/images.npy",
-    )
-
-
 def ingest(root: Path, work: Path, size: int | str = "auto", shards: int = 2) -> dict:
     """List and ingest ``root`` as the workflow does (image.size ``size``, mode auto) into ``work``.
 
@@ -150,7 +133,7 @@ def ingest(root: Path, work: Path, size: int | str = "auto", shards: int = 2) ->
     and returns the resolved image settings and the seconds taken.
     """
     from imgpipe.image_settings import resolve_settings
-    from imgpipe.ingest import load_stats
+    from imgpipe.ingest import ingest_listing, load_stats
     from imgpipe.listing import list_images
 
     start = time.perf_counter()
@@ -159,9 +142,7 @@ def ingest(root: Path, work: Path, size: int | str = "auto", shards: int = 2) ->
     files.to_csv(work / "files.csv", index=False)
     ok = files.loc[files["status"] == "ok", "path"].tolist()
     settings = resolve_settings({"size": size, "mode": "auto", "fit": "pad"}, ok)
-    jobs = [(work / "files.csv", s, shards, settings, str(work)) for s in range(shards)]
-    with ProcessPoolExecutor(shards, mp_context=FRESH_PROCESSES) as pool:
-        list(pool.map(_ingest_one, jobs))
+    ingest_listing(work / "files.csv", settings, 10**8, work, shards)
     parts = []
     for s in range(shards):
         stats = load_stats(work / f"shard-{s}" / "stats.csv")

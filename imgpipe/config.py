@@ -361,8 +361,3 @@ def code_fingerprint(script: str | Path) -> str:
         digest.update(name.encode())
         digest.update((PACKAGE_DIR / f"{name}.py").read_bytes())
     return digest.hexdigest()[:16]
-
-
-def local_gpus_present() -> bool:
-    """Whether this machine has NVIDIA devices (checked without importing torch)."""
-    return Path("/dev/nvidiactl").exists()

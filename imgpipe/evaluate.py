@@ -12,7 +12,7 @@ import pandas as pd
 
 from imgpipe.atomic import write_csv, write_json
 from imgpipe.errors import DataError
-from imgpipe.metrics import classification_metrics, confusion_matrix_table, per_class_table
+from imgpipe.metrics import confusion_matrix_table, per_class_table, test_set_metrics
 from imgpipe.plots import pyplot, save_figure
 from imgpipe.stage import StageJob
 
@@ -156,8 +156,7 @@ def evaluate_predictions(
     names = list(class_names)
     y_true = np.searchsorted(np.asarray(names), rows["label"].astype(str).to_numpy())
     y_pred = probs.argmax(axis=1)
-    metrics = classification_metrics(y_true, y_pred, names)
-    metrics = {"n_test": metrics.pop("n"), **metrics, "classes": names}
+    metrics = test_set_metrics(y_true, y_pred, names)
     if baselines is not None:
         metrics["baselines"] = dict(baselines)
     if calibration is not None:

@@ -9,14 +9,12 @@ state, and whether it trains here or starts srun ranks (imgpipe.launch).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,10 @@ import yaml
 
 from imgpipe.atomic import read_csv, write_csv, write_json
 from imgpipe.config import LAYOUT_KEYS
-from imgpipe.dataset import NpyRows, ShardImages, label_codes, load_index, open_images
 from imgpipe.split import final_roles, load_split, role_ids
 from imgpipe.stage import StageJob
 from imgpipe.sweep import apply_overrides
+from imgpipe.training_run import TrainingData, TrainingRun, image_settings_of, load_training_data
 
 log = logging.getLogger("imgpipe")
 
@@ -39,40 +37,6 @@ RESUME_ROOT = Path(".imgpipe") / "resume"
 TENSORBOARD_ROOT = Path("results") / "tensorboard"
 # The inputs every training job reads (the shard arrays come with the index's ``array`` column).
 DATA_INPUTS = ("index", "split", "aug_images", "aug_index")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class TrainingData:
-    """The clean index's images (read from the shards on demand), labels, roles and augmented views."""
-
-    index: pd.DataFrame
-    images: ShardImages
-    labels: np.ndarray
-    roles: pd.Series
-    aug_images: NpyRows | None
-    aug_sources: np.ndarray
-
-    def ids(self, *roles: str) -> np.ndarray:
-        """Sorted ids of the images whose split role is one of ``roles``."""
-        return role_ids(self.roles, *roles)
-
-
-def load_training_data(inputs: Mapping[str, str]) -> TrainingData:
-    """Open the training data named by ``inputs`` (index, split, aug_images, aug_index): nothing is read yet."""
-    index = load_index(inputs["index"])
-    aug_index = read_csv(inputs["aug_index"])
-    aug_images = NpyRows(inputs["aug_images"]) if len(aug_index) else None
-    return TrainingData(
-        index=index,
-        images=open_images(index),
-        labels=label_codes(index),
-        roles=load_split(inputs["split"]),
-        aug_images=aug_images,
-        aug_sources=aug_index["source_id"].to_numpy(dtype=np.int64),
-    )
 
 
 # ----------------------------------------------------------------------------- settings
@@ -121,12 +85,6 @@ def sized_on_pool(train_cfg: dict, job: StageJob) -> dict:
     from imgpipe.schedule import sized_schedule
 
     return sized_schedule(train_cfg, pool_size(job.input["split"]))
-
-
-def image_settings(data: TrainingData, fit: str) -> dict[str, Any]:
-    """The image settings the arrays were made with (size and mode as ingested, ``image.fit``)."""
-    size, channels = int(data.images.shape[1]), int(data.images.shape[3])
-    return {"size": size, "mode": "rgb" if channels == 3 else "gray", "fit": fit}
 
 
 def job_key(*parts: Any) -> str:
@@ -179,55 +137,6 @@ def job_devices(gpu_resource: int, train_cfg: Mapping) -> tuple[int, bool]:
 # ----------------------------------------------------------------------------- training
 
 
-@dataclass(frozen=True)
-class TrainingRun:
-    """One training run as fit needs it, besides the images, the ids and the devices.
-
-    Built once per job (:func:`training_run`) and handed to the local path
-    (:func:`run_training`) and, as JSON in the job file, to every srun rank
-    (``imgpipe.launch``); both train through :func:`fit_run`, so what the model
-    file records (class names, image settings, augmentation) cannot drift
-    between them.
-    """
-
-    model: dict
-    train: dict
-    augment: dict
-    image_fit: str
-    out_dir: str
-    resume_dir: str
-    tensorboard_dir: str | None = None
-    # A run without validation images takes this temperature (imgpipe.calibration),
-    # fitted by the sweep's winning trial; None: fitted on the run's own validation images.
-    temperature: float | None = None
-    temperature_source: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, fields: Mapping[str, Any]) -> TrainingRun:
-        """The run :meth:`to_dict` wrote; ValueError naming what is missing or unknown."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-        missing, unknown = required - set(fields), set(fields) - names
-        if missing or unknown:
-            raise ValueError(f"training run: missing {sorted(missing)}, unknown {sorted(unknown)}")
-        return cls(**fields)
-
-    def absolute(self) -> TrainingRun:
-        """The same run with absolute folders (srun ranks may start elsewhere)."""
-        return dataclasses.replace(
-            self,
-            out_dir=str(Path(self.out_dir).resolve()),
-            resume_dir=str(Path(self.resume_dir).resolve()),
-            tensorboard_dir=(
-                str(Path(self.tensorboard_dir).resolve()) if self.tensorboard_dir else None
-            ),
-        )
-
-
 def training_run(
     job: StageJob,
     model_cfg: Mapping,
@@ -254,7 +163,7 @@ def training_run(
         model=plain(model_cfg),
         train=plain(train_cfg),
         augment=plain(job.params.get("augment") or {}),
-        image_fit=str((job.config.get("image") or {}).get("fit", "pad")),
+        image=image_settings_of(job.input["image"]),
         out_dir=str(out_dir),
         resume_dir=str(resume_dir_for(key)),
         tensorboard_dir=str(tensorboard_dir) if tensorboard_dir is not None else None,
@@ -279,38 +188,6 @@ def winner_temperature(best: Mapping[str, Any]) -> tuple[float | None, str | Non
     return float(best["temperature"]), where
 
 
-def fit_run(
-    run: TrainingRun,
-    data: TrainingData,
-    train_ids: np.ndarray,
-    val_ids: np.ndarray,
-    devices: int | None = None,
-) -> dict:
-    """Train ``run`` on ``data``: the one call of ``fit`` of the local and the srun path."""
-    from imgpipe.dataset import class_names
-    from imgpipe.training import fit
-
-    return fit(
-        data.images,
-        data.labels,
-        train_ids,
-        val_ids,
-        data.aug_images,
-        data.aug_sources,
-        run.model,
-        run.train,
-        run.out_dir,
-        devices=devices,
-        resume_dir=run.resume_dir,
-        augment_cfg=run.augment,
-        class_names=class_names(data.index),
-        image_cfg=image_settings(data, run.image_fit),
-        tensorboard_dir=run.tensorboard_dir,
-        temperature=run.temperature,
-        temperature_source=run.temperature_source,
-    )
-
-
 def run_training(
     data: TrainingData,
     train_ids: np.ndarray,
@@ -320,6 +197,7 @@ def run_training(
 ) -> dict:
     """Train ``run`` on this machine (validating on ``val_ids``), holding the job's GPUs meanwhile."""
     from imgpipe.gpus import claim_devices
+    from imgpipe.training import fit_run
 
     devices, on_gpu = job_devices(job.resources.get("gpu", 0), run.train)
     claim = claim_devices(devices) if on_gpu else contextlib.nullcontext()
@@ -518,9 +396,9 @@ def record_test_metrics(
 
     Inference only (nothing is chosen on the test images): the TEST role is
     predicted with the model just trained and ``test_metrics`` (n_test,
-    accuracy, balanced_accuracy, f1_macro, as ``imgpipe.evaluate`` computes
-    them) join the file's ``imgpipe`` entry, with ``train_class_counts`` (its
-    training images per class) and the quality-check settings of
+    accuracy, balanced_accuracy, f1_macro: ``imgpipe.metrics.test_set_metrics``,
+    the function evaluate's metrics.json comes from) join the file's
+    ``imgpipe`` entry, with ``train_class_counts`` (its training images per class) and the quality-check settings of
     ``clean`` and ``ingest.max_pixels`` that prediction applies to new files.
     The file is rewritten atomically; returns the entry.
     """
@@ -528,7 +406,7 @@ def record_test_metrics(
 
     from imgpipe.atomic import plain
     from imgpipe.dataset import class_names
-    from imgpipe.metrics import headline_metrics
+    from imgpipe.metrics import MODEL_FILE_TEST_KEYS, test_set_metrics
     from imgpipe.modelfile import METADATA_KEY, QUALITY_KEYS
     from imgpipe.predict import DEFAULT_EXTENSIONS, predict_proba
     from imgpipe.training import save_torch
@@ -553,8 +431,8 @@ def record_test_metrics(
     if len(test_ids):
         # model_name: the config's (a package.module:factory among them is trusted).
         probs = predict_proba(model_path, data.images, ids=test_ids, model_factory=model_name)
-        headline = headline_metrics(data.labels[test_ids], probs.argmax(axis=1))
-        metrics |= {k: headline[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")}
+        scores = test_set_metrics(data.labels[test_ids], probs.argmax(axis=1), names)
+        metrics |= {key: scores[key] for key in MODEL_FILE_TEST_KEYS}
         log.info(
             "final model on the %d test images: accuracy %.4f, macro F1 %.4f",
             len(test_ids),

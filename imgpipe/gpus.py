@@ -71,6 +71,29 @@ def count_gpus() -> int:
     )
 
 
+def local_gpus_present() -> bool:
+    """Whether this machine has NVIDIA devices, from the driver's device node alone.
+
+    The Snakefile asks while it builds the DAG: no torch, no subprocess.
+    """
+    return Path("/dev/nvidiactl").exists()
+
+
+def gpu_supports_bf16() -> bool:
+    """True when every visible GPU has compute capability >= 8.0 (asks nvidia-smi: CUDA stays uninitialised)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        caps = [float(line) for line in out.stdout.split()] if out.returncode == 0 else []
+    except (OSError, ValueError, subprocess.SubprocessError):
+        caps = []
+    return bool(caps) and min(caps) >= 8.0
+
+
 def candidate_devices(total: int | None) -> list[str]:
     """The device ids jobs may claim: CUDA_VISIBLE_DEVICES when set, else 0..total-1.
 

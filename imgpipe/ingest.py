@@ -280,16 +280,69 @@ def load_stats(path: str | os.PathLike) -> pd.DataFrame:
     )
 
 
+def shard_outputs(out_dir: str | os.PathLike, shard: int) -> tuple[str, str]:
+    """(stats.csv, images.npy) of ``shard`` under ``out_dir``, laid out as the workflow's results/ingest."""
+    return f"{out_dir}/shard-{shard}/stats.csv", f"{out_dir}/shard-{shard}/images.npy"
+
+
+def ingest_one_shard(
+    listing: str | os.PathLike,
+    shard: int,
+    shards: int,
+    settings: Mapping,
+    max_pixels: int,
+    stats_path: str | os.PathLike,
+    images_path: str | os.PathLike,
+) -> pd.DataFrame:
+    """One ingest_shard job: this shard's share of files.csv, decoded on one OpenCV thread.
+
+    One job per core: the shards are the parallelism, not OpenCV's threads.
+    """
+    from imgpipe.listing import load_files
+
+    cv2.setNumThreads(1)
+    return index_shard(
+        load_files(listing), shard, shards, settings, max_pixels, stats_path, images_path
+    )
+
+
+def _ingest_shard_job(args: tuple) -> None:
+    ingest_one_shard(*args)
+
+
+def ingest_listing(
+    listing: str | os.PathLike,
+    settings: Mapping,
+    max_pixels: int,
+    out_dir: str | os.PathLike,
+    shards: int,
+) -> list[str]:
+    """Every shard of files.csv into ``out_dir/shard-{i}/``, one fresh process per shard; the stats paths.
+
+    What the workflow's ingest_shard jobs do, outside Snakemake (the
+    benchmarks). Workers start as fresh interpreters, like Snakemake's jobs: a
+    forked child inherits OpenCV's thread pool mid-state and can hang in
+    cv2.setNumThreads.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [
+        (listing, shard, shards, dict(settings), max_pixels, *shard_outputs(out_dir, shard))
+        for shard in range(shards)
+    ]
+    with ProcessPoolExecutor(shards, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_ingest_shard_job, jobs))
+    return [shard_outputs(out_dir, shard)[0] for shard in range(shards)]
+
+
 def run_ingest_shard(job: StageJob) -> pd.DataFrame:
     """The ingest_shard stage: decode, measure and resize this shard's share of the listing."""
     from imgpipe.image_settings import load_settings
-    from imgpipe.listing import load_files
 
-    # One job per core: the shards are the parallelism, not OpenCV's threads.
-    cv2.setNumThreads(1)
     shard = int(job.wildcards["shard"])
-    stats = index_shard(
-        load_files(job.input["listing"]),
+    stats = ingest_one_shard(
+        job.input["listing"],
         shard,
         job.params["shards"],
         load_settings(job.input["image"]),  # image.size / mode resolved (auto -> inferred)

@@ -3,14 +3,14 @@
 A ``train_final`` job that asks SLURM for ``num_nodes`` x ``gpus_per_node``
 GPUs (one task per GPU) runs its script once, on the first node. The script
 writes the job description (inputs, split roles, and the run's
-``imgpipe.experiment.TrainingRun``: configs, image settings, output, resume
+``imgpipe.training_run.TrainingRun``: configs, image settings, output, resume
 and TensorBoard folders) to a JSON file and starts the ranks with
 :func:`srun_command`::
 
     srun --nodes=N --ntasks-per-node=G --kill-on-bad-exit=1 python -m imgpipe.launch job.json
 
 Each rank (``python -m imgpipe.launch job.json``) loads the data and trains
-the run through ``imgpipe.experiment.fit_run`` (the local path's own call of
+the run through ``imgpipe.training.fit_run`` (the local path's own call of
 ``imgpipe.training.fit``) with ``devices=G`` and ``num_nodes=N``; Lightning's
 SLURMEnvironment reads the rank from ``SLURM_PROCID`` / ``SLURM_LOCALID`` /
 ``SLURM_NODEID`` and rank 0 writes the outputs. srun's flags are explicit
@@ -28,15 +28,12 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from imgpipe.experiment import TrainingRun
+from imgpipe.training_run import LAUNCHED_VAR, TrainingRun, load_training_data
 
 log = logging.getLogger("imgpipe")
 
-# Set in every rank's environment: a rank never launches ranks itself.
-LAUNCHED_VAR = "IMGPIPE_LAUNCHED_RANK"
 JOB_FILE = ".launch-job.json"
 
 
@@ -111,8 +108,6 @@ def write_job(job: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 def read_job(path: str | os.PathLike) -> dict[str, Any]:
     """Read a job description written by :func:`write_job`."""
-    from imgpipe.experiment import TrainingRun
-
     job = json.loads(Path(path).read_text(encoding="utf-8"))
     missing = {"inputs", "train_roles", "val_roles", "run"} - set(job)
     if missing:
@@ -152,7 +147,8 @@ def launch_ranks(
 
 def run_rank(job: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> dict:
     """Train as the rank SLURM made this process; rank 0 writes the outputs and gets the summary."""
-    from imgpipe.experiment import TrainingRun, fit_run, load_training_data
+    # Imported here, after main() set up logging: Lightning then adds no handler of its own.
+    from imgpipe.training import fit_run
 
     run = TrainingRun.from_dict(job["run"])
     data = load_training_data(job["inputs"])

@@ -83,6 +83,21 @@ def classification_metrics(
     }
 
 
+# The test metrics a model file carries (imgpipe.experiment.record_test_metrics), besides n_test.
+MODEL_FILE_TEST_KEYS = ("accuracy", "balanced_accuracy", "f1_macro")
+
+
+def test_set_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict:
+    """The test set's scores: metrics.json's (evaluate) and, in part, the model file's stamp.
+
+    ``n_test``, the headline metrics over the tested classes, the untested
+    classes, the per-class table and the class names, in that order; the
+    final model's file keeps ``n_test`` and ``MODEL_FILE_TEST_KEYS`` of them.
+    """
+    metrics = classification_metrics(y_true, y_pred, class_names)
+    return {"n_test": metrics.pop("n"), **metrics, "classes": list(class_names)}
+
+
 def confusion_matrix_table(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
 ) -> pd.DataFrame:

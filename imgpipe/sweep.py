@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from imgpipe.atomic import plain, write_csv, write_yaml
+from imgpipe.monitor import metric_mode
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -112,7 +113,7 @@ def tie_breaker(monitor: str) -> str:
     the demo), so ties are common; the loss is continuous and says which of
     the tied models is the more confident where it is right.
     """
-    return "val_loss" if monitor.endswith("acc") else "val_acc"
+    return "val_loss" if metric_mode(monitor) == "max" else "val_acc"
 
 
 def rank_trials(trials: pd.DataFrame, monitor: str) -> pd.DataFrame:
@@ -123,10 +124,10 @@ def rank_trials(trials: pd.DataFrame, monitor: str) -> pd.DataFrame:
     A missing tie-breaker value ranks last among its ties.
     """
     second = tie_breaker(monitor)
-    keys, ascending = [monitor], [monitor.endswith("loss")]
+    keys, ascending = [monitor], [metric_mode(monitor) == "min"]
     if second in trials.columns:
         keys.append(second)
-        ascending.append(second.endswith("loss"))
+        ascending.append(metric_mode(second) == "min")
     ordered = trials.sort_values(keys, ascending=ascending, kind="stable", na_position="last")
     return ordered.reset_index(drop=True)
 
@@ -190,7 +191,7 @@ def plot_trials(trials: pd.DataFrame, monitor: str, path: str) -> None:
     ax.set_xticklabels(trials["trial"], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel(monitor)
     low = trials[monitor].min()
-    if monitor.endswith("acc"):
+    if metric_mode(monitor) == "max":  # an accuracy: at most 1
         ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_title("sweep: validation metric per trial (last epoch)")
     save_figure(fig, path)

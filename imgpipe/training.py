@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -55,12 +54,14 @@ from imgpipe.classifier_module import ImageClassifier
 from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import channel_stats
 from imgpipe.errors import DataError
+from imgpipe.gpus import gpu_supports_bf16
 from imgpipe.image_datamodule import ImageDataModule, Images
-from imgpipe.launch import LAUNCHED_VAR
 from imgpipe.modelfile import METADATA_KEY, model_metadata
 from imgpipe.models import normalisation, parse_freeze, set_backbone_trainable
+from imgpipe.monitor import metric_mode
 from imgpipe.progress import TrainingProgress
 from imgpipe.schedule import sized_schedule
+from imgpipe.training_run import LAUNCHED_VAR, TrainingData, TrainingRun, check_images_match
 
 log = logging.getLogger("imgpipe")
 
@@ -95,21 +96,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         """Save ``checkpoint`` to ``path`` atomically."""
         save_torch(checkpoint, path)
-
-
-def gpu_supports_bf16() -> bool:
-    """True when every visible GPU has compute capability >= 8.0 (asks nvidia-smi: CUDA stays uninitialised)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        caps = [float(line) for line in out.stdout.split()] if out.returncode == 0 else []
-    except (OSError, ValueError, subprocess.SubprocessError):
-        caps = []
-    return bool(caps) and min(caps) >= 8.0
 
 
 def resolve_precision(setting: str, on_gpu: bool) -> str:
@@ -389,7 +375,7 @@ def plan_run(train_cfg: Mapping, devices: int | None, threads: int | None) -> Ru
 def monitor_mode(train_cfg: Mapping) -> tuple[str, str]:
     """The monitored metric and whether it is maximised or minimised."""
     monitor = train_cfg.get("monitor", "val_acc")
-    return monitor, "max" if monitor.endswith("acc") else "min"
+    return monitor, metric_mode(monitor)
 
 
 def checkpoint_callbacks(folder: Path, monitor: str, mode: str, validate: bool) -> list[Callback]:
@@ -768,6 +754,38 @@ def calibrate_run(
         "val_nll_before": nll(logits, labels[val_ids], 1.0),
         "val_nll_after": nll(logits, labels[val_ids], found),
     }
+
+
+def fit_run(
+    run: TrainingRun,
+    data: TrainingData,
+    train_ids: np.ndarray,
+    val_ids: np.ndarray,
+    devices: int | None = None,
+) -> dict:
+    """Train ``run`` on ``data``: the one call of ``fit`` of the local and the srun path."""
+    from imgpipe.dataset import class_names
+
+    check_images_match(run.image, data.images.shape)
+    return fit(
+        data.images,
+        data.labels,
+        train_ids,
+        val_ids,
+        data.aug_images,
+        data.aug_sources,
+        run.model,
+        run.train,
+        run.out_dir,
+        devices=devices,
+        resume_dir=run.resume_dir,
+        augment_cfg=run.augment,
+        class_names=class_names(data.index),
+        image_cfg=dict(run.image),
+        tensorboard_dir=run.tensorboard_dir,
+        temperature=run.temperature,
+        temperature_source=run.temperature_source,
+    )
 
 
 def _last_value(history: pd.DataFrame, metric: str) -> float:

@@ -57,12 +57,16 @@ def fold_job(tmp_path, best: dict | None, k: int = 3):
     pd.DataFrame({"aug_row": [], "source_id": []}).to_csv(tmp_path / "aug.csv", index=False)
     folds = assign_folds(index, k, False, seed=0)
     folds.to_csv(tmp_path / "folds.csv", index=False)
+    # The image settings ingest would have made the arrays with (results/ingest/image.json).
+    image = {"size": int(images.shape[1]), "mode": "gray", "fit": "pad"}
+    (tmp_path / "image.json").write_text(json.dumps(image))
     inputs = {
         "index": str(tmp_path / "index.csv"),
         "split": str(tmp_path / "split.csv"),
         "aug_images": str(tmp_path / "aug.npy"),
         "aug_index": str(tmp_path / "aug.csv"),
         "folds": str(tmp_path / "folds.csv"),
+        "image": str(tmp_path / "image.json"),
     }
     if best is not None:
         (tmp_path / "best.yaml").write_text(json.dumps(best))

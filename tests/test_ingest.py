@@ -326,3 +326,18 @@ def test_snakemake_rules_on_a_tree(tmp_path):
     logs = "".join((wd / f"logs/ingest/shard-{i}.log").read_text(encoding="utf-8") for i in (0, 1))
     assert "shard 0" in logs and "libpng error" in logs
     shutil.rmtree(wd / ".snakemake", ignore_errors=True)
+
+
+def test_ingest_listing_writes_what_the_shard_jobs_write(tmp_path):
+    """The benchmarks' ingest (ingest.ingest_listing, fresh processes) is the workflow's, shard by shard."""
+    mixed_tree(tmp_path / "data")
+    files = list_images(tmp_path / "data", EXTS)
+    files.to_csv(tmp_path / "files.csv", index=False)
+    stats_paths = ingest.ingest_listing(tmp_path / "files.csv", GRAY16, 10**8, tmp_path / "all", 2)
+    assert stats_paths == [f"{tmp_path / 'all'}/shard-{s}/stats.csv" for s in range(2)]
+    for shard in range(2):
+        _, images, out = run_shard(files, tmp_path, shard, 2)
+        pd.testing.assert_frame_equal(load_stats(stats_paths[shard]), load_stats(out / "stats.csv"))
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "all" / f"shard-{shard}" / "images.npy"), images
+        )

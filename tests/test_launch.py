@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from imgpipe.demo import digits_images
-from imgpipe.experiment import TrainingRun
+from imgpipe.errors import DataError
 from imgpipe.launch import (
     JOB_FILE,
     LAUNCHED_VAR,
@@ -28,17 +28,18 @@ from imgpipe.launch import (
 )
 from imgpipe.modelfile import METADATA_KEY
 from imgpipe.predict import predict_proba
+from imgpipe.training_run import TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def a_run(model_cfg, train_cfg, out_dir, resume_dir, image_fit="pad") -> TrainingRun:
-    """A training run as experiment.training_run builds it for the final model."""
+def a_run(model_cfg, train_cfg, out_dir, resume_dir, image_fit="pad", size=16) -> TrainingRun:
+    """A training run as experiment.training_run builds it for the final model (image.json's settings)."""
     return TrainingRun(
         model=model_cfg,
         train=train_cfg,
         augment={},
-        image_fit=image_fit,
+        image={"size": size, "mode": "gray", "fit": image_fit},
         out_dir=str(out_dir),
         resume_dir=str(resume_dir),
     )
@@ -186,9 +187,9 @@ def test_job_file_round_trip_with_absolute_paths(
     assert all(Path(p).is_absolute() and Path(p).exists() for p in job["inputs"].values())
     assert job["run"]["out_dir"] == str(tmp_path / "out")
     assert [p.name for p in path.parent.iterdir()] == [JOB_FILE]  # no temporary file left
-    del job["run"]["image_fit"]
+    del job["run"]["image"]
     path.write_text(json.dumps(job))
-    with pytest.raises(ValueError, match="image_fit"):
+    with pytest.raises(ValueError, match="image"):
         read_job(path)
     del job["train_roles"]
     path.write_text(json.dumps(job))
@@ -252,3 +253,16 @@ def test_an_srun_rank_records_the_class_names_and_image_settings(
     # Without them fit saved classes "0".."9" and `fit: pad`, whatever the data and config said.
     assert meta["class_names"] == [f"digit-{d}" for d in range(10)]
     assert meta["image"] == {"size": 16, "mode": "gray", "fit": "crop"}
+
+
+def test_a_rank_refuses_arrays_that_image_json_does_not_describe(
+    tmp_path, digit_files, tiny_model, tiny_train
+):
+    """The run's image settings come from image.json; arrays of another size stop with one clear line."""
+    inputs, _, _ = digit_files
+    train = {**tiny_train, "max_epochs": 1, "num_nodes": 1, "gpus_per_node": 1}
+    run = a_run(tiny_model, train, tmp_path / "out", tmp_path / "state", size=32)
+    job = read_job(write_job(make_job(inputs, ["train"], ["val"], run), tmp_path / JOB_FILE))
+    with pytest.raises(DataError, match=r"shape \(16, 16, 1\).*size 32 and mode gray"):
+        run_rank(job, env={"SLURM_NTASKS_PER_NODE": "1"})
+    assert not (tmp_path / "out" / "model.ckpt").exists()

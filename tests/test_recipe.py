@@ -146,3 +146,31 @@ def test_final_models_epochs_equal_the_schedules(tmp_path, monkeypatch, tiny_mod
     assert final["temperature"] == best["temperature"] == trial["temperature"]
     assert "validation images" in trial["temperature_fitted_on"]
     assert "sweep winner" in final["temperature_fitted_on"]
+
+
+def test_the_model_files_test_metrics_are_those_of_evaluates_metrics_json(tmp_path, monkeypatch):
+    """One computation of the test set's scores: the final model's stamp is metrics.json's, key for key."""
+    import torch
+
+    from imgpipe.dataset import class_names, load_index
+    from imgpipe.evaluate import evaluate_predictions, rows_of_test_set
+    from imgpipe.modelfile import METADATA_KEY
+    from imgpipe.split import load_split
+
+    _, _, final_job = recipe_jobs(tmp_path)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=20)  # some right, some wrong: the scores differ from 1
+    monkeypatch.setattr("imgpipe.predict.predict_proba", lambda *args, **kw: probs)
+    model_path = tmp_path / "model.ckpt"
+    torch.save({METADATA_KEY: {}}, model_path)
+    stamp = experiment.record_test_metrics(final_job, model_path)["test_metrics"]
+    index = load_index(final_job.input["index"])
+    rows = rows_of_test_set(index, load_split(final_job.input["split"]))
+    outputs = {
+        name: str(tmp_path / "evaluate" / name)
+        for name in ("metrics", "confusion", "confusion_png", "per_class", "predictions")
+    }
+    metrics = evaluate_predictions(rows, probs, class_names(index), outputs)
+    assert stamp == {key: metrics[key] for key in stamp}
+    assert list(stamp) == ["n_test", "accuracy", "balanced_accuracy", "f1_macro"]
+    assert 0 < stamp["accuracy"] < 1

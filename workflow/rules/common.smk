@@ -21,8 +21,8 @@ from imgpipe.config import (
     coerce_config,
     code_fingerprint,
     load_schema,
-    local_gpus_present,
 )
+from imgpipe.gpus import local_gpus_present
 from imgpipe.listing import tree_fingerprint
 from imgpipe.logs import PROGRESS_VAR, progress_wanted
 from imgpipe.pretrained import cached_file, missing_offline_error, needed_files
@@ -105,8 +105,8 @@ def code(script):
 ##### image settings #####
 
 # image.size / image.mode as ingest used them (auto resolved from the data) live
-# in this file, an input of ingest and of the config snapshot; rules never take
-# them from the config.
+# in this file, an input of ingest, of the training jobs (their model files
+# record it) and of the config snapshot; rules never take them from the config.
 IMAGE_SETTINGS = "results/ingest/image.json"
 IMAGE_CONFIG = config["image"]
 # The report's captions read the config only: once a run has resolved the
@@ -149,13 +149,15 @@ SHARD_IMAGES = expand("results/ingest/shard-{shard}/images.npy", shard=SHARDS)
 # jobs). The SLURM profile sets the gpu resource of the training rules itself.
 GPUS_PER_JOB = 1 if local_gpus_present() else 0
 # Every file a training job reads: the clean index, the roles, the shard
-# arrays the index points into, and the materialised augmented views.
+# arrays the index points into, the materialised augmented views, and the
+# image settings ingest made the arrays with (the model file records them).
 TRAIN_INPUTS = {
     "index": "results/clean/index.csv",
     "split": "results/split/split.csv",
     "arrays": SHARD_IMAGES,
     "aug_images": "results/augment/images.npy",
     "aug_index": "results/augment/index.csv",
+    "image": IMAGE_SETTINGS,
 }
 
 
