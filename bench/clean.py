@@ -3,8 +3,8 @@
 Generates a tree of small PNGs (digits, letters, shapes, photo-like textures,
 8..64 px) with planted defects, then times on the same tree, in one run:
 
-(a) ours: imgpipe.listing.list_images, imgpipe.ingest.index_shard for 2 shards in
-    2 processes (like the workflow), imgpipe.clean.run_clean;
+(a) ours: imgpipe.data.listing.list_images, imgpipe.data.ingest.index_shard for 2 shards in
+    2 processes (like the workflow), imgpipe.images.quality.run_clean;
 (b) cleanvision's Imagelab with its default checks (pip install cleanvision==0.3.7,
     the project's ``bench`` extra);
 (c) decode-only: cv2.imread of every file in the same 2 processes, nothing else.
@@ -36,7 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgpipe.demo import digits_images  # noqa: E402
+from imgpipe.stages.demo import digits_images  # noqa: E402
 
 # Planted defects, as fractions of --n (the rest are clean images).
 DEFECT_RATES = {
@@ -235,10 +235,10 @@ def run_ours(
     root: Path, work: Path, config: dict, shards: int = 2
 ) -> tuple[float, pd.DataFrame, pd.DataFrame]:
     """Index + clean like the workflow; return (seconds, rejected table, index table)."""
-    from imgpipe.clean import CleanSettings, clean_shards
-    from imgpipe.image_settings import resolve_settings
-    from imgpipe.ingest import ingest_listing
-    from imgpipe.listing import list_images
+    from imgpipe.data.image_settings import resolve_settings
+    from imgpipe.data.ingest import ingest_listing
+    from imgpipe.data.listing import list_images
+    from imgpipe.images.quality import CleanSettings, clean_shards
 
     start = time.perf_counter()
     files = list_images(root, config["data"]["extensions"])

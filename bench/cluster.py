@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imgpipe import cluster  # noqa: E402
+from imgpipe.stages import cluster  # noqa: E402
 
 
 def timed(fn):

@@ -3,7 +3,7 @@
 Generates (or reuses, ``--data DIR``) a tree of 256 x 256 RGB JPEGs (10
 classes, smooth random colour fields with grain: ~20 KB each, like small
 photos) and ingests it with imgpipe's own functions (listing, ``image.size:
-auto`` -> 224 px rgb, ``imgpipe.ingest.index_shard`` in 2 processes, like the
+auto`` -> 224 px rgb, ``imgpipe.data.ingest.index_shard`` in 2 processes, like the
 workflow). A user who sets only ``data.root`` on such photos gets exactly this:
 224 px arrays, and an ImageNet-style random resized crop back to 224 px.
 
@@ -25,7 +25,7 @@ images/s = images after the first (warm-up) batch / seconds, over
 times (a busy spell on a shared machine hits both) and each side's best run
 counts. Prints both sides and ends with ``loader vs ImageFolder: ratio X``.
 
-``--rss``: peak RSS (VmHWM) of a training job (``imgpipe.training.fit``, one
+``--rss``: peak RSS (VmHWM) of a training job (``imgpipe.learn.fit.fit``, one
 whole epoch, no validation, like train_final; the flip + crop policy; a model
 that pools 8 x 8 before its one convolution, so that the loader dominates) on
 10,000 and on 40,000 such images (224 px rgb shards written directly from the
@@ -132,9 +132,9 @@ def ingest(root: Path, work: Path, size: int | str = "auto", shards: int = 2) ->
     Writes ``work/index.csv`` (the ok rows: label, array, row; clean is not run)
     and returns the resolved image settings and the seconds taken.
     """
-    from imgpipe.image_settings import resolve_settings
-    from imgpipe.ingest import ingest_listing, load_stats
-    from imgpipe.listing import list_images
+    from imgpipe.data.image_settings import resolve_settings
+    from imgpipe.data.ingest import ingest_listing, load_stats
+    from imgpipe.data.listing import list_images
 
     start = time.perf_counter()
     files = list_images(root, [".jpg"])
@@ -170,7 +170,7 @@ def ingest(root: Path, work: Path, size: int | str = "auto", shards: int = 2) ->
 
 def load_index(work: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """The bench index (id, label, array, row) and its integer labels."""
-    from imgpipe.dataset import label_codes
+    from imgpipe.data.dataset import label_codes
 
     index = pd.read_csv(work / "index.csv", dtype={"label": str, "array": str})
     return index, label_codes(index)
@@ -201,7 +201,7 @@ def peak_rss_mb() -> float:
 
 def make_preprocessor(channels: int, size: int, device: str):
     """An ImageClassifier whose preprocess is the training path (flip + crop, ImageNet normalisation)."""
-    from imgpipe.classifier_module import ImageClassifier
+    from imgpipe.learn.classifier_module import ImageClassifier
 
     module = ImageClassifier(
         {"name": "smallcnn", "channels": [8], "dropout": 0.0},
@@ -248,8 +248,8 @@ def run_imgpipe_loader(
 ) -> dict:
     """Images/s of imgpipe's training loader + on-device preprocessing (an epoch, or max_batches)."""
 
-    from imgpipe.dataset import ShardImages
-    from imgpipe.image_datamodule import ImageDataModule
+    from imgpipe.data.dataset import ShardImages
+    from imgpipe.learn.image_datamodule import ImageDataModule
 
     index, labels = load_index(work)
     images = ShardImages(index)
@@ -315,8 +315,8 @@ def tiny_net(num_classes: int, in_channels: int, image_size: int):
 
 def run_fit_rss(work: Path, batch: int) -> dict:
     """A train_final-like job: fit() for one epoch on every image, no validation; its peak RSS."""
-    from imgpipe.dataset import ShardImages
-    from imgpipe.training import fit
+    from imgpipe.data.dataset import ShardImages
+    from imgpipe.learn.fit import fit
 
     index, labels = load_index(work)
     images = ShardImages(index)
@@ -357,14 +357,14 @@ def run_epoch(work: Path, batch: int, device: str, source: str) -> dict:
     import torch
     from torch.nn import functional as F
 
-    from imgpipe.dataset import ShardImages
-    from imgpipe.image_datamodule import ImageDataModule
+    from imgpipe.data.dataset import ShardImages
+    from imgpipe.learn.image_datamodule import ImageDataModule
 
     torch.manual_seed(0)
     index, labels = load_index(work)
     images = ShardImages(index)
     module = make_preprocessor(images.shape[3], images.shape[1], device)
-    from imgpipe.models import build_model
+    from imgpipe.learn.models import build_model
 
     model = build_model("resnet18", CLASSES, images.shape[3], images.shape[1]).to(device)
     if device == "cuda":
@@ -499,7 +499,7 @@ def write_rss_shards(source: Path, work: Path, n: int, shards: int = 2) -> None:
     The rows repeat the source's images (their content does not matter for
     memory); each of the n rows is its own row on disk.
     """
-    from imgpipe.dataset import ShardImages
+    from imgpipe.data.dataset import ShardImages
 
     index, _ = load_index(source)
     images = ShardImages(index)

@@ -1,7 +1,7 @@
 """Benchmark: one model through PyTorch eager, TorchScript and ONNX Runtime on the CPU, same threads.
 
-The three are loaded the way ``imgpipe predict`` loads them (``imgpipe.predict.load_model``
-on the model.ckpt and on the model.pt / model.onnx that ``imgpipe.export`` writes from it)
+The three are loaded the way ``imgpipe predict`` loads them (``imgpipe.infer.inference.load_model``
+on the model.ckpt and on the model.pt / model.onnx that ``imgpipe.infer.export`` writes from it)
 and timed on the same uint8 batch through ``Model.probabilities``: pixels in, class
 probabilities out, normalisation included, file decoding not. Each runtime is warmed up,
 then timed ``--repeats`` times for about ``--seconds`` each; the best round counts.
@@ -12,7 +12,7 @@ float ONNX model, ``int8 vs float onnxruntime: ratio X``, then
 ``onnxruntime vs eager: ratio X`` (X > 1: ONNX Runtime is faster).
 
 Then end to end, files on disk to the predictions CSV: ``--files`` JPEGs of ``--file-size``
-px (generated) through ``imgpipe.predict_images.predict_files`` with the ONNX model and
+px (generated) through ``imgpipe.stages.predict.predict_files`` with the ONNX model and
 ``--workers`` decoding threads, beside a bare decode + resize of the same files (OpenCV
 ``imread`` + ``resize`` to the model's size) on as many threads; the best of ``--repeats``
 each. Ends with ``predict files/s vs decode+resize: ratio X`` (the goal is X >= 0.8: what
@@ -45,14 +45,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from imgpipe.cli import default_workers  # noqa: E402
-from imgpipe.export import export_onnx, export_torchscript, max_difference  # noqa: E402
-from imgpipe.predict import load_model  # noqa: E402
+from imgpipe.infer.export import export_onnx, export_torchscript, max_difference  # noqa: E402
+from imgpipe.infer.inference import load_model  # noqa: E402
 
 
 def untrained_model_file(path: Path, arch: str, size: int, mode: str, classes: int) -> Path:
     """A model.ckpt of config/config.yaml's model section (name overridden by ``arch``), untrained."""
-    from imgpipe.classifier_module import ImageClassifier
-    from imgpipe.training import METADATA_KEY, model_metadata
+    from imgpipe.learn.classifier_module import ImageClassifier
+    from imgpipe.learn.fit import METADATA_KEY, model_metadata
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     model_cfg = {**config["model"], "name": arch or config["model"]["name"]}
@@ -140,7 +140,7 @@ def decode_resize_per_s(paths: list[str], size: int, mode: str, workers: int) ->
 
 def predict_per_s(model, folder: Path, out: Path, workers: int, batch: int) -> float:
     """Files/s of ``predict_files`` from the folder to the predictions CSV (listing included)."""
-    from imgpipe.predict_images import predict_files
+    from imgpipe.stages.predict import predict_files
 
     start = time.perf_counter()
     summary = predict_files(model, folder, out, batch_size=batch, workers=workers)
@@ -183,7 +183,7 @@ def end_to_end(model, folder: Path, args: argparse.Namespace) -> None:
 
 def int8_vs_float(folder: Path, float_model, batch: np.ndarray, args: argparse.Namespace) -> float:
     """Quantise ``folder/model.onnx`` to int8 as the export does, time both; print a row, return int8 / float."""
-    from imgpipe.quantize import quantize_int8
+    from imgpipe.infer.quantize import quantize_int8
 
     int8_path = folder / "model.int8.onnx"
     quantize_int8(folder / "model.onnx", int8_path, batch[:64])

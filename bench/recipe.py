@@ -77,7 +77,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgpipe.demo import digits_images  # noqa: E402
+from imgpipe.stages.demo import digits_images  # noqa: E402
 
 WORKFLOW_PARTS = ["Snakefile", "workflow", "config", "imgpipe", "scripts", "profiles", "envs"]
 METRICS = "results/evaluate/metrics.json"
@@ -432,7 +432,7 @@ def speed_rows(args: argparse.Namespace) -> pd.DataFrame:
     """
     import torch
 
-    from imgpipe.models import build_model
+    from imgpipe.learn.models import build_model
 
     torch.set_num_threads(args.cores)
     best: dict[tuple[int, str], float] = {}

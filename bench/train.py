@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO))
 import pytorch_lightning as pl  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from imgpipe.classifier_module import ImageClassifier  # noqa: E402
-from imgpipe.dataset import channel_stats  # noqa: E402
-from imgpipe.demo import digits_images  # noqa: E402
-from imgpipe.image_datamodule import ImageDataModule  # noqa: E402
-from imgpipe.training import fit  # noqa: E402
+from imgpipe.data.dataset import channel_stats  # noqa: E402
+from imgpipe.learn.classifier_module import ImageClassifier  # noqa: E402
+from imgpipe.learn.fit import fit  # noqa: E402
+from imgpipe.learn.image_datamodule import ImageDataModule  # noqa: E402
+from imgpipe.stages.demo import digits_images  # noqa: E402
 
 
 def dataset(scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -22,12 +22,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from imgpipe.errors import DataError
+from imgpipe.core.errors import DataError
 
 
 def factory_name(text: str) -> str:
     """``--model-factory``'s value: a ``package.module:factory`` name."""
-    from imgpipe.modelfile import is_factory_name
+    from imgpipe.infer.modelfile import is_factory_name
 
     if not is_factory_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not package.module:factory")
@@ -70,9 +70,9 @@ def _int_at_least(text: str, low: int) -> int:
 def parser() -> argparse.ArgumentParser:
     """The command-line parser of ``imgpipe``."""
     from imgpipe import __version__
-    from imgpipe.predict import OUTPUT_TYPES
-    from imgpipe.predict_images import TOP_K
-    from imgpipe.predict_output import FORMATS
+    from imgpipe.infer.inference import OUTPUT_TYPES
+    from imgpipe.infer.output import FORMATS
+    from imgpipe.stages.predict import TOP_K
 
     top = argparse.ArgumentParser(prog="imgpipe", description="Use a trained imgpipe model.")
     top.add_argument("--version", action="version", version=f"imgpipe {__version__}")
@@ -171,8 +171,8 @@ def metrics_path(output: str, given: str | None) -> Path:
 
 def predict_command(args: argparse.Namespace) -> int:
     """Run ``imgpipe predict``; print the counts (and accuracy / macro F1 of a labelled input)."""
-    from imgpipe.predict import load_model
-    from imgpipe.predict_images import predict_files
+    from imgpipe.infer.inference import load_model
+    from imgpipe.stages.predict import predict_files
 
     if args.threads:
         import torch

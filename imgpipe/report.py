@@ -34,11 +34,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from imgpipe.atomic import plain, write_csv, write_text
-from imgpipe.atomic import read_csv as read_table_file
-from imgpipe.listing import printable
-from imgpipe.plots import png_bytes, pyplot
-from imgpipe.stage import StageJob
+from imgpipe.core.atomic import plain, write_csv, write_text
+from imgpipe.core.atomic import read_csv as read_table_file
+from imgpipe.core.plots import png_bytes, pyplot
+from imgpipe.data.listing import printable
+from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -485,8 +485,8 @@ def sweep_metric(trials: pd.DataFrame) -> str | None:
 
 
 def sorted_trials(trials: pd.DataFrame) -> pd.DataFrame:
-    """Trials best first, as the sweep ranked them (imgpipe.sweep.rank_trials)."""
-    from imgpipe.sweep import rank_trials
+    """Trials best first, as the sweep ranked them (imgpipe.learn.sweep.rank_trials)."""
+    from imgpipe.learn.sweep import rank_trials
 
     metric = sweep_metric(trials)
     if metric is None or trials.empty:
@@ -551,7 +551,12 @@ def _reason_counts(rejected: pd.DataFrame) -> dict[str, int]:
 
 
 def _test_headline(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
-    from imgpipe.baseline_warning import flat_baselines, likely_causes, shortfalls, warning_line
+    from imgpipe.learn.baseline_warning import (
+        flat_baselines,
+        likely_causes,
+        shortfalls,
+        warning_line,
+    )
 
     metrics = read_json(inputs, "test_metrics")
     if metrics is None:
@@ -1908,7 +1913,7 @@ def run_report(job: StageJob) -> dict[str, Any]:
     log.info("headline numbers: %s", numbers)
     warning = (numbers.get("test") or {}).get("warning")
     if warning:  # the run's last job: the warning is its last line on the terminal too
-        from imgpipe.logs import TERMINAL
+        from imgpipe.core.logs import TERMINAL
 
         log.warning("%s; see %s#overview", warning, job.output["html"], extra={TERMINAL: True})
     return numbers

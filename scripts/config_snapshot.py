@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
 
-from imgpipe.config_snapshot import run_config_snapshot  # noqa: E402
-from imgpipe.stage import run_stage  # noqa: E402
+from imgpipe.stages.config_snapshot import run_config_snapshot  # noqa: E402
+from imgpipe.workflow.stage_job import run_stage  # noqa: E402
 
 run_stage(snakemake, run_config_snapshot)

@@ -30,7 +30,7 @@ from workflow_utils import (
     write_config,
 )
 
-from imgpipe.demo import digits_images
+from imgpipe.stages.demo import digits_images
 
 # The same examples on every run (CI included): a property test fails for a reason
 # that reproduces, never for an example one run happened to draw.
@@ -76,8 +76,8 @@ def digits16() -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_on(data, train_ids, val_ids, model_cfg, train_cfg, out_dir, views=(None, None), **kw):
-    """``imgpipe.training.fit`` on ``data`` = (images, labels) and ``views`` = (images, sources)."""
-    from imgpipe.training import fit
+    """``imgpipe.learn.fit.fit`` on ``data`` = (images, labels) and ``views`` = (images, sources)."""
+    from imgpipe.learn.fit import fit
 
     images, labels = data
     return fit(images, labels, train_ids, val_ids, *views, model_cfg, train_cfg, out_dir, **kw)

@@ -88,7 +88,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_among_imgpipe_modules():
     graph = import_graph(ROOT / "imgpipe")
-    assert "imgpipe.experiment" in graph and graph["imgpipe.experiment"]
+    assert "imgpipe.learn.jobs" in graph and graph["imgpipe.learn.jobs"]
     cycles = import_cycles(graph)
     assert not cycles, f"modules importing each other (inside functions too): {cycles}"
 
@@ -108,10 +108,10 @@ def test_the_cycle_check_sees_cycles_through_sub_packages_and_function_imports(t
 
 
 def test_gpu_facts_import_without_torch():
-    """The Snakefile asks imgpipe.gpus while it builds the DAG: neither it nor config pulls in torch."""
+    """The Snakefile asks imgpipe.learn.gpus while it builds the DAG: neither it nor config pulls in torch."""
     code = (
-        "import sys, imgpipe.config, imgpipe.gpus, imgpipe.monitor\n"
-        "imgpipe.gpus.local_gpus_present()\n"
+        "import sys, imgpipe.workflow.config, imgpipe.learn.gpus, imgpipe.learn.monitor\n"
+        "imgpipe.learn.gpus.local_gpus_present()\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
@@ -120,17 +120,19 @@ def test_gpu_facts_import_without_torch():
 def test_launch_imports_no_lightning_before_its_ranks_set_up_logging():
     """launch.main configures logging before Lightning is imported (else Lightning adds its own handler)."""
     code = (
-        "import sys, imgpipe.launch\n"
+        "import sys, imgpipe.learn.launch\n"
         "assert not {'torch', 'pytorch_lightning'} & set(sys.modules), 'imported too early'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_every_gpu_fact_lives_in_gpus():
-    from imgpipe import config, gpus, training
+    from imgpipe.learn import fit as training
+    from imgpipe.learn import gpus
+    from imgpipe.workflow import config
 
     for name in ("local_gpus_present", "count_gpus", "gpu_supports_bf16"):
-        assert getattr(gpus, name).__module__ == "imgpipe.gpus"
+        assert getattr(gpus, name).__module__ == "imgpipe.learn.gpus"
     assert not hasattr(config, "local_gpus_present")
     assert training.gpu_supports_bf16 is gpus.gpu_supports_bf16
 
@@ -139,9 +141,9 @@ def test_every_gpu_fact_lives_in_gpus():
 def test_one_direction_per_metric_for_training_and_the_sweep(metric, mode):
     import pandas as pd
 
-    from imgpipe.monitor import metric_mode
-    from imgpipe.sweep import rank_trials, tie_breaker
-    from imgpipe.training import monitor_mode
+    from imgpipe.learn.fit import monitor_mode
+    from imgpipe.learn.monitor import metric_mode
+    from imgpipe.learn.sweep import rank_trials, tie_breaker
 
     assert metric_mode(metric) == mode
     assert monitor_mode({"monitor": metric}) == (metric, mode)
@@ -152,7 +154,7 @@ def test_one_direction_per_metric_for_training_and_the_sweep(metric, mode):
 
 
 def test_metric_mode_refuses_a_metric_without_a_direction():
-    from imgpipe.monitor import metric_mode
+    from imgpipe.learn.monitor import metric_mode
 
     with pytest.raises(ValueError, match="val_f1"):
         metric_mode("val_f1")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
-from imgpipe.augment import (
+from imgpipe.data.split import POOL_ROLES, assign_roles, role_ids
+from imgpipe.images.augment import (
     augment_batch,
     augment_pool,
     check_images,
@@ -12,9 +13,8 @@ from imgpipe.augment import (
     iter_views,
     policy,
 )
-from imgpipe.demo import digits_images
-from imgpipe.image_datamodule import training_augment_rows
-from imgpipe.split import POOL_ROLES, assign_roles, role_ids
+from imgpipe.learn.image_datamodule import training_augment_rows
+from imgpipe.stages.demo import digits_images
 
 OFF = {
     "rotation": 0.0,

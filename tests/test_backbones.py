@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from imgpipe.errors import DataError
-from imgpipe.models import (
+from imgpipe.core.errors import DataError
+from imgpipe.learn.fit import BackboneFreeze
+from imgpipe.learn.models import (
     ModuleClassifier,
     adapt_first_conv,
     backbone_parameters,
@@ -18,7 +19,6 @@ from imgpipe.models import (
     optimizer_groups,
     set_backbone_trainable,
 )
-from imgpipe.training import BackboneFreeze
 
 
 def check_outputs(model, in_channels, size, classes, width):

@@ -38,8 +38,8 @@ from workflow_utils import (
     write_config,
 )
 
-from imgpipe.atomic import read_csv
-from imgpipe.demo import digits_images
+from imgpipe.core.atomic import read_csv
+from imgpipe.stages.demo import digits_images
 
 AS_ROOT = os.geteuid() == 0
 ODD_CLASS = "class é ü"

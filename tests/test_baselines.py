@@ -16,9 +16,10 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from imgpipe import baselines, experiment
-from imgpipe.baseline_warning import likely_causes, warning_line
-from imgpipe.baselines import (
+from imgpipe.learn import baselines
+from imgpipe.learn import jobs as experiment
+from imgpipe.learn.baseline_warning import likely_causes, warning_line
+from imgpipe.learn.baselines import (
     SAMPLE_MAX,
     fit_plan,
     labelled_input_baselines,
@@ -26,7 +27,7 @@ from imgpipe.baselines import (
     majority_baseline,
     stratified_sample,
 )
-from imgpipe.cv import summarise_cv
+from imgpipe.learn.cv import summarise_cv
 
 # The documented bound of the linear baseline's time (README, "Baselines").
 BOUND_SECONDS = 20.0
@@ -205,7 +206,7 @@ def test_each_fold_and_the_cv_summary_carry_the_baselines(tmp_path, monkeypatch)
         return np.tile([20.0, 0.0, 0.0, 0.0], (len(ids), 1))  # its logits
 
     monkeypatch.setattr(experiment, "run_training", fake_training)
-    monkeypatch.setattr("imgpipe.predict.predict_logits", one_class)
+    monkeypatch.setattr("imgpipe.infer.inference.predict_logits", one_class)
     summaries, oofs = [], []
     for fold in range(3):
         job.wildcards["fold"] = str(fold)
@@ -234,8 +235,8 @@ def test_predict_command_warns_when_a_collapsed_model_scores_a_labelled_tree(
     from workflow_utils import digits_tree
 
     from imgpipe import cli
-    from imgpipe import predict as predict_module
-    from imgpipe.predict import Model
+    from imgpipe.infer import inference as predict_module
+    from imgpipe.infer.inference import Model
 
     tree = digits_tree(tmp_path / "digits", per_class=10, classes=4, size=16)
     metadata = {

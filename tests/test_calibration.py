@@ -13,7 +13,10 @@ import torch
 import yaml
 from conftest import TINY
 
-from imgpipe.calibration import (
+from imgpipe.core.errors import DataError
+from imgpipe.infer.export import export_onnx, export_torchscript
+from imgpipe.infer.inference import load_model, predict_logits, predict_proba
+from imgpipe.learn.calibration import (
     T_MIN,
     apply_temperature,
     calibrated_probabilities,
@@ -23,10 +26,7 @@ from imgpipe.calibration import (
     reliability_table,
     softmax,
 )
-from imgpipe.errors import DataError
-from imgpipe.export import export_onnx, export_torchscript
-from imgpipe.predict import load_model, predict_logits, predict_proba
-from imgpipe.training import fit, save_torch
+from imgpipe.learn.fit import fit, save_torch
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"
@@ -259,7 +259,7 @@ def test_the_tiny_run_is_calibrated_without_changing_a_prediction(finished_run, 
     # The argmax never changes: the written predictions are those of the raw logits.
     split = pd.read_csv(results / "split" / "split.csv")
     test_ids = np.sort(split.loc[split["role"] == "test", "id"].to_numpy())
-    from imgpipe.dataset import class_names, load_index, open_images
+    from imgpipe.data.dataset import class_names, load_index, open_images
 
     monkeypatch.chdir(finished_run)  # the index names its shards relative to the run
     index = load_index(results / "clean" / "index.csv")
@@ -274,7 +274,7 @@ def test_the_tiny_run_is_calibrated_without_changing_a_prediction(finished_run, 
 
 
 def test_the_report_shows_the_calibration_and_its_reliability_diagram(tmp_path):
-    from imgpipe.calibration import calibration_summary
+    from imgpipe.learn.calibration import calibration_summary
     from imgpipe.report import headline, test_section
 
     _, labels, logits = sampled(300, 3, sharpness=3.0)

@@ -8,8 +8,8 @@ import torch
 from sklearn.metrics import log_loss
 from sklearn.utils.class_weight import compute_class_weight
 
-from imgpipe.classifier_module import ImageClassifier
-from imgpipe.training import class_weights
+from imgpipe.learn.classifier_module import ImageClassifier
+from imgpipe.learn.fit import class_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*self.log")
 

@@ -1,4 +1,4 @@
-"""The clean stage's decisions, on stats tables built from real arrays with imgpipe.imagestats."""
+"""The clean stage's decisions, on stats tables built from real arrays with imgpipe.images.measure."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pair_utils import hash_pairs
 
-from imgpipe import clean, imagestats
-from imgpipe.clean import CleanSettings
-from imgpipe.dataset import INDEX_COLUMNS, load_images, load_index
-from imgpipe.demo import digits_images
-from imgpipe.errors import DataError
+from imgpipe.core.errors import DataError
+from imgpipe.data.dataset import INDEX_COLUMNS, load_images, load_index
+from imgpipe.images import measure as imagestats
+from imgpipe.images import quality as clean
+from imgpipe.images.quality import CleanSettings
+from imgpipe.stages.demo import digits_images
 
 SIZE = 16
 
@@ -517,7 +518,7 @@ def test_decisions_do_not_depend_on_shard_count_or_listing_order(tmp_path):
 
 
 def test_end_to_end_from_png_files_through_ingest(tmp_path):
-    from imgpipe import ingest, listing
+    from imgpipe.data import ingest, listing
 
     root = tmp_path / "tree"
     images, labels = digits_images()

@@ -26,8 +26,9 @@ from sklearn.metrics import (
 )
 from threadpoolctl import threadpool_limits
 
-from imgpipe import cluster
-from imgpipe.cluster import (
+from imgpipe.core.errors import DataError
+from imgpipe.stages import cluster
+from imgpipe.stages.cluster import (
     cluster_images,
     cluster_metrics,
     contingency_table,
@@ -41,8 +42,7 @@ from imgpipe.cluster import (
     plot_projection,
     purity,
 )
-from imgpipe.demo import digits_images
-from imgpipe.errors import DataError
+from imgpipe.stages.demo import digits_images
 
 REPO = Path(__file__).resolve().parents[1]
 

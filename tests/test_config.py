@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgpipe.config import (
+from imgpipe.workflow.config import (
     ConfigError,
     check_config,
     coerce_config,

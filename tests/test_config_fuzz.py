@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from workflow_utils import copy_workflow, digits_tree, snakemake, write_config
 
-from imgpipe.config import ConfigError, check_config, load_schema
+from imgpipe.workflow.config import ConfigError, check_config, load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(ROOT / "config" / "schema.yaml")

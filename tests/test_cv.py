@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgpipe.cv import (
+from imgpipe.core.errors import DataError
+from imgpipe.learn.cv import (
     assign_folds,
     effective_k,
     folds_used,
@@ -12,7 +13,6 @@ from imgpipe.cv import (
     summarise_folds,
     suspect_labels,
 )
-from imgpipe.errors import DataError
 
 
 def pool(n_per_class=20, classes=("a", "b", "c"), group_size=2):

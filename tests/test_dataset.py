@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgpipe.dataset import class_names, label_codes, load_images, load_index
+from imgpipe.data.dataset import class_names, label_codes, load_images, load_index
 
 
 def write_case(tmp_path, rgb: bool = False):

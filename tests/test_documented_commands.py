@@ -29,7 +29,7 @@ from workflow_utils import (
     snakemake,
 )
 
-from imgpipe.config import load_schema
+from imgpipe.workflow.config import load_schema
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SEPARATORS = {";", "|", "||", "&&", "&"}

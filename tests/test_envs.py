@@ -239,8 +239,8 @@ def test_requirements_of_pinned_packages_count_as_provided():
 def test_import_scan_follows_imgpipe_modules(tmp_path):
     """The scan sees imports inside functions and through imgpipe modules."""
     script = tmp_path / "demo.py"
-    script.write_text("from imgpipe.demo import write_digits_tree\n")
+    script.write_text("from imgpipe.stages.demo import write_digits_tree\n")
     found = third_party_imports(script)
-    # imgpipe/demo.py imports cv2 inside a function and sklearn inside another.
+    # imgpipe/stages/demo.py imports cv2 inside a function and sklearn inside another.
     assert {"cv2", "sklearn", "numpy"} <= found
     assert "os" not in found and "imgpipe" not in found

@@ -6,18 +6,18 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
-from imgpipe.demo import digits_images
-from imgpipe.errors import DataError
-from imgpipe.evaluate import (
+from imgpipe.core.errors import DataError
+from imgpipe.data.split import assign_roles
+from imgpipe.learn.metrics import classification_metrics, confusion_matrix_table, per_class_table
+from imgpipe.stages.demo import digits_images
+from imgpipe.stages.evaluate import (
     epoch_metrics,
     evaluate_predictions,
     plot_confusion,
     plot_training_curves,
     run_evaluate,
 )
-from imgpipe.metrics import classification_metrics, confusion_matrix_table, per_class_table
-from imgpipe.split import assign_roles
-from imgpipe.stage import StageJob
+from imgpipe.workflow.stage_job import StageJob
 
 PNG = b"\x89PNG\r\n\x1a\n"
 NAMES = ["cat", "dog", "emu", "yak"]
@@ -293,7 +293,7 @@ def test_baselines_are_fitted_on_the_training_role_and_scored_on_the_test_images
 ):
     from sklearn.dummy import DummyClassifier
 
-    from imgpipe.baselines import linear_pixels_baseline
+    from imgpipe.learn.baselines import linear_pixels_baseline
 
     inputs, model, roles = clean_stage
 
@@ -336,7 +336,7 @@ def test_baselines_of_a_swept_run_use_train_and_val_as_the_final_model_does(tmp_
 def test_a_collapsed_model_is_warned_about_in_the_log_and_on_the_terminal(
     tmp_path, clean_stage, capfd, monkeypatch
 ):
-    from imgpipe.logs import PROGRESS_VAR, logged
+    from imgpipe.core.logs import PROGRESS_VAR, logged
 
     monkeypatch.setenv(PROGRESS_VAR, "1")
     inputs, _, _ = clean_stage

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from imgpipe.augment import affine_maps, augment_batch, warp_uint8
-from imgpipe.classifier_module import ImageClassifier
-from imgpipe.dataset import NpyRows, ShardImages, channel_stats
-from imgpipe.image_datamodule import (
+from imgpipe.data.dataset import NpyRows, ShardImages, channel_stats
+from imgpipe.images.augment import affine_maps, augment_batch, warp_uint8
+from imgpipe.learn.classifier_module import ImageClassifier
+from imgpipe.learn.image_datamodule import (
     ImageBatches,
     ImageDataModule,
     keep_freed_memory,
@@ -116,8 +116,8 @@ def write_rows(path, n: int, shape=(5, 6, 3)) -> np.ndarray:
 @pytest.mark.parametrize("big_rows", [False, True])
 def test_rows_are_read_straight_into_their_slots(tmp_path, rows, big_rows, monkeypatch):
     if big_rows:  # no span read: a pread per run of consecutive rows and slots
-        monkeypatch.setattr("imgpipe.dataset.SPAN_BYTES", 0)
-        monkeypatch.setattr("imgpipe.dataset.SPAN_FACTOR", 0)
+        monkeypatch.setattr("imgpipe.data.dataset.SPAN_BYTES", 0)
+        monkeypatch.setattr("imgpipe.data.dataset.SPAN_FACTOR", 0)
     array = write_rows(tmp_path / "a.npy", 50)
     reader = NpyRows(tmp_path / "a.npy")
     out = np.full((len(rows) + 3, 5, 6, 3), 255, np.uint8)
@@ -178,7 +178,7 @@ def test_channel_stats_are_the_exact_mean_and_std_of_the_pixels(monkeypatch):
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (50, 12, 10, 3), dtype=np.uint8)
     images[:, :, :, 2] //= 4  # channels of different statistics
-    monkeypatch.setattr("imgpipe.dataset.STATS_CHUNK_BYTES", 1000)  # a few images per chunk
+    monkeypatch.setattr("imgpipe.data.dataset.STATS_CHUNK_BYTES", 1000)  # a few images per chunk
     ids = np.arange(3, 50, 2)
     mean, std = channel_stats(images, ids)
     pixels = images[ids].reshape(-1, 3) / 255.0

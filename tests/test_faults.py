@@ -24,11 +24,11 @@ from workflow_utils import (
     write_config,
 )
 
-from imgpipe.classifier_module import ImageClassifier
-from imgpipe.dataset import load_images
-from imgpipe.errors import DataError
-from imgpipe.predict import load_classifier
-from imgpipe.training import checkpoint_loads, logged_epochs, resume_point
+from imgpipe.core.errors import DataError
+from imgpipe.data.dataset import load_images
+from imgpipe.infer.inference import load_classifier
+from imgpipe.learn.classifier_module import ImageClassifier
+from imgpipe.learn.fit import checkpoint_loads, logged_epochs, resume_point
 
 
 class Payload:
@@ -154,8 +154,8 @@ def test_uint8_shard_rows_gathered_in_index_order(tmp_path):
 
 def fit_digits(out_dir, resume_dir=None, max_epochs=3, random=True):
     """Fit a tiny CNN on 3 digit classes (dropout and online augmentation on when ``random``)."""
-    from imgpipe.demo import digits_images
-    from imgpipe.training import fit
+    from imgpipe.learn.fit import fit
+    from imgpipe.stages.demo import digits_images
 
     images, labels = digits_images()
     keep = np.flatnonzero(labels < 3)[:90]
@@ -378,8 +378,8 @@ def test_resume_state_with_its_history_resumes(tmp_path):
 
 
 def test_stale_temp_files_of_an_interrupted_attempt_are_removed(tmp_path):
-    from imgpipe.atomic import write_text
-    from imgpipe.training import save_torch
+    from imgpipe.core.atomic import write_text
+    from imgpipe.learn.fit import save_torch
 
     stale = [tmp_path / ".a.csv.0123.tmp.csv", tmp_path / ".model.ckpt.x1y2.tmp"]
     for path in stale:

@@ -11,8 +11,8 @@ import types
 
 import pytest
 
-from imgpipe import gpus
-from imgpipe.gpus import claim_devices, claim_for_inference
+from imgpipe.learn import gpus
+from imgpipe.learn.gpus import claim_devices, claim_for_inference
 
 CTX = mp.get_context("fork")
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import digits_at, fit_on
 
-from imgpipe import experiment
-from imgpipe.classifier_module import ImageClassifier
-from imgpipe.cluster import scores_by_role
-from imgpipe.cv import ALWAYS_TRAIN, assign_folds
-from imgpipe.stage import StageJob
-from imgpipe.training import fit
+from imgpipe.learn import jobs as experiment
+from imgpipe.learn.classifier_module import ImageClassifier
+from imgpipe.learn.cv import ALWAYS_TRAIN, assign_folds
+from imgpipe.learn.fit import fit
+from imgpipe.stages.cluster import scores_by_role
+from imgpipe.workflow.stage_job import StageJob
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(LeafSpec|logging interval|srun)")
 
@@ -240,7 +240,7 @@ class PerfectClassifier(ImageClassifier):
 def test_exact_val_metrics_under_ddp_with_uneven_shards(
     tmp_path, tiny_model, tiny_train, monkeypatch
 ):
-    from imgpipe import training
+    from imgpipe.learn import fit as training
 
     images = np.zeros((15, 8, 8, 1), np.uint8)
     labels = np.array([0, 1] * 7 + [1])
@@ -262,7 +262,7 @@ def test_exact_val_metrics_under_ddp_with_uneven_shards(
 def test_exact_val_metrics_under_ddp_with_wrong_predictions_on_uneven_shards(
     tmp_path, tiny_model, tiny_train, monkeypatch
 ):
-    from imgpipe import training
+    from imgpipe.learn import fit as training
 
     images = np.zeros((15, 8, 8, 1), np.uint8)
     labels = np.array([0, 1] * 5 + [0, 0, 0, 0, 1])
@@ -311,7 +311,7 @@ def test_channels_last_is_set_before_ddp_wraps_the_model(
 ):
     from pytorch_lightning.strategies import DDPStrategy
 
-    from imgpipe import training
+    from imgpipe.learn import fit as training
 
     class ChannelsLast(ImageClassifier):
         """Asks for channels_last on the CPU (as on a GPU) and checks the weights' layout."""

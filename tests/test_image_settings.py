@@ -1,6 +1,6 @@
 """image.size: auto and image.mode: auto: inferred from the headers (and a colour check) of a sample.
 
-Documented values (config/config.yaml, imgpipe/image_settings.py): the median
+Documented values (config/config.yaml, imgpipe/data/image_settings.py): the median
 short side clamped to [16, 224]; rgb when any sampled image has colour.
 """
 
@@ -26,11 +26,11 @@ from workflow_utils import (
     write_config,
 )
 
-from imgpipe import image_settings
-from imgpipe.config import config_errors, load_schema
-from imgpipe.config_snapshot import write_config_snapshot
-from imgpipe.image_settings import has_colour, resolve_settings
-from imgpipe.imageio import HEADER_BYTES, read_file_header
+from imgpipe.data import image_settings
+from imgpipe.data.image_settings import has_colour, resolve_settings
+from imgpipe.images.decode import HEADER_BYTES, read_file_header
+from imgpipe.stages.config_snapshot import write_config_snapshot
+from imgpipe.workflow.config import config_errors, load_schema
 
 SCHEMA = load_schema(REPO / "config" / "schema.yaml")
 

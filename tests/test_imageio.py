@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from imgpipe import imageio
-from imgpipe.imageio import decode_image, fit_square
-from imgpipe.ingest import decode_file as read_file
+from imgpipe.data.ingest import decode_file as read_file
+from imgpipe.images import decode as imageio
+from imgpipe.images.decode import decode_image, fit_square
 
 
 def decode_file(path, mode="rgb", max_pixels=100_000_000):

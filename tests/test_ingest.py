@@ -19,16 +19,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imgpipe import imagestats, ingest
-from imgpipe.imageio import decode_image, fit_square
-from imgpipe.ingest import (
+from imgpipe.data import ingest
+from imgpipe.data.ingest import (
     STATS_COLUMNS,
     index_shard,
     load_stats,
     prepare_images,
     shard_positions,
 )
-from imgpipe.listing import list_images
+from imgpipe.data.listing import list_images
+from imgpipe.images import measure as imagestats
+from imgpipe.images.decode import decode_image, fit_square
 
 EXTS = [".png", ".jpg", ".bmp", ".tif", ".gif", ".webp"]
 GRAY16 = {"size": 16, "mode": "gray", "fit": "pad"}
@@ -251,7 +252,7 @@ def test_progress_is_logged(tmp_path, caplog, monkeypatch):
     lines = [r.getMessage() for r in caplog.records if "files/s" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("shard 0: 40/40 files in ")
     caplog.clear()
-    monkeypatch.setattr("imgpipe.logs.PROGRESS_SECONDS", 0.0)  # a line at every file
+    monkeypatch.setattr("imgpipe.core.logs.PROGRESS_SECONDS", 0.0)  # a line at every file
     with caplog.at_level(logging.INFO, logger="imgpipe"):
         run_shard(files, tmp_path / "slow")
     lines = [r.getMessage() for r in caplog.records if "files/s" in r.getMessage()]

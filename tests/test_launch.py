@@ -1,4 +1,4 @@
-"""imgpipe.launch: the srun command, the job file, and two DDP ranks wired by a (fake) SLURM."""
+"""imgpipe.learn.launch: the srun command, the job file, and two DDP ranks wired by a (fake) SLURM."""
 
 import json
 import os
@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from imgpipe.demo import digits_images
-from imgpipe.errors import DataError
-from imgpipe.launch import (
+from imgpipe.core.errors import DataError
+from imgpipe.infer.inference import predict_proba
+from imgpipe.infer.modelfile import METADATA_KEY
+from imgpipe.learn.launch import (
     JOB_FILE,
     LAUNCHED_VAR,
     launch_ranks,
@@ -26,9 +27,8 @@ from imgpipe.launch import (
     tasks_per_node,
     write_job,
 )
-from imgpipe.modelfile import METADATA_KEY
-from imgpipe.predict import predict_proba
-from imgpipe.training_run import TrainingRun
+from imgpipe.learn.training_run import TrainingRun
+from imgpipe.stages.demo import digits_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,12 @@ def test_srun_command_asks_one_task_per_gpu_on_each_node(tmp_path):
     assert {"--nodes=2", "--ntasks-per-node=4", "--kill-on-bad-exit=1", "--cpus-per-task=8"} <= set(
         cmd
     )
-    assert cmd[-4:] == ["/venv/bin/python", "-m", "imgpipe.launch", str(tmp_path / "job.json")]
+    assert cmd[-4:] == [
+        "/venv/bin/python",
+        "-m",
+        "imgpipe.learn.launch",
+        str(tmp_path / "job.json"),
+    ]
     assert not any(a.startswith("--cpus-per-task") for a in srun_command("j", 1, 2))
 
 
@@ -210,7 +215,7 @@ def test_failed_srun_raises_and_keeps_the_job_file(
 
 @pytest.mark.filterwarnings("ignore")
 def test_two_srun_ranks_train_one_model(tmp_path, digit_files, fake_srun, tiny_model, ddp_train):
-    """launch_ranks -> srun -> 2 x `python -m imgpipe.launch`: Lightning wires the ranks from SLURM_*."""
+    """launch_ranks -> srun -> 2 x `python -m imgpipe.learn.launch`: Lightning wires the ranks from SLURM_*."""
     inputs, images, labels = digit_files
     out_dir = tmp_path / "out"
     run = a_run(tiny_model, ddp_train, out_dir, tmp_path / "state")

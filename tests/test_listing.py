@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imgpipe.atomic import write_csv as write_csv_atomic
-from imgpipe.errors import DataError
-from imgpipe.listing import COLUMNS, list_images, load_files, tree_fingerprint
+from imgpipe.core.atomic import write_csv as write_csv_atomic
+from imgpipe.core.errors import DataError
+from imgpipe.data.listing import COLUMNS, list_images, load_files, tree_fingerprint
 
 EXTS = [".png", ".jpg", ".jpeg"]
 IMG = factory.pattern(8, 8)
@@ -259,7 +259,7 @@ def test_unreadable_folder_and_file(tmp_path):
 
 
 def test_latin1_file_name_is_ingested_and_its_path_round_trips(tmp_path):
-    from imgpipe.ingest import index_shard, load_stats
+    from imgpipe.data.ingest import index_shard, load_stats
 
     root = tmp_path / "d"
     factory.make_tree(root, {"cat/a.png": IMG})

@@ -19,9 +19,9 @@ CHILD = textwrap.dedent(
     import json, sys
     import numpy as np, pandas as pd, torch
     sys.path.insert(0, {repo!r})
-    from imgpipe.classifier_module import ImageClassifier
-    from imgpipe.dataset import ShardImages
-    from imgpipe.image_datamodule import ImageDataModule
+    from imgpipe.learn.classifier_module import ImageClassifier
+    from imgpipe.data.dataset import ShardImages
+    from imgpipe.learn.image_datamodule import ImageDataModule
 
     def peak_mb():
         for line in open("/proc/self/status"):

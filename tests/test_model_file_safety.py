@@ -23,14 +23,14 @@ from conftest import TINY, digits_at
 from workflow_utils import REPO, copy_workflow, digits_tree, planned_jobs, write_config
 
 from imgpipe import cli
-from imgpipe.classifier_module import ImageClassifier
-from imgpipe.errors import DataError
-from imgpipe.export import export_onnx, export_torchscript
-from imgpipe.modelfile import METADATA_KEY, configured_factories, model_metadata, safe_hparams
-from imgpipe.predict import load_classifier, load_model
-from imgpipe.predict_images import rule_factories
-from imgpipe.stage import StageJob
-from imgpipe.training import fit
+from imgpipe.core.errors import DataError
+from imgpipe.infer.export import export_onnx, export_torchscript
+from imgpipe.infer.inference import load_classifier, load_model
+from imgpipe.infer.modelfile import METADATA_KEY, configured_factories, model_metadata, safe_hparams
+from imgpipe.learn.classifier_module import ImageClassifier
+from imgpipe.learn.fit import fit
+from imgpipe.stages.predict import rule_factories
+from imgpipe.workflow.stage_job import StageJob
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"

@@ -8,15 +8,15 @@ import torch
 import yaml
 from torch.nn import Conv2d
 
-from imgpipe.config import ConfigError, check_config, load_schema
-from imgpipe.errors import DataError
-from imgpipe.models import (
+from imgpipe.core.errors import DataError
+from imgpipe.learn.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     adapt_first_conv,
     build_model,
     normalisation,
 )
+from imgpipe.workflow.config import ConfigError, check_config, load_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_NAMES = ("smallcnn", "resnet18", "vgg11_bn")

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from imgpipe import plots
-from imgpipe.predict_images import (
+from imgpipe.core import plots
+from imgpipe.stages.predict import (
     CAPTION_NAME_WIDTH,
     _Montage,
     montage_caption,

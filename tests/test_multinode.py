@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import fit_on
 
-from imgpipe import training
-from imgpipe.classifier_module import ImageClassifier
+from imgpipe.learn import fit as training
+from imgpipe.learn.classifier_module import ImageClassifier
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(LeafSpec|logging interval|srun)")
 

@@ -22,13 +22,14 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from test_clean import decide, filler, stats_row, texture, write_shards
 
-from imgpipe import clean, imagestats
-from imgpipe.clean import CleanSettings
-from imgpipe.cv import assign_folds
-from imgpipe.demo import digits_images
-from imgpipe.imageio import decode_image
-from imgpipe.ingest import measure_images
-from imgpipe.split import assign_roles
+from imgpipe.data.ingest import measure_images
+from imgpipe.data.split import assign_roles
+from imgpipe.images import measure as imagestats
+from imgpipe.images import quality as clean
+from imgpipe.images.decode import decode_image
+from imgpipe.images.quality import CleanSettings
+from imgpipe.learn.cv import assign_folds
+from imgpipe.stages.demo import digits_images
 
 SETTINGS = CleanSettings()
 SHIFTS = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]

@@ -2,7 +2,7 @@
 
 The tree (300 JPEGs, 3 classes) is listed and ingested with imgpipe's own
 functions (``image.size: auto`` -> 96 px rgb), then trained through
-``imgpipe.training.fit`` as the training rules do: resnet18 with its standard
+``imgpipe.learn.fit.fit`` as the training rules do: resnet18 with its standard
 stem from a local weights file the test writes (torchvision's random init,
 saved with torch.save, as a user saves downloaded weights), a frozen backbone
 that stays bit-identical, a timm model, and weights files that do not fit.
@@ -18,14 +18,14 @@ from imagefactory import write_jpeg
 from torch import nn
 from torchvision import models as tvm
 
-from imgpipe.classifier_module import ImageClassifier
-from imgpipe.dataset import ShardImages, label_codes
-from imgpipe.errors import DataError
-from imgpipe.image_settings import resolve_settings
-from imgpipe.ingest import index_shard
-from imgpipe.listing import list_images
-from imgpipe.predict import load_classifier, predict_proba
-from imgpipe.training import fit
+from imgpipe.core.errors import DataError
+from imgpipe.data.dataset import ShardImages, label_codes
+from imgpipe.data.image_settings import resolve_settings
+from imgpipe.data.ingest import index_shard
+from imgpipe.data.listing import list_images
+from imgpipe.infer.inference import load_classifier, predict_proba
+from imgpipe.learn.classifier_module import ImageClassifier
+from imgpipe.learn.fit import fit
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated"

@@ -1,7 +1,7 @@
 """Using a trained model: the self-describing model file, one preprocessing path, predicting files.
 
 One small model is trained once for the module on digits written as PNG files
-and read through the pipeline's own preprocessing (imgpipe.ingest.prepare_images).
+and read through the pipeline's own preprocessing (imgpipe.data.ingest.prepare_images).
 """
 
 from __future__ import annotations
@@ -37,20 +37,20 @@ from sklearn.metrics import accuracy_score, f1_score
 from workflow_utils import REPO, digits_tree, tree_digest
 
 from imgpipe import cli
-from imgpipe.export import export_onnx, export_torchscript, max_difference
-from imgpipe.ingest import index_shard, prepare_images
-from imgpipe.listing import list_images
-from imgpipe.modelfile import METADATA_KEY
-from imgpipe.predict import Model, load_model, predict_proba
-from imgpipe.predict_images import (
+from imgpipe.data.ingest import index_shard, prepare_images
+from imgpipe.data.listing import list_images
+from imgpipe.infer.export import export_onnx, export_torchscript, max_difference
+from imgpipe.infer.inference import Model, load_model, predict_proba
+from imgpipe.infer.modelfile import METADATA_KEY
+from imgpipe.learn.fit import fit
+from imgpipe.stages.predict import (
     list_inputs,
     predict_files,
     prediction_columns,
     run_predict,
     screen,
 )
-from imgpipe.stage import StageJob
-from imgpipe.training import fit
+from imgpipe.workflow.stage_job import StageJob
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"
@@ -148,7 +148,7 @@ def test_model_file_round_trip(trained, tmp_path):
 
 
 def test_config_hash_follows_the_training_settings(trained):
-    from imgpipe.modelfile import config_hash
+    from imgpipe.infer.modelfile import config_hash
 
     hparams = torch.load(trained["ckpt"], weights_only=True)["hyper_parameters"]
     assert config_hash(hparams) == load_model(trained["ckpt"]).metadata["config_sha256"]
@@ -157,7 +157,7 @@ def test_config_hash_follows_the_training_settings(trained):
 
 
 def test_load_model_refuses_what_it_cannot_use(tmp_path, trained):
-    from imgpipe.errors import DataError
+    from imgpipe.core.errors import DataError
 
     with pytest.raises(DataError, match="does not exist"):
         load_model(tmp_path / "missing.ckpt")
@@ -734,8 +734,8 @@ def test_workers_give_the_rows_of_one_thread_in_order(trained, tmp_path):
 def test_decoding_stays_within_the_batches_in_flight(trained, tmp_path, monkeypatch):
     import threading
 
-    from imgpipe import ingest
-    from imgpipe.predict_images import BATCHES_IN_FLIGHT, chunk_size
+    from imgpipe.data import ingest
+    from imgpipe.stages.predict import BATCHES_IN_FLIGHT, chunk_size
 
     decoded, lock, ahead = [0], threading.Lock(), []
     real_prepare = ingest.prepare_images
@@ -770,8 +770,8 @@ def test_no_lightning_and_progress_lines_unless_quiet(trained, exported, tmp_pat
     """A fresh process predicts a checkpoint and an ONNX file: Lightning is never imported."""
     code = (
         "import sys\n"
-        "import imgpipe.logs\n"
-        "imgpipe.logs.PROGRESS_SECONDS = 0.0  # a line per batch\n"
+        "import imgpipe.core.logs\n"
+        "imgpipe.core.logs.PROGRESS_SECONDS = 0.0  # a line per batch\n"
         "from imgpipe.cli import main\n"
         "assert main(sys.argv[1:]) == 0\n"
         "found = sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 from torchvision import models as tvm
 from workflow_utils import REPO, copy_workflow, digits_tree, snakemake, write_config
 
-from imgpipe import pretrained
-from imgpipe.atomic import file_sha256
-from imgpipe.config import ConfigError, check_config, load_schema
-from imgpipe.errors import DataError
-from imgpipe.models import IMAGENET_MEAN, build_model, normalisation
-from imgpipe.stage import StageJob
+from imgpipe.core.atomic import file_sha256
+from imgpipe.core.errors import DataError
+from imgpipe.learn import pretrained
+from imgpipe.learn.models import IMAGENET_MEAN, build_model, normalisation
+from imgpipe.workflow.config import ConfigError, check_config, load_schema
+from imgpipe.workflow.stage_job import StageJob
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
 TIMM_TAG = "resnet10t.c3_in1k"  # timm's default (and only) tag of resnet10t

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe import logs
-from imgpipe.logs import Progress, duration, job_label, progress_enabled, progress_wanted
+from imgpipe.core import logs
+from imgpipe.core.logs import Progress, duration, job_label, progress_enabled, progress_wanted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,8 +115,8 @@ def test_job_label_is_the_log_path_below_logs():
 JOB_SCRIPT = textwrap.dedent(
     """
     import logging, os, sys
-    from imgpipe.logs import Progress, logged, progress_line
-    from imgpipe.stage import c_stderr_to_log
+    from imgpipe.core.logs import Progress, logged, progress_line
+    from imgpipe.workflow.stage_job import c_stderr_to_log
     with logged(sys.argv[1]), c_stderr_to_log():  # as run_stage does
         print("plain output")
         logging.getLogger("imgpipe").info("a log line")

@@ -11,10 +11,10 @@ import pytest
 from conftest import digits_at, fit_on
 from test_honest_numbers import fold_job
 
-from imgpipe import experiment
-from imgpipe.schedule import auto_batch_size, epochs_for, sized_schedule, steps_per_epoch
-from imgpipe.stage import StageJob
-from imgpipe.sweep import best_config, collect_trials
+from imgpipe.learn import jobs as experiment
+from imgpipe.learn.schedule import auto_batch_size, epochs_for, sized_schedule, steps_per_epoch
+from imgpipe.learn.sweep import best_config, collect_trials
+from imgpipe.workflow.stage_job import StageJob
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(LeafSpec|logging interval|srun)")
 
@@ -152,15 +152,15 @@ def test_the_model_files_test_metrics_are_those_of_evaluates_metrics_json(tmp_pa
     """One computation of the test set's scores: the final model's stamp is metrics.json's, key for key."""
     import torch
 
-    from imgpipe.dataset import class_names, load_index
-    from imgpipe.evaluate import evaluate_predictions, rows_of_test_set
-    from imgpipe.modelfile import METADATA_KEY
-    from imgpipe.split import load_split
+    from imgpipe.data.dataset import class_names, load_index
+    from imgpipe.data.split import load_split
+    from imgpipe.infer.modelfile import METADATA_KEY
+    from imgpipe.stages.evaluate import evaluate_predictions, rows_of_test_set
 
     _, _, final_job = recipe_jobs(tmp_path)
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), size=20)  # some right, some wrong: the scores differ from 1
-    monkeypatch.setattr("imgpipe.predict.predict_proba", lambda *args, **kw: probs)
+    monkeypatch.setattr("imgpipe.infer.inference.predict_proba", lambda *args, **kw: probs)
     model_path = tmp_path / "model.ckpt"
     torch.save({METADATA_KEY: {}}, model_path)
     stamp = experiment.record_test_metrics(final_job, model_path)["test_metrics"]

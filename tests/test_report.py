@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from imgpipe import config_snapshot, report
+from imgpipe import report
+from imgpipe.stages import config_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -557,7 +558,7 @@ def test_sweep_table_is_sorted_best_first(tmp_path, metric):
 
 
 def test_a_file_name_that_is_not_utf8_is_shown_with_its_bytes_escaped(tmp_path):
-    from imgpipe.atomic import read_csv, write_csv
+    from imgpipe.core.atomic import read_csv, write_csv
 
     inputs = write_fake_results(tmp_path)
     rejected = read_csv(inputs["rejected"], keep_default_na=False)
@@ -893,7 +894,7 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import Paramspace
 sys.path.insert(0, {repo!r})
-from imgpipe.config import code_fingerprint
+from imgpipe.workflow.fingerprint import code_fingerprint
 
 configfile: "config.yaml"
 

@@ -87,7 +87,7 @@ def write_image_tree(root: Path) -> None:
     """A tiny labelled tree: 3 digit classes x 6 images, one exact duplicate, one broken file."""
     import cv2
 
-    from imgpipe.demo import digits_images
+    from imgpipe.stages.demo import digits_images
 
     images, labels = digits_images()
     for label in (0, 1, 7):
@@ -602,6 +602,6 @@ def test_multi_gpu_training_runs_one_srun_rank_per_gpu(
     # srun --label prefixes each rank's lines with its task id.
     for rank in (0, 1):
         assert re.search(rf"^{rank}: .*rank {rank} of 2 \(node 0", rule_log, re.M), rule_log[-3000:]
-    from imgpipe.predict import load_classifier
+    from imgpipe.infer.inference import load_classifier
 
     assert load_classifier(results / "model.ckpt").model is not None

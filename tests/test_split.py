@@ -4,10 +4,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgpipe.atomic import write_csv
-from imgpipe.demo import digits_images
-from imgpipe.errors import DataError
-from imgpipe.split import assign_roles, fold_plan
+from imgpipe.core.atomic import write_csv
+from imgpipe.core.errors import DataError
+from imgpipe.data.split import assign_roles, fold_plan
+from imgpipe.stages.demo import digits_images
 
 
 def digits_index(pairs_per_class=20):

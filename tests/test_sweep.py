@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from snakemake.utils import Paramspace
 
-from imgpipe.sweep import (
+from imgpipe.learn.sweep import (
     apply_overrides,
     best_config,
     collect_trials,

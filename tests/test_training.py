@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import fit_on
 
-from imgpipe.classifier_module import ImageClassifier
-from imgpipe.errors import DataError
-from imgpipe.experiment import input_stamp, job_key
-from imgpipe.image_datamodule import IndexBatches
-from imgpipe.predict import embed, predict_proba
-from imgpipe.training import combined_history, logged_epochs
+from imgpipe.core.errors import DataError
+from imgpipe.infer.inference import embed, predict_proba
+from imgpipe.learn.classifier_module import ImageClassifier
+from imgpipe.learn.fit import combined_history, logged_epochs
+from imgpipe.learn.image_datamodule import IndexBatches
+from imgpipe.learn.jobs import input_stamp, job_key
 
 # Lightning hints that fit's settings make moot (fit filters them outside pytest too).
 pytestmark = pytest.mark.filterwarnings(
@@ -148,8 +148,8 @@ RESUME_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import cv2, numpy as np
-    from imgpipe.demo import digits_images
-    from imgpipe.training import fit
+    from imgpipe.stages.demo import digits_images
+    from imgpipe.learn.fit import fit
     images, labels = digits_images()
     images = np.stack([cv2.resize(im, (16, 16)) for im in images])[:, :, :, None]
     model_cfg, train_cfg = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -291,7 +291,7 @@ def test_ids_that_cannot_train_raise_data_error(
 
 
 def test_resume_key_follows_params_and_inputs(tmp_path):
-    # The key that names a job's resume state (imgpipe.experiment, used by every training rule).
+    # The key that names a job's resume state (imgpipe.learn.jobs, used by every training rule).
     data = tmp_path / "index.csv"
     data.write_text("id\n0\n")
 
@@ -473,9 +473,9 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import cv2, numpy as np
-    from imgpipe.demo import digits_images
-    from imgpipe.progress import TrainingProgress
-    from imgpipe.training import fit
+    from imgpipe.stages.demo import digits_images
+    from imgpipe.learn.progress_callback import TrainingProgress
+    from imgpipe.learn.fit import fit
 
     die_at = int(os.environ.get("DIE_AT_EPOCH", "-1"))
     start = TrainingProgress.on_train_epoch_start

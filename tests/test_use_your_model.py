@@ -27,7 +27,9 @@ from imagefactory import pattern, write_rgba_png
 from workflow_utils import REPO, digits_tree
 
 from imgpipe import cli
-from imgpipe.export import (
+from imgpipe.data.ingest import prepare_images
+from imgpipe.data.listing import list_images
+from imgpipe.infer.export import (
     PROP_METADATA,
     PROP_PREPROCESS,
     HeldOutImages,
@@ -36,10 +38,8 @@ from imgpipe.export import (
     preprocess_spec,
     write_preprocess,
 )
-from imgpipe.ingest import prepare_images
-from imgpipe.listing import list_images
-from imgpipe.predict import load_model
-from imgpipe.training import fit
+from imgpipe.infer.inference import load_model
+from imgpipe.learn.fit import fit
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"
@@ -253,8 +253,8 @@ def test_imgpipe_predict_takes_the_int8_file(deployed, quantised, tmp_path):
 
 
 def test_a_graph_that_cannot_be_quantised_gives_one_line(tmp_path):
-    from imgpipe.errors import DataError
-    from imgpipe.quantize import quantize_int8
+    from imgpipe.core.errors import DataError
+    from imgpipe.infer.quantize import quantize_int8
 
     garbage = tmp_path / "model.onnx"
     garbage.write_bytes(b"\x00not onnx" * 20)

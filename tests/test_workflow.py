@@ -43,7 +43,7 @@ from workflow_utils import (
     write_config,
 )
 
-from imgpipe.demo import digits_images
+from imgpipe.stages.demo import digits_images
 
 CLEAN_TARGET = "results/clean/index.csv"
 TRAINING_RULES = {"sweep_trial", "cv_fold", "train_final"}
@@ -349,7 +349,7 @@ def test_new_grid_value_schedules_only_the_new_trial(finished_copy):
         ("report", REPORT_ONLY),
         ("config_snapshot", REPORTING),
         ("cluster", Counter({"cluster": 2}) + REPORT_ONLY),
-        # Imported by the training jobs through imgpipe.experiment (a hand-kept list missed it).
+        # Imported by the training jobs through imgpipe.learn.jobs (a hand-kept list missed it).
         ("sweep", AFTER_SWEEP + REPORT_ONLY),
     ],
 )

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import yaml
 
-from imgpipe.demo import digits_images
+from imgpipe.stages.demo import digits_images
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")

@@ -15,18 +15,18 @@ from snakemake.utils import Paramspace, validate
 WORKFLOW_DIR = Path(workflow.current_basedir).parents[1]
 sys.path.insert(0, str(WORKFLOW_DIR))
 
-from imgpipe.config import (
+from imgpipe.workflow.config import (
     LAYOUT_KEYS,
     check_config,
     coerce_config,
-    code_fingerprint,
     load_schema,
 )
-from imgpipe.gpus import local_gpus_present
-from imgpipe.listing import tree_fingerprint
-from imgpipe.logs import PROGRESS_VAR, progress_wanted
-from imgpipe.pretrained import cached_file, missing_offline_error, needed_files
-from imgpipe.sweep import overrides, trial_table
+from imgpipe.learn.gpus import local_gpus_present
+from imgpipe.workflow.fingerprint import code_fingerprint
+from imgpipe.data.listing import tree_fingerprint
+from imgpipe.core.logs import PROGRESS_VAR, progress_wanted
+from imgpipe.learn.pretrained import cached_file, missing_offline_error, needed_files
+from imgpipe.learn.sweep import overrides, trial_table
 
 ##### config validation #####
 
@@ -40,7 +40,7 @@ check_config(config, SCHEMA)
 validate(config, schema=str(SCHEMA_PATH))
 
 
-# The jobs' progress lines on the terminal (imgpipe.logs): on unless the config
+# The jobs' progress lines on the terminal (imgpipe.core.logs): on unless the config
 # says `progress: false` or Snakemake runs with --quiet. Passed to the jobs in
 # their environment, not as a param: switching it reruns nothing.
 os.environ[PROGRESS_VAR] = (
@@ -207,7 +207,7 @@ def train_final_resources():
     With train.num_nodes x train.gpus_per_node > 1 the SLURM job holds
     gpus_per_node GPUs and as many tasks on each of num_nodes nodes; `mpi`
     makes the job run the script once, and the script starts the ranks with
-    srun (imgpipe.launch). `gpu` counts this machine's GPUs for local runs
+    srun (imgpipe.learn.launch). `gpu` counts this machine's GPUs for local runs
     (0 on a login node without GPUs: the SLURM job then asks through gres only).
     """
     nodes = config["train"]["num_nodes"]

@@ -1,4 +1,4 @@
-# The baselines (imgpipe.baselines) are fitted on the final model's training
+# The baselines (imgpipe.learn.baselines) are fitted on the final model's training
 # images: the train role, or train + val after a sweep (the input best says so).
 rule evaluate:
     input:

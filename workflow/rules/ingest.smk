@@ -21,7 +21,7 @@ rule list_images:
 
 
 # image.size / image.mode: the configured values, or (auto) inferred from the
-# headers of a sample of the listed files (imgpipe.image_settings).
+# headers of a sample of the listed files (imgpipe.data.image_settings).
 rule image_settings:
     input:
         listing=rules.list_images.output.listing,

@@ -2,7 +2,7 @@
 
 # model.weights: imagenet or a timm tag (timm/<arch>.<tag>) names the library's
 # own pretrained weights, kept in its own cache (torch.hub's for torchvision,
-# the Hugging Face cache for timm; imgpipe.pretrained). They are fetched once,
+# the Hugging Face cache for timm; imgpipe.learn.pretrained). They are fetched once,
 # by a localrule on the machine that runs Snakemake (cluster nodes are often
 # offline), before any training job; training only reads the cache. Without
 # named weights (a path, or null) no fetch job exists.

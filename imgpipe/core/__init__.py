@@ -1,0 +1,1 @@
+"""What every layer uses: errors, atomic file writes and tables, logs, charts."""

@@ -1,0 +1,1 @@
+"""Pixels: decoding, measurements, quality checks, augmentation."""

@@ -1,0 +1,1 @@
+"""One module per rule file: each exposes the run_<rule> its script calls."""

@@ -1,0 +1,1 @@
+"""The Snakemake side: the job a rule hands a stage, config validation, typed settings, code fingerprints."""
