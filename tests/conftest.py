@@ -17,8 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from hypothesis import settings
-from workflow_utils import (
+from helpers.workflow_utils import (
     FINISHED_RUN_CONFIG,
     REPO,
     TINY_CONFIG,
@@ -29,6 +28,7 @@ from workflow_utils import (
     snakemake,
     write_config,
 )
+from hypothesis import settings
 
 from imgpipe.stages.demo import digits_images
 

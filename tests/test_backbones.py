@@ -64,7 +64,7 @@ def test_grey_input_sums_the_first_filters():
 @pytest.mark.parametrize("factory", ["make", "make_with_embed"])
 def test_own_factory_is_wrapped_with_its_last_linear_as_head(factory):
     torch.manual_seed(0)
-    model = build_model(f"custom_nets:{factory}", 3, 1, 16)
+    model = build_model(f"helpers.custom_nets:{factory}", 3, 1, 16)
     assert isinstance(model, ModuleClassifier)
     assert model.head is model.backbone.fc and model.head_keys == ("fc",)
     logits, features = check_outputs(model, 1, 16, 3, 8)
@@ -84,12 +84,12 @@ def test_own_factory_is_wrapped_with_its_last_linear_as_head(factory):
         ("make_wrong_classes", r"last nn.Linear \(fc\) has 4 outputs but the data has 3 classes"),
         ("make_no_linear", "has no nn.Linear"),
         ("make_not_a_module", "returned str, not an nn.Module"),
-        ("no_such_factory", "cannot import custom_nets:no_such_factory"),
+        ("no_such_factory", "cannot import helpers.custom_nets:no_such_factory"),
     ],
 )
 def test_bad_factories_are_refused_clearly(factory, message):
     with pytest.raises(DataError, match=message):
-        build_model(f"custom_nets:{factory}", 3, 1, 16)
+        build_model(f"helpers.custom_nets:{factory}", 3, 1, 16)
 
 
 # ---------------------------------------------------------------- weights files
@@ -167,10 +167,10 @@ def test_an_imgpipe_checkpoint_is_a_starting_point_for_other_classes(tmp_path):
 
 def test_own_factory_weights_skip_its_head(tmp_path):
     torch.manual_seed(5)
-    reference = build_model("custom_nets:make", 7, 3, 16).backbone.state_dict()
+    reference = build_model("helpers.custom_nets:make", 7, 3, 16).backbone.state_dict()
     path = tmp_path / "tiny.pt"
     torch.save(reference, path)
-    model = build_model("custom_nets:make", 2, 3, 16, weights=path)
+    model = build_model("helpers.custom_nets:make", 2, 3, 16, weights=path)
     assert_backbone_equals(model, reference, skip={"fc.weight", "fc.bias"})
 
 
@@ -280,7 +280,7 @@ def test_frozen_backbone_is_bit_identical_and_the_head_learns(keep_requires_grad
 
 def test_frozen_factory_model_trains_only_its_last_linear():
     torch.manual_seed(8)
-    model = build_model("custom_nets:make", 4, 3, 8)
+    model = build_model("helpers.custom_nets:make", 4, 3, 8)
     assert [id(p) for p in head_parameters(model)] == [
         id(p) for p in model.backbone.fc.parameters()
     ]

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from imagefactory import (
+from helpers.imagefactory import (
     make_tree,
     pattern,
     symlink,
@@ -28,7 +28,7 @@ from imagefactory import (
     write_truncated,
     write_zero_byte,
 )
-from workflow_utils import (
+from helpers.workflow_utils import (
     TINY_CONFIG,
     copy_workflow,
     deep_merge,

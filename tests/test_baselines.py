@@ -232,7 +232,7 @@ def test_each_fold_and_the_cv_summary_carry_the_baselines(tmp_path, monkeypatch)
 def test_predict_command_warns_when_a_collapsed_model_scores_a_labelled_tree(
     tmp_path, monkeypatch, capsys
 ):
-    from workflow_utils import digits_tree
+    from helpers.workflow_utils import digits_tree
 
     from imgpipe import cli
     from imgpipe.infer import inference as predict_module

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers.pair_utils import hash_pairs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pair_utils import hash_pairs
 
 from imgpipe.core.errors import DataError
 from imgpipe.data.dataset import INDEX_COLUMNS, load_images, load_index

@@ -256,12 +256,18 @@ def test_valid_sweep_values_pass():
         ("os:system", r"model\.name: os:system names Python's standard library"),
         ("json.decoder:JSONDecoder", r"model\.name: .*standard library"),
         ("no_such_package.nets:make", r"model\.name: cannot import no_such_package\.nets:make"),
-        ("custom_nets:no_such_factory", r"model\.name: cannot import custom_nets:no_such_factory"),
-        ("custom_nets:TinyNet.forward", r"model\.name: unknown model"),
-        ("custom_nets:WIDTH", r"model\.name: custom_nets:WIDTH is a int, not a callable"),
         (
-            "custom_nets:takes_one",
-            r"model\.name: custom_nets:takes_one cannot be called as takes_one",
+            "helpers.custom_nets:no_such_factory",
+            r"model\.name: cannot import helpers.custom_nets:no_such_factory",
+        ),
+        ("helpers.custom_nets:TinyNet.forward", r"model\.name: unknown model"),
+        (
+            "helpers.custom_nets:WIDTH",
+            r"model\.name: helpers.custom_nets:WIDTH is a int, not a callable",
+        ),
+        (
+            "helpers.custom_nets:takes_one",
+            r"model\.name: helpers.custom_nets:takes_one cannot be called as takes_one",
         ),
     ],
 )
@@ -272,7 +278,9 @@ def test_bad_model_names_are_refused_at_start_up(name, message):
         check_config(config, SCHEMA)
 
 
-@pytest.mark.parametrize("name", ["smallcnn", "resnet18", "timm/resnet10t", "custom_nets:make"])
+@pytest.mark.parametrize(
+    "name", ["smallcnn", "resnet18", "timm/resnet10t", "helpers.custom_nets:make"]
+)
 def test_known_model_names_pass(name):
     config = default_config()
     config["model"]["name"] = name

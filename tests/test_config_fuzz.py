@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.workflow_utils import copy_workflow, digits_tree, snakemake, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from workflow_utils import copy_workflow, digits_tree, snakemake, write_config
 
 from imgpipe.workflow.config import ConfigError, check_config, load_schema
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.cli import parse_config
-from workflow_utils import (
+from helpers.workflow_utils import (
     REPO,
     SNAKEMAKE,
     TINY_CONFIG,
@@ -28,6 +27,7 @@ from workflow_utils import (
     digits_tree,
     snakemake,
 )
+from snakemake.cli import parse_config
 
 from imgpipe.workflow.config import load_schema
 

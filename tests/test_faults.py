@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from workflow_utils import (
+from helpers.workflow_utils import (
     FINISHED_RUN_CONFIG,
     copy_workflow,
     digits_tree,

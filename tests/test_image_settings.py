@@ -14,9 +14,8 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from imagefactory import write_image, write_jpeg, write_png, write_rgba_png
-from test_report import render_caption
-from workflow_utils import (
+from helpers.imagefactory import write_image, write_jpeg, write_png, write_rgba_png
+from helpers.workflow_utils import (
     REPO,
     TINY_CONFIG,
     copy_workflow,
@@ -25,6 +24,7 @@ from workflow_utils import (
     snakemake,
     write_config,
 )
+from test_report import render_caption
 
 from imgpipe.data import image_settings
 from imgpipe.data.image_settings import has_colour, resolve_settings

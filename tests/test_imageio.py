@@ -7,9 +7,9 @@ import struct
 import time
 
 import cv2
-import imagefactory as factory
 import numpy as np
 import pytest
+from helpers import imagefactory as factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps

@@ -12,10 +12,10 @@ import tracemalloc
 from pathlib import Path
 
 import cv2
-import imagefactory as factory
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import imagefactory as factory
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -8,10 +8,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import imagefactory as factory
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import imagefactory as factory
 
 from imgpipe.core.atomic import write_csv as write_csv_atomic
 from imgpipe.core.errors import DataError

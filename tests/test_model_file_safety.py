@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, digits_at
-from workflow_utils import REPO, copy_workflow, digits_tree, planned_jobs, write_config
+from helpers.workflow_utils import REPO, copy_workflow, digits_tree, planned_jobs, write_config
 
 from imgpipe import cli
 from imgpipe.core.errors import DataError

@@ -180,7 +180,7 @@ def test_the_retired_hub_cache_switch_points_to_model_weights():
         ("train", "backbone_lr_mult", 0.1, True),
         ("train", "backbone_lr_mult", 0, False),
         ("model", "name", "timm/convnext_atto", True),
-        ("model", "name", "custom_nets:make", True),
+        ("model", "name", "helpers.custom_nets:make", True),
         ("model", "name", "mypkg.nets:make", False),  # no such module: refused at start-up
         ("model", "name", "", False),
         ("model", "weights", "weights/resnet18.pth", True),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from workflow_utils import REPO, TEST_CONFIG_FILE, snakemake
+from helpers.workflow_utils import REPO, TEST_CONFIG_FILE, snakemake
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from pair_utils import hash_pairs
+from helpers.pair_utils import hash_pairs
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from test_clean import decide, filler, stats_row, texture, write_shards

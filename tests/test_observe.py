@@ -7,8 +7,8 @@ import re
 
 import pandas as pd
 import pytest
+from helpers.workflow_utils import FINISHED_RUN_CONFIG, snakemake, write_config
 from test_training import tensorboard_hparams, tensorboard_scalars
-from workflow_utils import FINISHED_RUN_CONFIG, snakemake, write_config
 
 
 def epoch_lines(terminal: str, job: str) -> list[tuple[int, int]]:

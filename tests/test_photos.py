@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from imagefactory import write_jpeg
+from helpers.imagefactory import write_jpeg
 from torch import nn
 from torchvision import models as tvm
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY
-from imagefactory import (
+from helpers.imagefactory import (
     make_tree,
     pattern,
     symlink,
@@ -33,8 +33,8 @@ from imagefactory import (
     write_truncated,
     write_zero_byte,
 )
+from helpers.workflow_utils import REPO, digits_tree, tree_digest
 from sklearn.metrics import accuracy_score, f1_score
-from workflow_utils import REPO, digits_tree, tree_digest
 
 from imgpipe import cli
 from imgpipe.data.ingest import index_shard, prepare_images

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from workflow_utils import planned_jobs, snakemake, tree_digest, write_config
+from helpers.workflow_utils import planned_jobs, snakemake, tree_digest, write_config
 
 pytestmark = pytest.mark.slow
 

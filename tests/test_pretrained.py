@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers.workflow_utils import REPO, copy_workflow, digits_tree, snakemake, write_config
 from safetensors.torch import save_file
 from torchvision import models as tvm
-from workflow_utils import REPO, copy_workflow, digits_tree, snakemake, write_config
 
 from imgpipe.core.atomic import file_sha256
 from imgpipe.core.errors import DataError

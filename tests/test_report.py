@@ -975,7 +975,7 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
 
 @pytest.fixture(scope="module")
 def chromium_binary():
-    from chromium import ensure_chromium
+    from helpers.chromium import ensure_chromium
 
     binary, reason = ensure_chromium()
     if binary is None:
@@ -992,7 +992,7 @@ def image_check(dom: str) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_page_in_headless_chromium(tmp_path, chromium_binary):
-    from chromium import dump_dom, screenshot
+    from helpers.chromium import dump_dom, screenshot
 
     inputs = write_fake_results(tmp_path)
     out = tmp_path / "report"

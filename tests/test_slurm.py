@@ -1,7 +1,7 @@
 """Integration test: the workflow through profiles/slurm on a real single-node SLURM.
 
 A private SLURM (munged + slurmctld + slurmd, two fake GPUs) is brought up by
-tests/slurm_cluster.py. The same small DAG is run twice in one copy of the
+tests/helpers/slurm_cluster.py. The same small DAG is run twice in one copy of the
 workflow: locally (profiles/default), then through SLURM with a test profile
 derived from profiles/slurm. The test checks that every job went through
 SLURM (job ids in Snakemake's log; SLURM itself, asked with squeue and
@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import (  # noqa: E402
+from helpers.slurm_cluster import (  # noqa: E402
     PARTITION,
     SlurmCluster,
     ensure_installed,

@@ -23,8 +23,8 @@ import onnx
 import pandas as pd
 import pytest
 from conftest import TINY
-from imagefactory import pattern, write_rgba_png
-from workflow_utils import REPO, digits_tree
+from helpers.imagefactory import pattern, write_rgba_png
+from helpers.workflow_utils import REPO, digits_tree
 
 from imgpipe import cli
 from imgpipe.data.ingest import prepare_images

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from imagefactory import (
+from helpers.imagefactory import (
     write_cmyk_jpeg,
     write_exif_rotated_jpeg,
     write_palette_png,
@@ -31,8 +31,7 @@ from imagefactory import (
     write_truncated,
     write_zero_byte,
 )
-from test_report import report_categories
-from workflow_utils import (
+from helpers.workflow_utils import (
     REPO,
     TINY_CONFIG,
     copy_workflow,
@@ -42,6 +41,7 @@ from workflow_utils import (
     tree_digest,
     write_config,
 )
+from test_report import report_categories
 
 from imgpipe.stages.demo import digits_images
 

@@ -4,7 +4,7 @@ Every ``write_*`` function takes the destination path first, creates parent
 folders, writes the file and returns its ``Path``. Arrays are in RGB(A)
 channel order (not OpenCV's BGR) and uint8 unless a function says otherwise.
 
-    from imagefactory import make_tree, pattern, write_png  # tests/ is on sys.path under pytest
+    from helpers.imagefactory import make_tree, pattern, write_png  # tests/ is on sys.path under pytest
     tree = make_tree(tmp_path / "data", {"cat/a.png": pattern(8, 8), "dog/b.jpg": pattern(16, 8)})
 """
 

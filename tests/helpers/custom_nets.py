@@ -1,4 +1,4 @@
-"""Model factories for ``model.name: custom_nets:<factory>`` in the tests (tests/ is on sys.path)."""
+"""Model factories for ``model.name: helpers.custom_nets:<factory>`` in the tests (tests/ is on sys.path)."""
 
 from torch import nn
 
