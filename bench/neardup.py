@@ -1,7 +1,7 @@
 """Benchmark: all pairs of 64-bit hashes within a Hamming distance, index vs brute force.
 
 The clean stage links near duplicates by searching every pair of thumbnail
-hashes within ``clean.near_duplicate_distance`` bits (imgpipe.images.quality.hash_join:
+hashes within ``clean.near_duplicate_distance`` bits (imgpipe.images.near_duplicates.hash_join:
 multi-index hashing, exact, no cap on the pairs a hash takes part in). This
 times it on a realistic mix of hashes, in one run, side by side with:
 
@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imgpipe.images import quality as clean  # noqa: E402
+from imgpipe.images import near_duplicates  # noqa: E402
 
 
 def make_hashes(n: int, distance: int, crowd: int, near: float, seed: int = 0) -> np.ndarray:
@@ -67,8 +67,11 @@ def pair_keys(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
 
 
 def by_index(hashes: np.ndarray, distance: int) -> np.ndarray:
-    """imgpipe.images.quality.hash_join over all pairs (streamed chunks)."""
-    parts = [i * len(hashes) + j for i, j in clean.hash_join(hashes, hashes, distance, same=True)]
+    """imgpipe.images.near_duplicates.hash_join over all pairs (streamed chunks)."""
+    parts = [
+        i * len(hashes) + j
+        for i, j in near_duplicates.hash_join(hashes, hashes, distance, same=True)
+    ]
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
 
@@ -129,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
 
     hashes = make_hashes(args.n, args.distance, args.crowd, args.near)
-    bands, radius = clean.search_plan(hashes, hashes, args.distance)
+    bands, radius = near_duplicates.search_plan(hashes, hashes, args.distance)
     print(
         f"{args.n:,d} hashes ({args.n - int(args.near * args.n) - args.crowd:,d} random, "
         f"{int(args.near * args.n):,d} near copies, a crowd of {args.crowd:,d}), "
@@ -137,7 +140,7 @@ def main() -> None:
     )
     results: dict[str, tuple[float, np.ndarray]] = {}
     timed(
-        "index: imgpipe.images.quality.hash_join (multi-index hashing)",
+        "index: imgpipe.images.near_duplicates.hash_join (multi-index hashing)",
         lambda: by_index(hashes, args.distance),
         results,
     )
@@ -168,7 +171,7 @@ def main() -> None:
     for label, (_, pairs) in results.items():
         same = np.array_equal(pairs, reference)
         print(f"  same pairs as the brute force: {same!s:5s} {label}")
-    index_s = results["index: imgpipe.images.quality.hash_join (multi-index hashing)"][0]
+    index_s = results["index: imgpipe.images.near_duplicates.hash_join (multi-index hashing)"][0]
     brute_s = results["brute force: numpy popcount of every pair"][0]
     print(f"neardup index vs brute force: ratio {brute_s / index_s:.1f}")
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from imgpipe.core.errors import DataError
 from imgpipe.data.dataset import INDEX_COLUMNS, load_images, load_index
 from imgpipe.images import measure as imagestats
+from imgpipe.images import near_duplicates
 from imgpipe.images import quality as clean
 from imgpipe.images.quality import CleanSettings
 from imgpipe.stages.demo import digits_images
@@ -316,16 +317,16 @@ def test_digits_keep_over_99_percent_and_groups_stay_small(tmp_path):
     ]
     decisions = decide(rows, tmp_path)
     assert decisions.kept.mean() > 0.99
-    sizes = clean.group_sizes(clean.index_table(decisions)["group"].to_numpy())
+    sizes = near_duplicates.group_sizes(clean.index_table(decisions)["group"].to_numpy())
     smallest_class = np.bincount(labels).min()
     assert sizes["max_group_size"] <= 5
     assert sizes["max_group_size"] < 0.01 * smallest_class
 
     # Loose thresholds make chains: their connected components snowball,
     # the star groups shown to the user stay several times smaller.
-    sig = clean.Signatures.from_stats(decisions.stats)
+    sig = near_duplicates.Signatures.from_stats(decisions.stats)
     ones = np.flatnonzero(decisions.stats["label"].isin(["1", "7"]).to_numpy())
-    links = clean.link_components(sig, ones, 8, 0.98)
+    links = near_duplicates.link_components(sig, ones, 8, 0.98)
     components = np.bincount(links.component).max()
     stars = np.bincount(links.leader).max()
     assert components > 40 and stars * 5 < components
@@ -339,7 +340,10 @@ def test_letters_icons_and_line_art_on_plain_backgrounds_keep_over_99_percent(tm
     decisions = decide(rows, tmp_path)
     assert decisions.kept.mean() > 0.99, pd.Series(decisions.reason[~decisions.kept]).value_counts()
     assert (
-        clean.group_sizes(clean.index_table(decisions)["group"].to_numpy())["max_group_size"] <= 5
+        near_duplicates.group_sizes(clean.index_table(decisions)["group"].to_numpy())[
+            "max_group_size"
+        ]
+        <= 5
     )
 
 
@@ -367,15 +371,18 @@ def test_hash_pairs_match_brute_force(seed, n, distance, bands):
     # Any exact plan (bands searched within radius distance // bands), as a
     # self search and as a search of one set in another, finds the same pairs.
     bands = max(bands, distance // 3 + 1)  # radius <= 2: a few thousand probes at most
-    plan = (clean._bands(bands), distance // bands)
-    found = [np.stack(p, 1) for p in clean.hash_join(hashes, hashes, distance, True, 64, plan)]
+    plan = (near_duplicates._bands(bands), distance // bands)
+    found = [
+        np.stack(p, 1) for p in near_duplicates.hash_join(hashes, hashes, distance, True, 64, plan)
+    ]
     pairs = np.concatenate(found) if found else np.zeros((0, 2), int)
     assert sorted(map(tuple, pairs.tolist())) == sorted(
         zip(want_i.tolist(), want_j.tolist(), strict=True)
     )
     half = n // 2
     found = [
-        np.stack(p, 1) for p in clean.hash_join(hashes[:half], hashes[half:], distance, plan=plan)
+        np.stack(p, 1)
+        for p in near_duplicates.hash_join(hashes[:half], hashes[half:], distance, plan=plan)
     ]
     pairs = np.concatenate(found) if found else np.zeros((0, 2), int)
     want = np.argwhere(full[:half, half:] <= distance)
@@ -385,9 +392,9 @@ def test_hash_pairs_match_brute_force(seed, n, distance, bands):
 def test_search_plan_probes_within_a_radius_when_that_is_cheaper():
     rng = np.random.default_rng(0)
     few = rng.integers(0, 2**64, size=100, dtype=np.uint64)
-    assert clean.search_plan(few, few, 5)[1] == 0  # few hashes: exact bands
+    assert near_duplicates.search_plan(few, few, 5)[1] == 0  # few hashes: exact bands
     many = rng.integers(0, 2**64, size=100_000, dtype=np.uint64)
-    bands, radius = clean.search_plan(many, many, 5)
+    bands, radius = near_duplicates.search_plan(many, many, 5)
     assert radius >= 1 and len(bands) * (radius + 1) > 5
 
 

@@ -25,6 +25,7 @@ from test_clean import decide, filler, stats_row, texture, write_shards
 from imgpipe.data.ingest import measure_images
 from imgpipe.data.split import assign_roles
 from imgpipe.images import measure as imagestats
+from imgpipe.images import near_duplicates
 from imgpipe.images import quality as clean
 from imgpipe.images.decode import decode_image
 from imgpipe.images.quality import CleanSettings
@@ -113,20 +114,22 @@ def measured_row(gray: np.ndarray, label: str, relpath: str, source: str = "trai
     }
 
 
-def signatures(grays: list[np.ndarray]) -> clean.Signatures:
+def signatures(grays: list[np.ndarray]) -> near_duplicates.Signatures:
     """Signatures of decoded grey images, through ingest's measurements."""
-    return clean.Signatures.from_stats(
+    return near_duplicates.Signatures.from_stats(
         pd.DataFrame([measured_row(g, "x", f"{k}.png") for k, g in enumerate(grays)])
     )
 
 
-def linked(sig: clean.Signatures, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+def linked(sig: near_duplicates.Signatures, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """The near-duplicate test with the default limits, pair by pair."""
     r = sig.compare(i, j, SETTINGS.near_duplicate_distance)[1]
     return r >= SETTINGS.near_duplicate_correlation
 
 
-def brute_force_links(sig: clean.Signatures, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def brute_force_links(
+    sig: near_duplicates.Signatures, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Every linked pair among ``rows`` by scanning all pairs (no index, no union-find)."""
     found_i, found_j = [], []
     for a in range(len(rows)):
@@ -137,7 +140,7 @@ def brute_force_links(sig: clean.Signatures, rows: np.ndarray) -> tuple[np.ndarr
     return np.concatenate(found_i), np.concatenate(found_j)
 
 
-def brute_force_links_fast(sig: clean.Signatures) -> tuple[np.ndarray, np.ndarray]:
+def brute_force_links_fast(sig: near_duplicates.Signatures) -> tuple[np.ndarray, np.ndarray]:
     """Every linked pair of sig's rows: hash distances of all pairs, correlations of the close ones."""
     n = len(sig)
     found_i, found_j = [], []
@@ -173,7 +176,7 @@ def test_near_duplicate_chain_is_one_component(tmp_path):
     index = clean.index_table(decisions)
     on_chain = index[index["relpath"].str.startswith("a/chain")]
     # The chain as the test sees it: A~B~C~... but no two-step links.
-    sig = clean.Signatures.from_stats(decisions.stats)
+    sig = near_duplicates.Signatures.from_stats(decisions.stats)
     positions = np.flatnonzero(decisions.stats["relpath"].str.startswith("a/chain").to_numpy())
     i, j = brute_force_links(sig, positions)
     assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(k, k + 1) for k in range(9)]
@@ -218,7 +221,7 @@ def test_no_candidate_cap_for_identical_hashes(tmp_path):
     ]
     rows = filler(rng) + [stats_row(c, "a", f"a/copy{k:03d}.png") for k, c in enumerate(copies)]
     decisions = decide(rows, tmp_path)
-    sig = clean.Signatures.from_stats(decisions.stats)
+    sig = near_duplicates.Signatures.from_stats(decisions.stats)
     crowd = np.flatnonzero(decisions.stats["relpath"].str.startswith("a/copy").to_numpy())
     assert len(set(sig.hashes[(0, 0)][crowd].tolist())) < 10
     index = clean.index_table(decisions)
@@ -233,17 +236,19 @@ def test_a_crowd_costs_comparisons_and_memory_per_image_not_per_pair():
     n = 2500
     thumb = texture(np.random.default_rng(3), 16, 16)
     text = imagestats.format_thumbnail(thumb)
-    sig = clean.Signatures.from_stats(
+    sig = near_duplicates.Signatures.from_stats(
         pd.DataFrame({"thumb": [text] * n, "width": 16, "height": 16})
     )
     tracemalloc.start()
-    links = clean.link_components(sig, np.arange(n), 5, SETTINGS.near_duplicate_correlation)
+    links = near_duplicates.link_components(
+        sig, np.arange(n), 5, SETTINGS.near_duplicate_correlation
+    )
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert links.candidate_pairs == n * (n - 1) // 2  # 3 million pairs, streamed
     assert (links.component == 0).all() and (links.leader == 0).all()
     # One comparison per image to merge, one per image to draw the star.
-    assert links.correlations_computed <= 2 * n + clean.PAIR_CHUNK // 16
+    assert links.correlations_computed <= 2 * n + near_duplicates.PAIR_CHUNK // 16
     assert peak < 32 * 2**20  # the pairs alone would take 50 MB
 
 
@@ -311,7 +316,7 @@ def planted_study(seed: int = 0, n_photos: int = 40) -> dict:
         for k, kind in enumerate(KINDS):
             own = np.arange(n)
             recall[kind] = float(linked(sig, own, own + (k + 1) * n).mean())
-        links = clean.link_components(
+        links = near_duplicates.link_components(
             sig, np.arange(n), SETTINGS.near_duplicate_distance, SETTINGS.near_duplicate_correlation
         )
         false_links = int((np.bincount(links.component) > 1).sum())
@@ -365,7 +370,7 @@ def test_linked_pairs_share_role_and_fold_on_demo(tmp_path):
     folds = assign_folds(pool, 5, False, seed=0)
 
     kept = np.flatnonzero(decisions.kept)
-    sig = clean.Signatures.from_stats(decisions.stats.iloc[kept])
+    sig = near_duplicates.Signatures.from_stats(decisions.stats.iloc[kept])
     i, j = brute_force_links_fast(sig)  # ids: kept rows are ids 0..N-1 in order
     assert len(i) > 800  # the 900 kept copies and their originals (7 px copies are too_small)
     role = roles.set_index("id")["role"].to_numpy()

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from imgpipe.images.quality import hash_join
+from imgpipe.images.near_duplicates import hash_join
 
 
 def hash_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
