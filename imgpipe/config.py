@@ -333,7 +333,26 @@ def _imported_modules(path: str, mtime_ns: int, size: int) -> frozenset[str]:
             parts = name.split(".")
             if parts[0] == "imgpipe" and len(parts) >= 2:
                 found.add(parts[1])
-    return frozenset(name for name in found if (PACKAGE_DIR / f"{name}.py").is_file())
+    return frozenset(name for name in found if module_files(name))
+
+
+def module_files(name: str) -> list[Path]:
+    """The files of imgpipe module ``name``: ``name.py``, or every file of the package ``name/``.
+
+    A sub-package's files (its modules and templates, e.g. imgpipe/report/)
+    all count: editing any of them reruns the rules that import it.
+    """
+    module = PACKAGE_DIR / f"{name}.py"
+    if module.is_file():
+        return [module]
+    package = PACKAGE_DIR / name
+    if not (package / "__init__.py").is_file():
+        return []
+    return sorted(
+        path
+        for path in package.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    )
 
 
 def import_closure(path: str | Path) -> list[str]:
@@ -345,7 +364,9 @@ def import_closure(path: str | Path) -> list[str]:
         if name in seen:
             continue
         seen.add(name)
-        todo.extend(imported_modules(PACKAGE_DIR / f"{name}.py") - seen)
+        for path in module_files(name):
+            if path.suffix == ".py":
+                todo.extend(imported_modules(path) - seen)
     return sorted(seen)
 
 
@@ -359,7 +380,10 @@ def code_fingerprint(script: str | Path) -> str:
     digest.update(Path(script).read_bytes())
     for name in ["__init__", *import_closure(script)]:
         digest.update(name.encode())
-        digest.update((PACKAGE_DIR / f"{name}.py").read_bytes())
+        for path in module_files(name):
+            if path.name != f"{name}.py":  # a package's files by their place in it
+                digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
