@@ -275,7 +275,8 @@ def test_the_tiny_run_is_calibrated_without_changing_a_prediction(finished_run, 
 
 def test_the_report_shows_the_calibration_and_its_reliability_diagram(tmp_path):
     from imgpipe.learn.calibration import calibration_summary
-    from imgpipe.report import headline, test_section
+    from imgpipe.report import headline
+    from imgpipe.report.model_sections import test_section
 
     _, labels, logits = sampled(300, 3, sharpness=3.0)
     calibration = calibration_summary(

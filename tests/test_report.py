@@ -17,14 +17,66 @@ import pandas as pd
 import pytest
 import yaml
 
-from imgpipe import report
+from imgpipe.report import ledger, model_sections, pieces, render_page, summary, write_report
 from imgpipe.stages import config_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-SECTION_IDS = [sid for sid, _ in report.SECTIONS]
+SECTION_IDS = [sid for sid, _ in pieces.SECTIONS]
 NASTY = "<script>alert('x')</script> & naïve ü.png"
 FEATURES = ("pixels", "embeddings")
+# The report section of the config as the schema's defaults fill it in.
+OPTIONS = {"title": "imgpipe report", "examples_per_reason": 8, "max_rows": 25}
+EXPORT_SIDECARS = {"export_onnx": "model.onnx.json", "export_int8": "model.int8.onnx.json"}
+
+
+def existing_exports(results: str) -> list[str]:
+    """The export sidecars present under ``results/export`` (the rule asks for those only)."""
+    return [key for key, name in EXPORT_SIDECARS.items() if Path(results, "export", name).is_file()]
+
+
+def report_inputs(
+    results: str,
+    sweep_enabled: bool,
+    features: list[str],
+    folds: int = 0,
+    trials: list[str] = (),
+    exports: list[str] = (),
+) -> dict:
+    """The named inputs the report rule passes for this layout (workflow/rules/common.smk,
+    report_inputs; test_the_report_rule_asks_for_the_files_the_page_reads checks the real one)."""
+    paths = {
+        "config": f"{results}/config.yaml",
+        "clean_summary": f"{results}/clean/summary.json",
+        "clean_index": f"{results}/clean/index.csv",
+        "rejected": f"{results}/clean/rejected.csv",
+        "rejected_examples": f"{results}/clean/rejected_examples.png",
+        "augment_preview": f"{results}/augment/preview.png",
+        "cv_summary": f"{results}/cv/summary.csv",
+        "suspects": f"{results}/cv/suspect_labels.csv",
+        "suspects_png": f"{results}/cv/suspect_labels.png",
+        "test_metrics": f"{results}/evaluate/metrics.json",
+        "confusion": f"{results}/evaluate/confusion.png",
+        "per_class": f"{results}/evaluate/per_class.csv",
+        "final_history": f"{results}/train/final/history.csv",
+        "final_summary": f"{results}/train/final/summary.json",
+    }
+    if folds:
+        paths["fold_histories"] = [f"{results}/cv/fold-{k}/history.csv" for k in range(folds)]
+        paths["fold_summaries"] = [f"{results}/cv/fold-{k}/summary.json" for k in range(folds)]
+    if sweep_enabled:
+        paths["sweep_trials"] = f"{results}/sweep/trials.csv"
+        paths["sweep_best"] = f"{results}/sweep/best.yaml"
+        paths["sweep_plot"] = f"{results}/sweep/sweep.png"
+        if trials:
+            paths["trial_histories"] = [f"{results}/sweep/trials/{t}/history.csv" for t in trials]
+            paths["trial_summaries"] = [f"{results}/sweep/trials/{t}/summary.json" for t in trials]
+    for name in features:
+        for kind, ext in (("metrics", "json"), ("montage", "png"), ("scatter", "png")):
+            paths[f"cluster_{name}_{kind}"] = f"{results}/cluster/{name}/{kind}.{ext}"
+    for key in exports:
+        paths[key] = f"{results}/export/{EXPORT_SIDECARS[key]}"
+    return paths
 
 
 # ----------------------------------------------------------------------------- fake results
@@ -216,7 +268,7 @@ def write_fake_results(
         write_png(folder / "montage.png", 10 + i)
         write_png(folder / "scatter.png", 20 + i)
     trials = ["lr~0.001", "lr~0.003", "lr~0.01"] if sweep else []
-    return report.input_paths(str(r), sweep, list(features), folds=3, trials=trials)
+    return report_inputs(str(r), sweep, list(features), folds=3, trials=trials)
 
 
 def write_history(path: Path, epochs: int, seed: int, validated: bool) -> None:
@@ -306,36 +358,58 @@ def section_html(page: str, section_id: str) -> str:
 # ----------------------------------------------------------------------------- unit tests
 
 
-def test_input_paths_follow_the_documented_layout():
-    paths = report.input_paths(
-        "results", True, ["pixels", "embeddings"], folds=2, trials=["lr~0.1", "lr~0.2"]
-    )
-    assert paths["clean_summary"] == "results/clean/summary.json"
-    assert paths["clean_index"] == "results/clean/index.csv"
-    assert paths["final_history"] == "results/train/final/history.csv"
-    assert paths["fold_histories"] == [
-        "results/cv/fold-0/history.csv",
-        "results/cv/fold-1/history.csv",
-    ]
-    assert paths["trial_histories"] == [
-        "results/sweep/trials/lr~0.1/history.csv",
-        "results/sweep/trials/lr~0.2/history.csv",
-    ]
-    assert paths["fold_summaries"][1] == "results/cv/fold-1/summary.json"
-    assert paths["trial_summaries"][0] == "results/sweep/trials/lr~0.1/summary.json"
-    assert paths["final_summary"] == "results/train/final/summary.json"
-    assert paths["rejected"] == "results/clean/rejected.csv"
-    assert paths["cv_summary"] == "results/cv/summary.csv"
-    assert paths["sweep_trials"] == "results/sweep/trials.csv"
-    assert paths["cluster_embeddings_scatter"] == "results/cluster/embeddings/scatter.png"
-    assert paths["cluster_pixels_metrics"] == "results/cluster/pixels/metrics.json"
-    assert paths["config"] == "results/config.yaml"
-    # Snakemake exposes named inputs as attributes: names must be identifiers.
-    assert all(name.isidentifier() for name in paths)
+KEYS_SNAKEFILE = """
+import json
+import sys
+include: {snakefile!r}
+# Every rule is defined here: the report rule's input function as Snakemake calls it, and
+# whether building the DAG imported any page code.
+page_code = sorted(name for name in sys.modules if name.startswith("imgpipe.report"))
+Path({keys!r}).write_text(json.dumps({{"inputs": report_inputs(None), "page_code": page_code}}))
+"""
 
-    no_sweep = report.input_paths("results", False, ["pixels"], trials=["lr~0.1"])
-    assert not any(name.startswith(("sweep", "trial")) for name in no_sweep)
-    assert not any("embeddings" in path for path in no_sweep.values())
+
+def rule_inputs(tmp_path: Path, config: dict) -> dict:
+    """The report rule's named inputs for ``config``, from the real workflow (a dry run)."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakefile, keys = tmp_path / "Snakefile", tmp_path / "keys.json"
+    snakefile.write_text(KEYS_SNAKEFILE.format(snakefile=str(REPO / "Snakefile"), keys=str(keys)))
+    config_file = str(tmp_path / "config.yaml")
+    snakemake(tmp_path, "-n", "--snakefile", str(snakefile), "--configfile", config_file)
+    found = json.loads(keys.read_text())
+    assert found["page_code"] == []  # building the DAG imports no page code
+    return found["inputs"]
+
+
+def test_the_report_rule_asks_for_the_files_the_page_reads(tmp_path):
+    from snakemake.utils import Paramspace
+
+    from imgpipe.learn.sweep import trial_table
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["sweep"]["enabled"] = True
+    config["cluster"]["features"] = ["pixels", "embeddings"]
+    trials = Paramspace(trial_table(config["sweep"]), filename_params="*", single_wildcard="trial")
+    expected = report_inputs(
+        "results",
+        True,
+        ["pixels", "embeddings"],
+        folds=config["cv"]["k"],
+        trials=list(trials.instance_patterns),
+    )
+    # The page's keys (the contract between rule and page), in the same order.
+    assert list(rule_inputs(tmp_path, config).items()) == list(expected.items())
+    assert all(name.isidentifier() for name in expected)  # Snakemake's attribute names
+
+    # No sweep, one feature space, and an export made: its sidecar joins the inputs.
+    config["sweep"]["enabled"] = False
+    config["cluster"]["features"] = ["pixels"]
+    (tmp_path / "results" / "export").mkdir(parents=True)
+    (tmp_path / "results" / "export" / "model.onnx.json").write_text("{}")
+    expected = report_inputs(
+        "results", False, ["pixels"], folds=config["cv"]["k"], exports=["export_onnx"]
+    )
+    assert rule_inputs(tmp_path, config) == expected
 
 
 def with_baselines(inputs: dict, accuracy: float, balanced: float) -> None:
@@ -371,8 +445,8 @@ def test_a_collapsed_model_is_warned_about_on_the_page_and_in_runs_csv(tmp_path)
     )
     history.to_csv(inputs["final_history"], index=False)
     out = tmp_path / "out"
-    numbers = report.write_report(
-        inputs, out / "index.html", out / "summary.json", {}, runs_path=tmp_path / "runs.csv"
+    numbers = write_report(
+        inputs, out / "index.html", out / "summary.json", OPTIONS, runs_path=tmp_path / "runs.csv"
     )
     page = (out / "index.html").read_text()
     warning = page.index('class="warning"')
@@ -398,8 +472,8 @@ def test_a_model_above_its_baselines_gets_no_warning(tmp_path):
     inputs = write_fake_results(tmp_path)
     with_baselines(inputs, accuracy=0.9, balanced=0.88)
     out = tmp_path / "out"
-    report.write_report(
-        inputs, out / "index.html", out / "summary.json", {}, runs_path=tmp_path / "runs.csv"
+    write_report(
+        inputs, out / "index.html", out / "summary.json", OPTIONS, runs_path=tmp_path / "runs.csv"
     )
     page = (out / "index.html").read_text()
     assert 'class="warning"' not in page
@@ -410,7 +484,7 @@ def test_a_model_above_its_baselines_gets_no_warning(tmp_path):
 def test_an_export_shows_its_float_and_int8_accuracy_in_the_test_section(tmp_path):
     inputs = write_fake_results(tmp_path)
     results = Path(inputs["test_metrics"]).parents[1]
-    assert report.existing_exports(str(results)) == []  # no export yet: nothing is asked for
+    assert existing_exports(str(results)) == []  # no export yet: nothing is asked for
     export = results / "export"
     export.mkdir()
     float_test = {"role": "test", "images": 32, "accuracy": 0.8125}
@@ -424,12 +498,12 @@ def test_an_export_shows_its_float_and_int8_accuracy_in_the_test_section(tmp_pat
     }
     (export / "model.onnx.json").write_text(json.dumps({"test": float_test}))
     (export / "model.int8.onnx.json").write_text(json.dumps({"quantization": {"test": int8_test}}))
-    exports = report.existing_exports(str(results))
+    exports = existing_exports(str(results))
     assert exports == ["export_onnx", "export_int8"]
-    inputs = {**inputs, **report.input_paths(str(results), True, [], exports=exports)}
+    inputs = {**inputs, **report_inputs(str(results), True, [], exports=exports)}
     assert inputs["export_int8"] == f"{results}/export/model.int8.onnx.json"
     out = tmp_path / "out"
-    report.write_report(inputs, out / "index.html", out / "summary.json", {}, tmp_path / "r.csv")
+    write_report(inputs, out / "index.html", out / "summary.json", OPTIONS, tmp_path / "r.csv")
     test = section_html((out / "index.html").read_text(), "test")
     assert "Exported models" in test
     for cells in (
@@ -442,8 +516,12 @@ def test_an_export_shows_its_float_and_int8_accuracy_in_the_test_section(tmp_pat
 def test_page_has_every_section_and_embeds_every_image(tmp_path):
     inputs = write_fake_results(tmp_path)
     out = tmp_path / "report"
-    report.write_report(
-        inputs, out / "index.html", out / "summary.json", {"title": "demo"}, tmp_path / "runs.csv"
+    write_report(
+        inputs,
+        out / "index.html",
+        out / "summary.json",
+        {**OPTIONS, "title": "demo"},
+        tmp_path / "runs.csv",
     )
     page = (out / "index.html").read_text()
     parsed = parse(page)
@@ -465,7 +543,7 @@ def test_page_has_every_section_and_embeds_every_image(tmp_path):
 
 def test_text_from_the_data_is_escaped(tmp_path):
     inputs = write_fake_results(tmp_path)
-    page = report.render_page(inputs, title="<b>Tom & Jerry</b>")
+    page = render_page(inputs, title="<b>Tom & Jerry</b>")
 
     assert "<script>alert" not in page
     assert "&lt;script&gt;alert(" in page
@@ -482,7 +560,7 @@ def test_missing_optional_inputs_render_as_not_run(tmp_path):
     assert "trial_histories" not in inputs
     Path(inputs["suspects"]).unlink()
     Path(inputs["cluster_pixels_scatter"]).unlink()
-    page = report.render_page(inputs)
+    page = render_page(inputs)
 
     assert parse(page).sections == SECTION_IDS
     assert "Not run" in section_html(page, "sweep")
@@ -490,14 +568,14 @@ def test_missing_optional_inputs_render_as_not_run(tmp_path):
     clusters = section_html(page, "clusters")
     assert "Pixels" in clusters and "Embeddings of the final model" not in clusters
     assert "Not run" in clusters and "<img" in clusters  # montage shown, scatter noted
-    numbers = report.headline(inputs)
+    numbers = summary.headline(inputs)
     assert numbers["sweep"] is None
     assert set(numbers["clusters"]) == {"pixels"}
 
 
 def test_nothing_at_all_still_gives_every_section(tmp_path):
-    inputs = report.input_paths(str(tmp_path / "results"), True, list(FEATURES))
-    page = report.render_page(inputs)
+    inputs = report_inputs(str(tmp_path / "results"), True, list(FEATURES))
+    page = render_page(inputs)
     assert parse(page).sections == SECTION_IDS
     for section_id in SECTION_IDS[1:]:
         assert "Not run" in section_html(page, section_id), section_id
@@ -506,7 +584,7 @@ def test_nothing_at_all_still_gives_every_section(tmp_path):
 def test_summary_json_matches_the_inputs(tmp_path):
     inputs = write_fake_results(tmp_path)
     out = tmp_path / "out"
-    report.write_report(inputs, out / "index.html", out / "summary.json", {"title": "t"})
+    write_report(inputs, out / "index.html", out / "summary.json", {**OPTIONS, "title": "t"})
     numbers = json.loads((out / "summary.json").read_text())
 
     clean = json.loads(Path(inputs["clean_summary"]).read_text())
@@ -547,14 +625,14 @@ def test_summary_json_matches_the_inputs(tmp_path):
 @pytest.mark.parametrize("metric", ["val_acc", "val_loss"])
 def test_sweep_table_is_sorted_best_first(tmp_path, metric):
     inputs = write_fake_results(tmp_path, metric=metric)
-    sweep = section_html(report.render_page(inputs), "sweep")
+    sweep = section_html(render_page(inputs), "sweep")
     order = [
         m.start()
         for m in (re.search(re.escape(f"lr~{v}<"), sweep) for v in ("0.001", "0.003", "0.01"))
     ]
     # val_acc 0.91, 0.95, 0.93 -> 0.003, 0.01, 0.001; val_loss 0.4, 0.2, 0.3 -> 0.003, 0.01, 0.001
     assert order[1] < order[2] < order[0]
-    assert report.headline(inputs)["sweep"]["best_trial"] == "lr~0.003"
+    assert summary.headline(inputs)["sweep"]["best_trial"] == "lr~0.003"
 
 
 def test_a_file_name_that_is_not_utf8_is_shown_with_its_bytes_escaped(tmp_path):
@@ -566,14 +644,14 @@ def test_a_file_name_that_is_not_utf8_is_shown_with_its_bytes_escaped(tmp_path):
     rejected.loc[len(rejected)] = [f"/data/{latin1}", latin1, "cat", "train", "not_image", "x"]
     write_csv(rejected, inputs["rejected"])  # the name's own byte, as the pipeline writes it
     out = tmp_path / "out"
-    report.write_report(inputs, out / "index.html", out / "summary.json", {"title": "t"})
+    write_report(inputs, out / "index.html", out / "summary.json", {**OPTIONS, "title": "t"})
     page = (out / "index.html").read_text(encoding="utf-8")  # valid UTF-8
     assert "cat/caf\\xe9.png" in page
 
 
 def test_rejected_files_are_capped_per_reason(tmp_path):
     inputs = write_fake_results(tmp_path)
-    cleaning = section_html(report.render_page(inputs, examples_per_reason=3), "cleaning")
+    cleaning = section_html(render_page(inputs, examples_per_reason=3), "cleaning")
     cleaning = cleaning.split("<h3>Rejected files", 1)[1]
     assert "(up to 3 per reason, of 20)" in cleaning
     assert cleaning.count("<td>Too dark</td>") == 3  # of 12
@@ -592,24 +670,29 @@ def test_long_tables_are_cut_to_max_rows(tmp_path):
         }
     )
     suspects.to_csv(inputs["suspects"], index=False)
-    section = section_html(report.render_page(inputs, max_rows=10), "suspects")
+    section = section_html(render_page(inputs, max_rows=10), "suspects")
     assert "/d/9.png" in section and "/d/10.png" not in section
     assert "First 10 of 40 rows" in section
 
 
-def test_cv_mean_and_std_are_computed_when_the_rows_are_missing(tmp_path):
+def test_cv_numbers_are_the_mean_and_std_rows_the_cv_stage_wrote(tmp_path):
     inputs = write_fake_results(tmp_path)
     table = pd.read_csv(inputs["cv_summary"])
+    # The rows as written win over a recomputation from the folds (none is made).
+    table.loc[table["fold"] == "mean", "accuracy"] = 0.5
+    table.to_csv(inputs["cv_summary"], index=False)
+    cv = summary.headline(inputs)["cv"]
+    assert cv["accuracy_mean"] == 0.5 and cv["accuracy_std"] == pytest.approx(0.02)
+    assert "0.5 ± 0.02" in section_html(render_page(inputs), "cv")
+    # Without them, no mean is claimed.
     table[~table["fold"].isin(["mean", "std"])].to_csv(inputs["cv_summary"], index=False)
-    cv = report.headline(inputs)["cv"]
-    assert cv["accuracy_mean"] == pytest.approx(0.92)
-    assert cv["accuracy_std"] == pytest.approx(0.02)
-    assert "0.92 ± 0.02" in section_html(report.render_page(inputs), "cv")
+    assert summary.headline(inputs)["cv"] == {"k": 3}
+    assert "<ul></ul>" in section_html(render_page(inputs), "cv")  # no score listed
 
 
 def test_clusters_are_side_by_side(tmp_path):
     inputs = write_fake_results(tmp_path)
-    clusters = section_html(report.render_page(inputs), "clusters")
+    clusters = section_html(render_page(inputs), "clusters")
     header = re.search(r"<thead>(.*?)</thead>", clusters, re.S).group(1)
     assert header.index("Pixels") < header.index("Embeddings")
     assert "Hungarian accuracy" in clusters and "Inertia" in clusters
@@ -622,17 +705,17 @@ def test_clusters_are_side_by_side(tmp_path):
 
 def test_find_number_prefers_exact_keys():
     data = {"per_class": {"a": {"accuracy": 0.1}}, "accuracy": 0.9, "total": {"kept": 5}}
-    assert report.find_number(data, ["accuracy"]) == 0.9
-    assert report.find_number(data, ["kept"]) == 5
-    assert report.find_number({"per_class": {"a": {"accuracy": 0.1}}}, ["accuracy"]) == 0.1
-    assert report.find_number({"x": "text"}, ["x"]) is None
+    assert summary.find_number(data, ["accuracy"]) == 0.9
+    assert summary.find_number(data, ["kept"]) == 5
+    assert summary.find_number({"per_class": {"a": {"accuracy": 0.1}}}, ["accuracy"]) == 0.1
+    assert summary.find_number({"x": "text"}, ["x"]) is None
 
 
 def full_page(tmp_path: Path, **kwargs) -> tuple[dict, str]:
     """The inputs of a fake run and its page as the report stage writes it (with the run log)."""
     inputs = write_fake_results(tmp_path, **kwargs)
     out = tmp_path / "report"
-    report.write_report(inputs, out / "index.html", out / "summary.json", {}, tmp_path / "runs.csv")
+    write_report(inputs, out / "index.html", out / "summary.json", OPTIONS, tmp_path / "runs.csv")
     return inputs, (out / "index.html").read_text()
 
 
@@ -671,7 +754,7 @@ def test_best_trial_tile_names_the_trial_with_its_score(tmp_path):
 
 def test_training_curves_show_the_winning_trial_and_the_folds(tmp_path):
     inputs, page = full_page(tmp_path)
-    names = [name for name, _ in report.training_histories(inputs)]
+    names = [name for name, _ in model_sections.training_histories(inputs)]
     assert names == ["best trial lr~0.003", "fold 0", "fold 1", "fold 2", "final model"]
     training = section_html(page, "training")
     assert training.count("<img") == 1
@@ -683,7 +766,7 @@ def test_training_curves_show_the_winning_trial_and_the_folds(tmp_path):
     assert "<td>final model</td>" in training and "<td>lr~0.01</td>" in training
     # Without a sweep the final model validates: its curve has validation values.
     inputs = write_fake_results(tmp_path / "no-sweep", sweep=False)
-    histories = dict(report.training_histories(inputs))
+    histories = dict(model_sections.training_histories(inputs))
     assert list(histories) == ["fold 0", "fold 1", "fold 2", "final model"]
     assert histories["final model"]["val_acc"].notna().all()
 
@@ -722,7 +805,7 @@ def test_runs_log_gains_one_row_per_run(tmp_path):
     out, runs_path = tmp_path / "report", tmp_path / "results" / "runs.csv"
 
     def report_job():
-        report.write_report(inputs, out / "index.html", out / "summary.json", {}, runs_path)
+        write_report(inputs, out / "index.html", out / "summary.json", OPTIONS, runs_path)
         return pd.read_csv(runs_path, dtype=str)
 
     runs = report_job()
@@ -732,7 +815,7 @@ def test_runs_log_gains_one_row_per_run(tmp_path):
     assert float(first["test_accuracy"]) == 0.9375
     assert float(first["cv_accuracy_mean"]) == pytest.approx(0.92)
     assert first["best_trial"] == "lr~0.003" and float(first["best_trial_score"]) == 0.95
-    assert first["code_version"].startswith(report.code_version(tmp_path))
+    assert first["code_version"].startswith(ledger.code_version(tmp_path))
     assert len(first["config_hash"]) == 12 and len(first["data_fingerprint"]) == 12
     # A retried (or forced) report job over the same results adds nothing.
     assert len(report_job()) == 1
@@ -766,22 +849,124 @@ def test_runs_log_gains_one_row_per_run(tmp_path):
 def test_code_version_names_the_commit_of_a_git_checkout(tmp_path):
     from imgpipe import __version__
 
-    assert report.code_version(tmp_path) == __version__  # not a checkout: the version alone
+    assert ledger.code_version(tmp_path) == __version__  # not a checkout: the version alone
     if (REPO / ".git").exists():
         assert re.fullmatch(
-            re.escape(__version__) + r" [0-9a-f]{7,}(\+dirty)?", report.code_version(REPO)
+            re.escape(__version__) + r" [0-9a-f]{7,}(\+dirty)?", ledger.code_version(REPO)
         )
 
 
 def test_config_changes_read_as_before_and_after():
     before = {"train.lr": 0.01, "cv.k": 5, "report.title": "a"}
     after = {"train.lr": 0.02, "cv.k": 5, "model.dropout": 0.3}
-    assert report.config_changes(before, after) == (
+    assert ledger.config_changes(before, after) == (
         "model.dropout (unset) → 0.3; report.title a → (unset); train.lr 0.01 → 0.02"
     )
-    assert report.config_changes(before, before) == "no config change"
+    assert ledger.config_changes(before, before) == "no config change"
     many = {f"k{i}": i for i in range(9)}
-    assert report.config_changes({}, many, most=3).endswith("; and 6 more")
+    assert ledger.config_changes({}, many, most=3).endswith("; and 6 more")
+
+
+def test_ledger_row_is_a_function_of_the_inputs_and_the_numbers(tmp_path):
+    results = tmp_path / "results"
+    (results / "clean").mkdir(parents=True)
+    (results / "config.yaml").write_text("# comment\ntrain: {lr: 0.01, max_epochs: 3}\n")
+    pd.DataFrame({"sha256": ["b", "a"], "label": ["dog", "cat"]}).to_csv(
+        results / "clean" / "index.csv", index=False
+    )
+    inputs = {
+        "config": str(results / "config.yaml"),
+        "clean_index": str(results / "clean/index.csv"),
+    }
+    numbers = {
+        "images": {"kept": 2},
+        "test": {"accuracy": 0.75, "baselines": {"baseline_majority_accuracy": 0.5}},
+        "cv": {"accuracy_mean": 0.7, "accuracy_std": 0.1},
+        "sweep": None,
+    }
+    previous = {"config": json.dumps({"train.lr": 0.003, "train.max_epochs": 3})}
+    row = ledger.run_row(inputs, numbers, previous, this_run="abc")
+    assert list(row) == list(ledger.RUN_COLUMNS)
+    assert row["run_id"] == "abc" and row["images"] == 2 and row["test_accuracy"] == 0.75
+    assert row["baseline_majority_accuracy"] == 0.5 and row["baseline_linear_accuracy"] is None
+    assert row["changes"] == "train.lr 0.003 → 0.01"
+    assert row["warning"] == "" and row["best_trial"] is None
+    # Same content, other key order and comments: the same config hash; rows in any order: the
+    # same data fingerprint.
+    hashed = ledger.config_hash(inputs)
+    (results / "config.yaml").write_text("train:\n  max_epochs: 3\n  lr: 0.01\n")
+    assert ledger.config_hash(inputs) == hashed == row["config_hash"]
+    pd.DataFrame({"sha256": ["a", "b"], "label": ["cat", "dog"]}).to_csv(
+        results / "clean" / "index.csv", index=False
+    )
+    assert ledger.data_fingerprint(inputs) == row["data_fingerprint"]
+    assert ledger.run_row(inputs, numbers, None)["changes"] == "first run"
+    assert ledger.read_runs(tmp_path / "none.csv").columns.tolist() == list(ledger.RUN_COLUMNS)
+
+
+def test_headline_is_a_function_of_the_result_files(tmp_path):
+    (tmp_path / "rejected.csv").write_text(
+        "relpath,reason\na.png,too_dark\nb.png,too_dark\nc,blurry\n"
+    )
+    (tmp_path / "clean.json").write_text(json.dumps({"kept_per_class": {"a": 3, "b": 4}}))
+    (tmp_path / "trials.csv").write_text("trial,lr,val_acc\nlr~0.1,0.1,0.8\nlr~0.3,0.3,0.9\n")
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"nmi": 0.5, "by_role": {"test": {"nmi": 0.1}}})
+    )
+    inputs = {
+        "clean_summary": str(tmp_path / "clean.json"),
+        "rejected": str(tmp_path / "rejected.csv"),
+        "sweep_trials": str(tmp_path / "trials.csv"),
+        "cluster_pixels_metrics": str(tmp_path / "metrics.json"),
+        "test_metrics": str(tmp_path / "absent.json"),
+    }
+    numbers = summary.headline(inputs, "t")
+    assert numbers["images"] == {
+        "kept": 7,  # summed over the classes when no total is given
+        "rejected": 3,
+        "kept_per_class": {"a": 3, "b": 4},
+        "rejected_per_reason": {"blurry": 1, "too_dark": 2},
+    }
+    assert numbers["test"] is None and numbers["cv"] is None
+    assert numbers["sweep"] == {
+        "n_trials": 2,
+        "metric": "val_acc",
+        "best_trial": "lr~0.3",
+        "best_value": 0.9,
+        "best_params": {"lr": 0.3},
+    }
+    assert numbers["clusters"]["pixels"]["nmi"] == 0.5  # the top-level score, not a role's
+    assert summary.headline(inputs, "t") == numbers  # reading changes nothing
+
+
+def test_templates_render_with_autoescape():
+
+    assert pieces.ENV.autoescape is True
+    assert str(pieces.note("a <b> & 'c'")) == '<p class="note">a &lt;b&gt; &amp; &#x27;c&#x27;</p>'
+    name = "<script>alert(1)</script>"
+    row = str(pieces.row_table([(name, [name])], [name]))
+    assert "<script>" not in row and row.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 3
+    page = str(pieces.render("page.html.j2", title=name, toc=pieces.SECTIONS, sections=[]))
+    assert "<title>&lt;script&gt;alert(1)&lt;/script&gt;</title>" in page
+    assert page.count("<script>") == 1  # the page's own image check only
+
+
+def test_the_class_names_of_the_data_are_escaped_on_the_page(tmp_path):
+    from imgpipe.report.sections import cleaning_section
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"kept_per_class": {"<script>x</script>": 3}, "total": {}}))
+    cleaning = str(cleaning_section({"clean_summary": str(path)}, 8, 25))
+    assert "<script>" not in cleaning and "&lt;script&gt;x&lt;/script&gt;" in cleaning
+
+
+def test_the_report_rule_reruns_when_its_package_or_a_template_changes():
+    from imgpipe.workflow.config import import_closure, module_files
+
+    assert "report" in import_closure(REPO / "scripts" / "report.py")
+    files = {path.relative_to(REPO / "imgpipe").as_posix() for path in module_files("report")}
+    assert {"report/ledger.py", "report/templates/page.html.j2"} <= files
+    assert module_files("plots") == [REPO / "imgpipe" / "plots.py"]
 
 
 def test_config_snapshot_round_trips(tmp_path):
@@ -909,6 +1094,9 @@ def code(script):
 # What workflow/rules/common.smk gives the report rules.
 IMAGE_SETTINGS = "results/ingest/image.json"
 
+def report_inputs(wildcards):
+    return {inputs!r}
+
 def configured():
     return {{key: value for key, value in config.items() if key != "progress"}}
 
@@ -929,7 +1117,10 @@ def test_report_rules_run_rerun_only_on_their_inputs_and_show_in_snakemake_repor
     (tmp_path / "results" / "ingest" / "image.json").write_text(json.dumps(resolved))
     snakefile = tmp_path / "Snakefile"
     rules = str(REPO / "workflow" / "rules" / "report.smk")
-    snakefile.write_text(TEST_SNAKEFILE.format(repo=str(REPO), rules=rules))
+    inputs = report_inputs(
+        "results", True, list(FEATURES), folds=3, trials=["lr~0.001", "lr~0.003", "lr~0.01"]
+    )
+    snakefile.write_text(TEST_SNAKEFILE.format(repo=str(REPO), rules=rules, inputs=inputs))
     base = ("--snakefile", str(snakefile))
 
     snakemake(tmp_path, *base, "results/report/index.html")
@@ -997,8 +1188,8 @@ def test_page_in_headless_chromium(tmp_path, chromium_binary):
     inputs = write_fake_results(tmp_path)
     out = tmp_path / "report"
     runs = tmp_path / "results" / "runs.csv"
-    report.write_report(
-        inputs, out / "index.html", out / "summary.json", {"title": "browser"}, runs
+    write_report(
+        inputs, out / "index.html", out / "summary.json", {**OPTIONS, "title": "browser"}, runs
     )
 
     dom = dump_dom(chromium_binary, out / "index.html")
@@ -1025,5 +1216,5 @@ def test_page_in_headless_chromium(tmp_path, chromium_binary):
 
     # The check can fail: a corrupt image is reported as broken.
     Path(inputs["augment_preview"]).write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    report.write_report(inputs, out / "index.html", out / "summary.json", {})
+    write_report(inputs, out / "index.html", out / "summary.json", OPTIONS)
     assert image_check(dump_dom(chromium_binary, out / "index.html"))[1] == 1

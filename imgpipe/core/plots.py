@@ -10,7 +10,7 @@ class names included).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -120,3 +120,85 @@ def image_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- report charts
+
+
+def class_counts_png(counts: Any) -> bytes:
+    """Stacked bars of kept and rejected images per class (a frame indexed by class with those columns)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 0.4 * len(counts) + 2)), 3.4))
+    positions = range(len(counts))
+    ax.bar(positions, counts["kept"], color="#4c72b0", label="kept")
+    ax.bar(positions, counts["rejected"], bottom=counts["kept"], color="#dd8452", label="rejected")
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(
+        counts.index,
+        rotation=45 if len(counts) > 8 else 0,
+        ha="right" if len(counts) > 8 else "center",
+    )
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    ax.legend(frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return png_bytes(fig)
+
+
+def training_curves_png(histories: Sequence[tuple[str, Any]]) -> bytes:
+    """Loss per epoch of every (name, history frame) (training solid, validation dashed) and validation accuracy."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    has_accuracy = [("val_acc" in h and h["val_acc"].notna().any()) for _, h in histories]
+    panels = 2 if any(has_accuracy) else 1  # no empty accuracy panel
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    colours = plt.get_cmap("tab10").colors
+    for k, (name, history) in enumerate(histories):
+        colour = "black" if name == "final model" else colours[k % len(colours)]
+        epochs = history["epoch"].astype(int) + 1
+        style = {"marker": "o", "ms": 3, "color": colour}
+        if "train_loss" in history:
+            axes[0][0].plot(epochs, history["train_loss"], label=f"{name}, training", **style)
+        if "val_loss" in history and history["val_loss"].notna().any():
+            axes[0][0].plot(
+                epochs, history["val_loss"], ls="--", label=f"{name}, validation", **style
+            )
+        if has_accuracy[k]:
+            axes[0][1].plot(epochs, history["val_acc"], ls="--", label=name, **style)
+    axes[0][0].set_title("loss")
+    axes[0][0].set_ylabel("loss")
+    if panels == 2:
+        axes[0][1].set_title("validation accuracy")
+        axes[0][1].set_ylabel("accuracy")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def reliability_png(reliability: Mapping[str, Any]) -> bytes:
+    """Confidence against accuracy per bin, before and after calibration, with the diagonal."""
+    import pandas as pd
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, colour in (("before", "#c44e52"), ("after", "#4c72b0")):
+        table = pd.DataFrame(reliability.get(name) or [])
+        if table.empty or "count" not in table:
+            continue
+        table = table[table["count"] > 0]
+        ax.plot(table["confidence"], table["accuracy"], color=colour, linewidth=1)
+        sizes = 20 + 180 * table["count"] / max(1, table["count"].max())
+        ax.scatter(table["confidence"], table["accuracy"], s=sizes, color=colour, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)

@@ -4,7 +4,8 @@ A rule whose params hold :func:`code_fingerprint` reruns after any edit of code
 it runs, and only then. The import closure is computed from the source (by
 AST), never kept by hand; it follows dotted imports into sub-packages
 (``from imgpipe.learn import models``, ``import imgpipe.learn.models``) and
-counts each package's ``__init__`` on the way, since importing a module runs it.
+counts each package's ``__init__`` on the way, since importing a module runs it,
+with the package's files that are not Python (the report's templates).
 """
 
 from __future__ import annotations
@@ -112,7 +113,21 @@ def code_fingerprint(script: str | Path) -> str:
     digest.update((PACKAGE_DIR / "__init__.py").read_bytes())
     for name in import_closure(script):
         source = module_file(name)
-        if source is not None:
-            digest.update(name.encode())
-            digest.update(source.read_bytes())
+        if source is None:
+            continue
+        digest.update(name.encode())
+        digest.update(source.read_bytes())
+        if source.name == "__init__.py":
+            for data in package_data(source.parent):
+                digest.update(str(data.relative_to(PACKAGE_DIR)).encode())
+                digest.update(data.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def package_data(folder: Path) -> list[Path]:
+    """A package's files that are not Python (e.g. imgpipe/report/templates/): code all the same."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    )

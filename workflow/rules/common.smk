@@ -264,3 +264,71 @@ check_pretrained_cache()
 def pretrained_records(wildcards):
     """The fetch records every training job waits for ([] without named weights: no job)."""
     return [PRETRAINED_RECORD.format(slug=slug) for slug in PRETRAINED]
+
+
+##### report inputs #####
+
+# The export sidecars the page shows (each export's test accuracy), asked for
+# only once `snakemake export` has made them: the export is not in the default
+# target (and the int8 one stays shown while its file is there).
+EXPORT_SIDECARS = {
+    "export_onnx": "results/export/model.onnx.json",
+    "export_int8": "results/export/model.int8.onnx.json",
+}
+
+
+def one_path(pattern, **wildcards):
+    """The single path of an output pattern with its wildcards filled in."""
+    (path,) = expand(pattern, **wildcards)
+    return path
+
+
+def report_inputs(wildcards):
+    """Every file the page shows, under the names the page reads (imgpipe.report).
+
+    Sweep and per-feature cluster files only when configured, the training
+    histories and summaries of the trials, folds and final model, and the
+    export sidecars that exist. Evaluated once the rules are all defined, so it
+    names later rules' outputs; building the DAG imports no page code.
+    """
+    inputs = {
+        "config": rules.config_snapshot.output.config,
+        "clean_summary": rules.clean.output.summary,
+        "clean_index": rules.clean.output.index,
+        "rejected": rules.clean.output.rejected,
+        "rejected_examples": rules.clean.output.examples,
+        "augment_preview": rules.augment.output.preview,
+        "cv_summary": rules.cv_summary.output.summary,
+        "suspects": rules.cv_summary.output.suspects,
+        "suspects_png": rules.cv_summary.output.suspects_png,
+        "test_metrics": rules.evaluate.output.metrics,
+        "confusion": rules.evaluate.output.confusion_png,
+        "per_class": rules.evaluate.output.per_class,
+        "final_history": rules.train_final.output.history,
+        # Steps and early stopping: the causes a baseline warning names.
+        "final_summary": rules.train_final.output.summary,
+    }
+    folds = range(config["cv"]["k"])
+    if folds:
+        inputs["fold_histories"] = expand(rules.cv_fold.output.history, fold=folds)
+        inputs["fold_summaries"] = expand(rules.cv_fold.output.summary, fold=folds)
+    if config["sweep"]["enabled"]:
+        inputs["sweep_trials"] = rules.sweep_aggregate.output.trials
+        inputs["sweep_best"] = rules.sweep_aggregate.output.best
+        inputs["sweep_plot"] = rules.sweep_aggregate.output.plot
+        trials = list(TRIALS.instance_patterns)
+        if trials:
+            inputs["trial_histories"] = expand(
+                rules.sweep_trial.output.history, trial=trials
+            )
+            inputs["trial_summaries"] = expand(
+                rules.sweep_trial.output.summary, trial=trials
+            )
+    for features in config["cluster"]["features"]:
+        for kind in ("metrics", "montage", "scatter"):
+            pattern = getattr(rules.cluster.output, kind)
+            inputs[f"cluster_{features}_{kind}"] = one_path(pattern, features=features)
+    for key, path in EXPORT_SIDECARS.items():
+        if Path(path).is_file():
+            inputs[key] = path
+    return inputs

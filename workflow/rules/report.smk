@@ -1,6 +1,3 @@
-from imgpipe.report import existing_exports, input_paths
-
-
 # The effective configuration as a file: its params are the whole config, so
 # any config change rewrites it and thereby reruns the report, while the
 # report's own params (the report section) rerun nothing else. The progress
@@ -30,22 +27,7 @@ rule report:
     input:
         # Every file the page shows; sweep and cluster files only when configured,
         # and the training histories of the trials, folds and final model.
-        unpack(
-            lambda wildcards: input_paths(
-                "results",
-                config["sweep"]["enabled"],
-                config["cluster"]["features"],
-                folds=config["cv"]["k"],
-                trials=(
-                    list(TRIALS.instance_patterns)
-                    if config["sweep"]["enabled"]
-                    else []
-                ),
-                # An export's test accuracy, once `snakemake export` has made one
-                # (the export is not in the default target: never asked for here).
-                exports=existing_exports("results"),
-            )
-        ),
+        unpack(report_inputs),
     output:
         html=report(
             "results/report/index.html",
