@@ -4,7 +4,7 @@ Generates a tree of small PNGs (digits, letters, shapes, photo-like textures,
 8..64 px) with planted defects, then times on the same tree, in one run:
 
 (a) ours: imgpipe.data.listing.list_images, imgpipe.data.ingest.index_shard for 2 shards in
-    2 processes (like the workflow), imgpipe.images.quality.run_clean;
+    2 processes (like the workflow), imgpipe.stages.clean.run_clean;
 (b) cleanvision's Imagelab with its default checks (pip install cleanvision==0.3.7,
     the project's ``bench`` extra);
 (c) decode-only: cv2.imread of every file in the same 2 processes, nothing else.

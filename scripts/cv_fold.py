@@ -3,7 +3,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))
 
-from imgpipe.learn.jobs import run_cv_fold  # noqa: E402
+from imgpipe.stages.cv import run_cv_fold  # noqa: E402
 from imgpipe.workflow.stage_job import run_stage  # noqa: E402
 
 run_stage(snakemake, run_cv_fold)

@@ -158,3 +158,60 @@ def test_metric_mode_refuses_a_metric_without_a_direction():
 
     with pytest.raises(ValueError, match="val_f1"):
         metric_mode("val_f1")
+
+
+# ----------------------------------------------------------------------------- the tree
+
+
+def test_stage_modules_are_imported_only_by_entry_points():
+    """Stages import libraries, never the reverse: only other stages and the CLI import a stage."""
+    graph = import_graph(ROOT / "imgpipe")
+    allowed = ("imgpipe.stages", "imgpipe.cli")
+    wrong = {
+        module: sorted(t for t in targets if t.startswith("imgpipe.stages."))
+        for module, targets in graph.items()
+        if not module.startswith(allowed)
+    }
+    wrong = {module: targets for module, targets in wrong.items() if targets}
+    assert not wrong, f"library modules importing a stage: {wrong}"
+
+
+def rule_scripts() -> dict[str, str]:
+    """scripts/<name>.py -> the rule file (workflow/rules/<stage>.smk) whose rule runs it."""
+    found = {}
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for line in smk.read_text(encoding="utf-8").splitlines():
+            if "scripts/" in line and line.strip().startswith('"'):
+                script = line.strip().strip('",').rsplit("/", 1)[1]
+                found[script] = smk.stem
+    return found
+
+
+def test_every_script_calls_the_stage_module_of_its_rule_file():
+    scripts = rule_scripts()
+    assert len(scripts) >= 19
+    # config_snapshot (in report.smk) keeps its own module: its code fingerprint then
+    # leaves out the page code, so editing the report does not rewrite the snapshot.
+    own_module = {"config_snapshot.py": "config_snapshot"}
+    for script, rule_file in scripts.items():
+        tree = ast.parse((ROOT / "scripts" / script).read_text(encoding="utf-8"))
+        stages = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("imgpipe.stages")
+        }
+        expected = f"imgpipe.stages.{own_module.get(script, rule_file)}"
+        assert stages == {expected}, f"scripts/{script} ({rule_file}.smk) imports {stages}"
+
+
+# Modules allowed past ~600 lines, and why (the rest stay under it).
+LONG_MODULES = {}
+
+
+def test_no_module_is_over_about_600_lines_unless_said_why():
+    long = {
+        str(path.relative_to(ROOT)): len(path.read_text(encoding="utf-8").splitlines())
+        for path in (ROOT / "imgpipe").rglob("*.py")
+    }
+    over = {path: n for path, n in long.items() if n > 650 and path not in LONG_MODULES}
+    assert not over, f"modules over 650 lines: {over}"

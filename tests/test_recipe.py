@@ -153,9 +153,9 @@ def test_the_model_files_test_metrics_are_those_of_evaluates_metrics_json(tmp_pa
     import torch
 
     from imgpipe.data.dataset import class_names, load_index
-    from imgpipe.data.split import load_split
+    from imgpipe.data.split import load_split, rows_of_test_set
     from imgpipe.infer.modelfile import METADATA_KEY
-    from imgpipe.stages.evaluate import evaluate_predictions, rows_of_test_set
+    from imgpipe.stages.evaluate import evaluate_predictions
 
     _, _, final_job = recipe_jobs(tmp_path)
     rng = np.random.default_rng(0)

@@ -39,9 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from imgpipe.core.atomic import write_json
 from imgpipe.images.decode import MODES, Truncated, decode_image, read_bytes, read_file_header
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -235,15 +233,3 @@ def describe(settings: Mapping[str, Any]) -> str:
         arrow = f"auto -> {settings[key]}" if configured == AUTO else str(settings[key])
         parts.append(f"image.{key} {arrow} ({settings['reasons'][key]})")
     return "; ".join(parts)
-
-
-def run_image_settings(job: StageJob) -> dict[str, Any]:
-    """The image_settings stage: resolve image.size / image.mode into results/ingest/image.json."""
-    from imgpipe.data.listing import load_files
-
-    files = load_files(job.input["listing"])
-    paths = files.loc[files["status"] == "ok", "path"].tolist()
-    settings = resolve_settings(job.params["image"], paths)
-    write_json(settings, job.output["settings"])
-    log.info("%s", describe(settings))
-    return settings

@@ -24,7 +24,6 @@ from imgpipe.core.atomic import atomic_path, read_csv, write_csv
 from imgpipe.core.logs import Progress
 from imgpipe.images.decode import MODES, decode_image, fit_square, read_bytes
 from imgpipe.images.measure import format_thumbnail, gray_stats, thumbnail
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -334,22 +333,3 @@ def ingest_listing(
     with ProcessPoolExecutor(shards, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_ingest_shard_job, jobs))
     return [shard_outputs(out_dir, shard)[0] for shard in range(shards)]
-
-
-def run_ingest_shard(job: StageJob) -> pd.DataFrame:
-    """The ingest_shard stage: decode, measure and resize this shard's share of the listing."""
-    from imgpipe.data.image_settings import load_settings
-
-    shard = int(job.wildcards["shard"])
-    stats = ingest_one_shard(
-        job.input["listing"],
-        shard,
-        job.params["shards"],
-        load_settings(job.input["image"]),  # image.size / mode resolved (auto -> inferred)
-        job.params["max_pixels"],
-        job.output["stats"],
-        job.output["images"],
-    )
-    counts = stats["reason"].where(stats["status"] == "rejected").value_counts().to_dict()
-    log.info("shard %d: %d kept, rejected %s", shard, int((stats["status"] == "ok").sum()), counts)
-    return stats

@@ -28,9 +28,8 @@ from typing import Any
 
 import pandas as pd
 
-from imgpipe.core.atomic import read_csv, write_csv
+from imgpipe.core.atomic import read_csv
 from imgpipe.core.errors import DataError
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -327,22 +326,6 @@ def list_images(
 def load_files(path: str | os.PathLike) -> pd.DataFrame:
     """Read files.csv back with every column as text (empty cells stay empty strings)."""
     return read_csv(path, dtype=str, keep_default_na=False)
-
-
-def run_list_images(job: StageJob) -> pd.DataFrame:
-    """The list_images stage: one row per file under data.root (and data.test_root) in files.csv."""
-    files = list_images(
-        job.params["root"],
-        job.params["extensions"],
-        job.params["test_root"],
-        follow_symlinks=bool(job.params.get("follow_symlinks", False)),
-    )
-    write_csv(files, job.output["listing"])
-    counts = files.groupby(["source", "status"]).size().to_dict()
-    log.info("listed %d files: %s", len(files), counts)
-    for reason, count in files.loc[files["status"] == "rejected", "reason"].value_counts().items():
-        log.info("listing rejected %d file(s) as %s", count, reason)
-    return files
 
 
 def tree_fingerprint(root: str | os.PathLike, follow_symlinks: bool = False) -> str:

@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from imgpipe.core.atomic import read_csv, write_csv
+from imgpipe.core.atomic import read_csv
 from imgpipe.core.errors import DataError
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -218,13 +217,10 @@ def training_pool(index: pd.DataFrame, roles: pd.Series) -> pd.DataFrame:
     return index.set_index("id").loc[role_ids(roles, *POOL_ROLES)].reset_index()
 
 
-def run_split(job: StageJob) -> None:
-    """The split stage: assign roles to the clean index and write split.csv."""
-    from imgpipe.data.dataset import load_index
-
-    index = load_index(job.input["index"])
-    check_test_source(index, job.params["test_root"])
-    cfg = job.params["split"]
-    roles = assign_roles(index, cfg["test_fraction"], cfg["val_fraction"], cfg["seed"])
-    write_csv(roles, job.output["split"])
-    log.info("wrote %d roles to %s", len(roles), job.output["split"])
+def rows_of_test_set(index: pd.DataFrame, roles: pd.Series) -> pd.DataFrame:
+    """The index rows whose role is ``test``, in id order."""
+    test_ids = roles.index[roles == "test"]
+    rows = index[index["id"].isin(test_ids)].sort_values("id").reset_index(drop=True)
+    if rows.empty:
+        raise DataError("the split has no test image: nothing to evaluate")
+    return rows

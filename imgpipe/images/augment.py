@@ -27,10 +27,8 @@ import torch
 from torch.nn import functional as F
 
 from imgpipe.core.atomic import atomic_path, write_csv
-from imgpipe.core.errors import DataError
 from imgpipe.core.logs import Progress
 from imgpipe.core.plots import image_grid
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -344,18 +342,6 @@ def plot_preview(
         title=f"augmentation policy, applied {where}",
         empty_text="no training image",
     )
-
-
-def run_augment(job: StageJob) -> int:
-    """The augment stage: the policy's preview, and the materialised views when augment.copies > 0."""
-    from imgpipe.data.dataset import load_index, open_images
-    from imgpipe.data.split import load_split, training_pool
-
-    pool = training_pool(load_index(job.input["index"]), load_split(job.input["split"]))
-    if pool.empty:
-        raise DataError("the split has no train or val image to augment")
-    images = open_images(pool)
-    return augment_pool(images, pool["id"].to_numpy(), job.params["augment"], job.output)
 
 
 def augment_pool(

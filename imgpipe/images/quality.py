@@ -49,7 +49,6 @@ from imgpipe.images.near_duplicates import (
     link_components,
     numeric_column,
 )
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -462,22 +461,6 @@ def examples_figure(decisions: Decisions, path: str | os.PathLike, per_reason: i
         rows.append(list(load_images(decisions.stats.iloc[members[:per_reason]])))
         titles.append(f"{reason}\n{len(members)} image(s)")
     image_grid(rows, path, row_titles=titles, empty_text="no image rejected by the clean checks")
-
-
-def run_clean(job: StageJob) -> dict:
-    """The clean stage: decide on every listed file of every shard; write index, rejections, summary."""
-    settings = CleanSettings.from_config(job.params["clean"])
-    result = clean_shards(
-        job.input["stats"],
-        job.input["images"],
-        job.output,
-        settings,
-        job.params["examples_per_reason"],
-    )
-    log.info("clean: %s", result["total"])
-    log.info("rejected per reason: %s", result["rejected_per_reason"])
-    log.info("near duplicates: %s", result["near_duplicates"])
-    return result
 
 
 def clean_shards(

@@ -35,9 +35,8 @@ from torch import nn
 from imgpipe.core.atomic import atomic_path, file_sha256, write_json
 from imgpipe.core.errors import DataError
 from imgpipe.infer.inference import ONNX_METADATA_PROP, SIDECAR_SUFFIX, Model, load_model
-from imgpipe.infer.modelfile import METADATA_KEY, configured_factories
+from imgpipe.infer.modelfile import METADATA_KEY
 from imgpipe.learn.calibration import apply_temperature
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -408,8 +407,7 @@ def role_images(
 ) -> tuple[Any, np.ndarray, HeldOutImages]:
     """The shards' images, the training role's ids and the test role, read as evaluate reads them."""
     from imgpipe.data.dataset import load_index, open_images
-    from imgpipe.data.split import load_split, role_ids
-    from imgpipe.stages.evaluate import rows_of_test_set
+    from imgpipe.data.split import load_split, role_ids, rows_of_test_set
 
     index = load_index(index_csv)
     roles = load_split(split_csv)
@@ -422,36 +420,3 @@ def role_images(
     images = open_images(index)
     test = HeldOutImages(images, rows["id"].to_numpy(np.int64), labels)
     return images, role_ids(roles, "train"), test
-
-
-def run_export(job: StageJob) -> dict[str, Any]:
-    """The export stage: model.onnx, model.pt (each with its sidecar), preprocess.json, model.int8.onnx."""
-    from imgpipe.infer.quantize import calibration_sample
-
-    torch.set_num_threads(max(1, int(job.threads)))
-    settings = job.params.get("export") or {}
-    opset = int(settings.get("opset", DEFAULT_OPSET))
-    # A model built by package.module:factory loads when the user's config names it.
-    factories = configured_factories(job.config)
-    model = load_model(job.input["model"], device="cpu", model_factory=factories)
-    write_preprocess(model, job.output["preprocess"])
-    onnx_meta = export_onnx(model, job.output["onnx"], opset)
-    script_meta = export_torchscript(model, job.output["torchscript"])
-    written = [job.output["onnx"], job.output["torchscript"]]
-    result = {"onnx": onnx_meta, "torchscript": script_meta}
-    if settings.get("quantize", "int8") == "int8":
-        images, train_ids, test = role_images(
-            job.input["index"], job.input["split"], model.class_names
-        )
-        calibration = images[calibration_sample(train_ids)]
-        int8_meta = export_int8(model, job.output["onnx"], job.output["int8"], calibration, test)
-        # The float model's sidecar gets the same test figures (its accuracy beside int8's).
-        onnx_meta["test"] = {
-            key: int8_meta["quantization"]["test"][key] for key in ("role", "images")
-        } | {"accuracy": int8_meta["quantization"]["test"]["accuracy_float"]}
-        write_json(onnx_meta, f"{os.fspath(job.output['onnx'])}{SIDECAR_SUFFIX}")
-        result["int8"] = int8_meta
-        written.append(job.output["int8"])
-    for path in written:
-        log.info("wrote %s (%d bytes) and its sidecar", path, Path(path).stat().st_size)
-    return result

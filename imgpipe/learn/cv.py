@@ -11,7 +11,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from imgpipe.core.atomic import read_csv, write_csv
 from imgpipe.core.errors import DataError
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger(__name__)
 
@@ -156,31 +155,6 @@ def suspect_labels(
             "suggested_label": names[probs[issues].argmax(axis=1)],
             "score": scores[issues],
         }
-    )
-
-
-def run_cv_assign(job: StageJob) -> pd.DataFrame:
-    """The cv_assign stage: a fold for every image of the training pool (folds.csv)."""
-    from imgpipe.data.dataset import load_index
-    from imgpipe.data.split import load_split, training_pool
-
-    pool = training_pool(load_index(job.input["index"]), load_split(job.input["split"]))
-    cv = job.params["cv"]
-    folds = assign_folds(pool, cv["k"], cv["adapt_k"], job.params["seed"])
-    log.info(
-        "%d images in %d folds: %s",
-        len(folds),
-        folds["fold"].nunique(),
-        folds["fold"].value_counts().sort_index().to_dict(),
-    )
-    write_csv(folds, job.output["folds"])
-    return folds
-
-
-def run_cv_summary(job: StageJob) -> pd.DataFrame:
-    """The cv_summary stage: gather the folds into summary.csv, oof.csv and the suspect labels."""
-    return summarise_cv(
-        job.input["index"], job.input["folds"], job.input["fold_summaries"], job.output
     )
 
 

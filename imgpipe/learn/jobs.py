@@ -13,16 +13,13 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import yaml
 
-from imgpipe.core.atomic import read_csv, write_csv, write_json
 from imgpipe.data.split import final_roles, load_split, role_ids
 from imgpipe.learn.sweep import apply_overrides
 from imgpipe.learn.training_run import (
@@ -218,23 +215,6 @@ def data_inputs(inputs: Mapping[str, Any]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- job kinds
 
 
-def run_sweep_trial(job: StageJob) -> dict:
-    """One sweep trial: its overrides, trained on the train role over its schedule, scored on val."""
-    overrides = job.params["overrides"]
-    model_cfg, train_cfg = job_sections(job, overrides)
-    train_cfg = sized_on_pool(train_cfg, job)
-    trial = job.wildcards["trial"]
-    log.info("trial %s: %s", trial, overrides)
-    data = load_training_data(job.input)
-    out_dir = Path(job.output["summary"]).parent
-    key = resume_key("sweep", job, model_cfg, train_cfg, str(out_dir), name=f"sweep-{trial}")
-    run = training_run(job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("sweep", trial))
-    result = run_training(data, data.ids("train"), data.ids("val"), run, job)
-    summary = {**result, "trial": trial, "overrides": overrides}
-    write_json(summary, job.output["summary"])
-    return summary
-
-
 def fold_validation(data: TrainingData, train_ids: np.ndarray, job: StageJob) -> np.ndarray:
     """An inner validation split of a fold's training part (group-aware, stratified, seeded)."""
     from imgpipe.data.split import draw_groups
@@ -243,155 +223,6 @@ def fold_validation(data: TrainingData, train_ids: np.ndarray, job: StageJob) ->
     split = job.params["split"]
     held = draw_groups(rows, split["val_fraction"], split["seed"], "fold validation")
     return rows["id"].to_numpy()[held]
-
-
-def run_cv_fold(job: StageJob) -> dict:
-    """Train on every fold but this one with the final model's recipe, then predict this one.
-
-    The held-out fold never influences its model. Like the final model, the
-    fold runs the whole schedule and keeps its last epoch: with a sweep, the
-    winner's settings on all of the fold's training images (no validation);
-    without one, on the fold's training images less an inner validation split
-    (as the final model trains on the train role and validates on val; the
-    inner split is only scored). Its out-of-fold
-    probabilities go to cleanlab. A fold at or beyond the number of folds
-    actually used (``cv.adapt_k`` lowered k) writes an empty table and a
-    summary marked ``skipped``; the fold's model and history (written beside
-    them) are not declared outputs for that reason.
-    """
-    from imgpipe.data.dataset import class_names
-    from imgpipe.infer.inference import predict_logits
-    from imgpipe.learn.baselines import both_baselines
-    from imgpipe.learn.calibration import calibrated_probabilities, calibration_summary
-    from imgpipe.learn.cv import fold_metrics, folds_used
-
-    fold = int(job.wildcards["fold"])
-    oof_path, summary_path = job.output["oof"], job.output["summary"]
-    folds = read_csv(job.input["folds"])
-    if fold >= folds_used(folds):
-        log.info("fold %d skipped: only %d folds are used", fold, folds_used(folds))
-        write_csv(pd.DataFrame(columns=["id", "fold", "label"]), oof_path)
-        if "history" in job.output:  # a declared output: an empty training history
-            write_csv(pd.DataFrame(columns=["epoch", "step", "train_loss"]), job.output["history"])
-        write_json({"fold": fold, "skipped": True}, summary_path)
-        return {"skipped": True}
-    best = read_best(job.input.get("best"))
-    model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
-    train_cfg = sized_on_pool(train_cfg, job)
-    data = load_training_data(job.input)
-    held_out = np.sort(folds.loc[folds["fold"] == fold, "id"].to_numpy())
-    # Fold -1: images of classes that are one single group; they always train.
-    fold_train = np.sort(folds.loc[folds["fold"] != fold, "id"].to_numpy())
-    if best:
-        train_ids, val_ids = fold_train, np.zeros(0, np.int64)
-    else:
-        val_ids = np.sort(fold_validation(data, fold_train, job))
-        train_ids = np.setdiff1d(fold_train, val_ids)
-    log.info(
-        "fold %d: training on %d, validating on %d (%s), scoring %d held-out images",
-        fold,
-        len(train_ids),
-        len(val_ids),
-        "none: the sweep winner's recipe" if best else "an inner split of the fold's training part",
-        len(held_out),
-    )
-    out_dir = Path(summary_path).parent
-    key = resume_key("cv", job, fold, model_cfg, train_cfg, best, name=f"cv-fold-{fold}")
-    run = training_run(
-        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("cv", f"fold-{fold}"), best
-    )
-    result = run_training(data, train_ids, val_ids, run, job)
-    # The fold's model was built from this config's model.name: its factory, if any, is trusted.
-    logits = predict_logits(
-        out_dir / "model.ckpt", data.images, ids=held_out, model_factory=model_cfg["name"]
-    )
-    # Calibrated like the final model (imgpipe.learn.calibration): ECE / NLL before and after on the
-    # held-out fold go to summary.csv.
-    temperature = result.get("temperature", 1.0)
-    calibration = calibration_summary(
-        logits, data.labels[held_out], temperature, result.get("temperature_fitted_on", "none")
-    )
-    calibration.pop("reliability")
-    probs = calibrated_probabilities(logits, temperature)
-    oof = pd.DataFrame(probs, columns=[f"p{c}" for c in range(probs.shape[1])])
-    oof.insert(0, "label", data.labels[held_out])
-    oof.insert(0, "fold", fold)
-    oof.insert(0, "id", held_out)
-    write_csv(oof, oof_path)
-    metrics = fold_metrics(data.labels[held_out], probs.argmax(axis=1))
-    # The reference points on the same images: fitted on what the fold's model
-    # trained on, scored on its held-out images (imgpipe.learn.baselines).
-    baselines = both_baselines(
-        data.images, data.labels, train_ids, held_out, class_names(data.index)
-    )
-    summary = {
-        **result,
-        **metrics,
-        "fold": fold,
-        "n_train": len(train_ids),
-        "n_inner_val": len(val_ids),
-        "n_held_out": len(held_out),
-        "baselines": baselines,
-        "calibration": calibration,
-    }
-    write_json(summary, summary_path)
-    return summary
-
-
-def run_train_final(job: StageJob) -> dict:
-    """The final model: with a sweep, the winner's recipe on the whole training pool; else train / val.
-
-    With ``train.num_nodes`` x ``train.gpus_per_node`` > 1 inside a SLURM job
-    it writes the job file and starts one rank per GPU with srun
-    (imgpipe.learn.launch); anywhere else it trains on this machine.
-    """
-    from imgpipe.learn.launch import launch_ranks, make_job, should_launch
-
-    best = read_best(job.input.get("best"))
-    model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
-    train_cfg = sized_on_pool(train_cfg, job)
-    # After a sweep (it chose the settings): the whole training pool (train + val), the
-    # winner's whole schedule (the one it was scored at the end of), no validation.
-    train_roles, val_roles = final_roles(bool(best))
-    if best:
-        log.info("sweep winner %s: %s", best.get("trial"), best.get("overrides"))
-    nodes, gpus = train_cfg["num_nodes"], train_cfg["gpus_per_node"]
-    out_dir = Path(job.output["model"]).parent
-    key = resume_key("final", job, model_cfg, train_cfg)
-    launching = should_launch(nodes, gpus)
-    cpus = job.resources.get("cpus_per_gpu")
-    if launching and isinstance(cpus, int) and cpus > 0:
-        train_cfg["threads"] = cpus  # each rank's share of the job's CPUs
-    if not launching:
-        if nodes > 1:
-            log.warning(
-                "train.num_nodes is %d but this is no SLURM job: training on this "
-                "machine only (one node)",
-                nodes,
-            )
-        train_cfg["num_nodes"] = 1
-    # The one description of this run, for the srun ranks and the local fit alike.
-    run = training_run(
-        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("final", "final"), best
-    )
-    if launching:
-        # A SLURM job of nodes x gpus tasks: srun starts one rank per GPU (imgpipe.learn.launch).
-        launch = make_job(data_inputs(job.input), train_roles, val_roles, run)
-        summary = launch_ranks(launch, cpus_per_task=cpus or None, stdout=sys.stdout)
-    else:
-        data = load_training_data(job.input)
-        summary = run_training(data, data.ids(*train_roles), data.ids(*val_roles), run, job)
-    record_test_metrics(job, out_dir / "model.ckpt", model_cfg["name"])
-    log.info(
-        "final model: %d epochs, %d steps of batch %d, %.0f images/s on %d %s device(s)",
-        summary["epochs"],
-        summary["steps"],
-        summary["batch_size"],
-        summary["images_per_s"] or 0,
-        summary["world_size"],
-        summary["accelerator"],
-    )
-    return summary
 
 
 def record_test_metrics(

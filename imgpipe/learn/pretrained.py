@@ -28,14 +28,14 @@ import itertools
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgpipe.core.errors import DataError
 
 if TYPE_CHECKING:
-    from imgpipe.workflow.stage_job import StageJob
+    pass
 
 IMAGENET = "imagenet"
 TIMM_PREFIX = "timm/"
@@ -384,29 +384,3 @@ def fetch(spec: PretrainedFile) -> tuple[Path, bool]:
             missing_message(spec, f"fetch failed ({type(err).__name__}: {first})")
         ) from err
     return path, True
-
-
-def run_fetch_weights(job: StageJob) -> dict[str, Any]:
-    """The fetch_weights stage: the file in the cache (fetched if missing), recorded in a JSON."""
-    import logging
-
-    from imgpipe.core.atomic import file_sha256, write_json
-
-    spec = PretrainedFile(**job.params["weights"])
-    path, downloaded = fetch(spec)
-    record = {
-        **asdict(spec),
-        "path": str(path),
-        "sha256": file_sha256(path),
-        "bytes": path.stat().st_size,
-        "downloaded": downloaded,
-    }
-    logging.getLogger(__name__).info(
-        "%s %s: %s (sha256 %s)",
-        "fetched" if downloaded else "cached",
-        spec.slug,
-        path,
-        record["sha256"],
-    )
-    write_json(record, job.output["record"])
-    return record

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from imgpipe.core.atomic import plain, write_csv, write_yaml
+from imgpipe.core.atomic import plain
 from imgpipe.learn.monitor import metric_mode
-from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
 
@@ -195,16 +192,3 @@ def plot_trials(trials: pd.DataFrame, monitor: str, path: str) -> None:
         ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_title("sweep: validation metric per trial (last epoch)")
     save_figure(fig, path)
-
-
-def run_sweep_aggregate(job: StageJob) -> dict[str, Any]:
-    """The sweep_aggregate stage: every trial in trials.csv, the winner in best.yaml, a bar chart."""
-    monitor = job.params["monitor"]
-    summaries = [json.loads(Path(path).read_text(encoding="utf-8")) for path in job.input["trials"]]
-    trials = collect_trials(summaries, monitor)
-    write_csv(trials, job.output["trials"])
-    best = best_config(trials, monitor)
-    write_yaml(best, job.output["best"])
-    plot_trials(trials, monitor, job.output["plot"])
-    log.info("best trial %s: %s = %.4f", best["trial"], monitor, best["score"])
-    return best

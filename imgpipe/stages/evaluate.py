@@ -125,15 +125,6 @@ def plot_training_curves(history_csv: str | os.PathLike, path: str | os.PathLike
 # ----------------------------------------------------------------- the stage
 
 
-def rows_of_test_set(index: pd.DataFrame, roles: pd.Series) -> pd.DataFrame:
-    """The index rows whose role is ``test``, in id order."""
-    test_ids = roles.index[roles == "test"]
-    rows = index[index["id"].isin(test_ids)].sort_values("id").reset_index(drop=True)
-    if rows.empty:
-        raise DataError("the split has no test image: nothing to evaluate")
-    return rows
-
-
 def evaluate_predictions(
     rows: pd.DataFrame,
     probs: np.ndarray,
@@ -192,7 +183,7 @@ def run_evaluate(job: StageJob, predict: Callable[..., np.ndarray] | None = None
     ``calibration`` entry).
     """
     from imgpipe.data.dataset import class_names, label_codes, load_index, open_images
-    from imgpipe.data.split import final_roles, load_split, role_ids
+    from imgpipe.data.split import final_roles, load_split, role_ids, rows_of_test_set
     from imgpipe.learn.baselines import both_baselines
 
     index = load_index(job.input["index"])
