@@ -108,36 +108,17 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
-def imgpipe_modules_of(path: Path) -> set[str]:
-    """imgpipe module names a file imports (``from imgpipe.x import y`` and ``import imgpipe.x``)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        modules = []
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for module in modules:
-            parts = module.split(".")
-            if parts[0] == "imgpipe" and len(parts) > 1:
-                if (REPO / "imgpipe" / f"{parts[1]}.py").exists():
-                    found.add(parts[1])
-    return found
-
-
 def third_party_imports(script: Path) -> set[str]:
-    """Third-party top-level modules a script needs, following its imgpipe imports."""
-    files, todo, seen = [script], list(imgpipe_modules_of(script)), set()
-    while todo:
-        module = todo.pop()
-        if module in seen:
-            continue
-        seen.add(module)
-        path = REPO / "imgpipe" / f"{module}.py"
-        files.append(path)
-        todo.extend(imgpipe_modules_of(path) - seen)
-    files.append(REPO / "imgpipe" / "__init__.py")
-    names = set().union(*(imports_of(f) for f in files))
+    """Third-party top-level modules a script needs, following its imgpipe imports.
+
+    The imgpipe modules are those of the script's code fingerprint (the same
+    AST walk, into sub-packages and their ``__init__``), so the two never disagree.
+    """
+    from imgpipe.workflow.fingerprint import PACKAGE_DIR, import_closure, module_file
+
+    files = [script, PACKAGE_DIR / "__init__.py"]
+    files += [module_file(name) for name in import_closure(script)]
+    names = set().union(*(imports_of(f) for f in files if f is not None))
     return {
         n
         for n in names

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -960,13 +961,28 @@ def test_the_class_names_of_the_data_are_escaped_on_the_page(tmp_path):
     assert "<script>" not in cleaning and "&lt;script&gt;x&lt;/script&gt;" in cleaning
 
 
-def test_the_report_rule_reruns_when_its_package_or_a_template_changes():
-    from imgpipe.workflow.config import import_closure, module_files
+def test_the_report_rule_reruns_when_its_package_or_a_template_changes(tmp_path, monkeypatch):
+    from imgpipe.workflow import fingerprint
 
-    assert "report" in import_closure(REPO / "scripts" / "report.py")
-    files = {path.relative_to(REPO / "imgpipe").as_posix() for path in module_files("report")}
-    assert {"report/ledger.py", "report/templates/page.html.j2"} <= files
-    assert module_files("plots") == [REPO / "imgpipe" / "plots.py"]
+    closure = fingerprint.import_closure(REPO / "scripts" / "report.py")
+    assert {"report", "report.ledger", "report.page", "stages.report"} <= set(closure)
+    templates = {
+        p.relative_to(REPO / "imgpipe").as_posix()
+        for p in fingerprint.package_data(REPO / "imgpipe" / "report")
+    }
+    assert "report/templates/page.html.j2" in templates
+    # A copy of the package whose template changes: the report's fingerprint changes.
+    package = tmp_path / "imgpipe"
+    shutil.copytree(REPO / "imgpipe", package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", package)
+    script = REPO / "scripts" / "report.py"
+    before = fingerprint.code_fingerprint(script)
+    page = package / "report" / "templates" / "page.html.j2"
+    page.write_text(page.read_text() + "\n")
+    assert fingerprint.code_fingerprint(script) != before
+    # ... and the config snapshot's does not move (it imports no page code).
+    snapshot = REPO / "scripts" / "config_snapshot.py"
+    assert "report" not in fingerprint.import_closure(snapshot)
 
 
 def test_config_snapshot_round_trips(tmp_path):
