@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from imgpipe import settings
 from imgpipe.atomic import read_csv, write_csv, write_json
 from imgpipe.config import LAYOUT_KEYS
 from imgpipe.dataset import NpyRows, ShardImages, label_codes, load_index, open_images
@@ -97,10 +98,12 @@ def job_sections(job: StageJob, overrides: Mapping[str, Any] | None = None) -> t
         {"model": job.params["model"], "train": job.params["train"]}, dict(overrides or {})
     )
     model_cfg, train_cfg = sections["model"], sections["train"]
-    configured = dict(job.config.get("train", {}))
+    # The one read of the config beside the params: the loader workers of a trial or fold
+    # decide no result, and as a param they would rerun every trial (config.LAYOUT_KEYS).
+    configured = settings.filled("train", job.config.get("train"))
     single = {"num_nodes": 1, "gpus_per_node": 1, "cpu_devices": 1, "threads": None}
     for key in LAYOUT_KEYS:
-        train_cfg.setdefault(key, single.get(key, configured.get(key, 0)))
+        train_cfg.setdefault(key, single.get(key, configured[key]))
     train_cfg["threads"] = train_cfg.get("threads") or job.threads
     return model_cfg, train_cfg
 
@@ -173,7 +176,7 @@ def job_devices(gpu_resource: int, train_cfg: Mapping) -> tuple[int, bool]:
     """(devices, on_gpu) for a job: its ``gpu`` resource, or ``train.cpu_devices`` without GPUs."""
     if gpu_resource and gpu_resource > 0:
         return int(gpu_resource), True
-    return int(train_cfg.get("cpu_devices", 1)), False
+    return int(train_cfg["cpu_devices"]), False
 
 
 # ----------------------------------------------------------------------------- training
@@ -254,7 +257,7 @@ def training_run(
         model=plain(model_cfg),
         train=plain(train_cfg),
         augment=plain(job.params.get("augment") or {}),
-        image_fit=str((job.config.get("image") or {}).get("fit", "pad")),
+        image_fit=str(job.params["fit"]),
         out_dir=str(out_dir),
         resume_dir=str(resume_dir_for(key)),
         tensorboard_dir=str(tensorboard_dir) if tensorboard_dir is not None else None,
@@ -530,18 +533,18 @@ def record_test_metrics(
     from imgpipe.dataset import class_names
     from imgpipe.metrics import headline_metrics
     from imgpipe.modelfile import METADATA_KEY, QUALITY_KEYS
-    from imgpipe.predict import DEFAULT_EXTENSIONS, predict_proba
+    from imgpipe.predict import predict_proba
     from imgpipe.training import save_torch
 
     data = load_training_data(job.input)
     test_ids = data.ids("test")
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     metadata = dict(state.get(METADATA_KEY) or {})
-    # The config is complete here (schema defaults filled in): its quality-check settings.
-    clean_cfg = job.config.get("clean") or {}
+    # The rule's params (the config's, defaults filled in): the quality-check settings.
+    clean_cfg = job.params["clean"]
     metadata["clean"] = {key: clean_cfg[key] for key in QUALITY_KEYS if key in clean_cfg}
-    metadata["max_pixels"] = int((job.config.get("ingest") or {}).get("max_pixels", 100_000_000))
-    extensions = (job.config.get("data") or {}).get("extensions") or DEFAULT_EXTENSIONS
+    metadata["max_pixels"] = int(job.params["max_pixels"])
+    extensions = job.params["extensions"]
     metadata["extensions"] = list(extensions)
     # The final model's training images per class: `imgpipe predict` scores the
     # majority-class baseline of a labelled input with them.

@@ -37,11 +37,13 @@ from imgpipe.calibration import apply_temperature
 from imgpipe.errors import DataError
 from imgpipe.modelfile import METADATA_KEY, configured_factories
 from imgpipe.predict import ONNX_METADATA_PROP, SIDECAR_SUFFIX, Model, load_model
+from imgpipe.settings import ExportSettings, section_defaults
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
 
-DEFAULT_OPSET = 17
+# export.opset's default in config/schema.yaml, for callers that export outside the workflow.
+DEFAULT_OPSET = section_defaults("export")["opset"]
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 16
 INPUT_NAME = "images"
@@ -221,6 +223,8 @@ def preprocess_spec(model: Model) -> dict[str, Any]:
             "inside_model": True,
             "formula": "(pixel * scale - mean[c]) / std[c], done by the exported graph: "
             "feed the uint8 pixels as they are",
+            # A model file's normalisation (not the config's augment.scale): every file
+            # imgpipe writes has its scale; the fallback is the only one it ever wrote.
             "scale": normalisation.get("scale", 1 / 255),
             "mean": normalisation.get("mean"),
             "std": normalisation.get("std"),
@@ -429,8 +433,8 @@ def run_export(job: StageJob) -> dict[str, Any]:
     from imgpipe.quantize import calibration_sample
 
     torch.set_num_threads(max(1, int(job.threads)))
-    settings = job.params.get("export") or {}
-    opset = int(settings.get("opset", DEFAULT_OPSET))
+    settings = ExportSettings.from_config(job.params["export"])
+    opset = int(settings.opset)
     # A model built by package.module:factory loads when the user's config names it.
     factories = configured_factories(job.config)
     model = load_model(job.input["model"], device="cpu", model_factory=factories)
@@ -439,7 +443,7 @@ def run_export(job: StageJob) -> dict[str, Any]:
     script_meta = export_torchscript(model, job.output["torchscript"])
     written = [job.output["onnx"], job.output["torchscript"]]
     result = {"onnx": onnx_meta, "torchscript": script_meta}
-    if settings.get("quantize", "int8") == "int8":
+    if settings.quantize == "int8":
         images, train_ids, test = role_images(
             job.input["index"], job.input["split"], model.class_names
         )

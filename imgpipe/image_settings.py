@@ -41,6 +41,7 @@ import numpy as np
 
 from imgpipe.atomic import write_json
 from imgpipe.imageio import MODES, Truncated, decode_image, read_bytes, read_file_header
+from imgpipe.settings import filled
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -174,7 +175,8 @@ def infer_settings(paths: Sequence[str], check_colour: bool = True) -> dict[str,
 
 def resolve_settings(image_cfg: Mapping, paths: Sequence[str]) -> dict[str, Any]:
     """The image settings ingest uses: explicit config values, ``auto`` ones inferred from ``paths``."""
-    size_cfg, mode_cfg = image_cfg.get("size", AUTO), image_cfg.get("mode", AUTO)
+    image_cfg = filled("image", image_cfg)
+    size_cfg, mode_cfg = image_cfg["size"], image_cfg["mode"]
     if mode_cfg != AUTO and mode_cfg not in MODES:
         raise ValueError(f"image.mode {mode_cfg!r}: expected auto or one of {sorted(MODES)}")
     inferred = infer_settings(paths, check_colour=mode_cfg == AUTO)
@@ -183,7 +185,7 @@ def resolve_settings(image_cfg: Mapping, paths: Sequence[str]) -> dict[str, Any]
     return {
         "size": size,
         "mode": mode,
-        "fit": image_cfg.get("fit", "pad"),
+        "fit": image_cfg["fit"],
         "configured": {"size": size_cfg, "mode": mode_cfg},
         "inferred": inferred,
         "reasons": {

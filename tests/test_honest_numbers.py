@@ -75,8 +75,9 @@ def fold_job(tmp_path, best: dict | None, k: int = 3):
         },
         params={
             "model": {"name": "smallcnn", "channels": [4], "dropout": 0.0},
-            "train": {"lr": 0.01, "max_epochs": 6, "batch_size": 16},
+            "train": {"lr": 0.01, "max_epochs": 6, "min_steps": 0, "batch_size": 16},
             "split": {"val_fraction": 0.2, "seed": 0},
+            "fit": "pad",
         },
         wildcards={"fold": "0"},
     )

@@ -40,9 +40,12 @@ def test_min_steps_stretches_the_epochs_of_small_data_only():
     assert sized_schedule(cfg, 1437)["max_epochs"] == 14
     # Enough data: max_epochs rules (20,000 images: 156 steps per epoch).
     assert sized_schedule(cfg, 20_000)["max_epochs"] == 10
-    # min_steps 0 or absent: epochs only, as before.
+    # min_steps 0: epochs only, as before.
     assert epochs_for({**cfg, "min_steps": 0}, 120, 16) == 10
-    assert epochs_for({"max_epochs": 3}, 120, 16) == 3
+    # Absent: the schema's default (150), filled in by sized_schedule, never a second default.
+    with pytest.raises(KeyError, match="min_steps"):
+        epochs_for({"max_epochs": 3}, 120, 16)
+    assert sized_schedule({"max_epochs": 3}, 120)["max_epochs"] == 22
     # Fewer images than one batch: one (ragged) step per epoch.
     assert steps_per_epoch(10, 16) == 1
 

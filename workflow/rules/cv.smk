@@ -46,6 +46,8 @@ rule cv_fold:
         train=single_process_train(),
         augment=config["augment"],
         split=fold_split_params(),
+        # The image fit the model file records.
+        fit=config["image"]["fit"],
         code=code("cv_fold"),
     script:
         "../../scripts/cv_fold.py"

@@ -31,6 +31,8 @@ if config["sweep"]["enabled"]:
             train=single_process_train(),
             augment=config["augment"],
             overrides=lambda wildcards: TRIAL_OVERRIDES[wildcards.trial],
+            # The image fit the model file records.
+            fit=config["image"]["fit"],
             code=code("sweep_trial"),
         script:
             "../../scripts/sweep_trial.py"

@@ -27,6 +27,12 @@ rule train_final:
         model=unswept("model"),
         train=unswept("train"),
         augment=config["augment"],
+        # The image fit the model file records, and the checks prediction applies to
+        # new files (the model file's metadata): a job reads its params only.
+        fit=config["image"]["fit"],
+        clean=config["clean"],
+        max_pixels=config["ingest"]["max_pixels"],
+        extensions=config["data"]["extensions"],
         code=code("train_final"),
     script:
         "../../scripts/train_final.py"
