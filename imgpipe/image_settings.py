@@ -41,7 +41,6 @@ import numpy as np
 
 from imgpipe.atomic import write_json
 from imgpipe.imageio import MODES, Truncated, decode_image, read_bytes, read_file_header
-from imgpipe.settings import filled
 from imgpipe.stage import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -174,8 +173,10 @@ def infer_settings(paths: Sequence[str], check_colour: bool = True) -> dict[str,
 
 
 def resolve_settings(image_cfg: Mapping, paths: Sequence[str]) -> dict[str, Any]:
-    """The image settings ingest uses: explicit config values, ``auto`` ones inferred from ``paths``."""
-    image_cfg = filled("image", image_cfg)
+    """The image settings ingest uses: explicit config values, ``auto`` ones inferred from ``paths``.
+
+    ``image_cfg`` is the image section with its defaults filled in (imgpipe.settings).
+    """
     size_cfg, mode_cfg = image_cfg["size"], image_cfg["mode"]
     if mode_cfg != AUTO and mode_cfg not in MODES:
         raise ValueError(f"image.mode {mode_cfg!r}: expected auto or one of {sorted(MODES)}")

@@ -25,14 +25,10 @@ from imgpipe.config import ConfigError, StrictValidator, load_schema, subschema
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
 
+# config/schema.yaml, read once per process (on first use: importing this module reads nothing).
 @functools.cache
 def _schema() -> dict:
     return load_schema(SCHEMA_PATH)
-
-
-def schema() -> dict:
-    """config/schema.yaml, read once per process (a deep copy: callers may change it)."""
-    return copy.deepcopy(_schema())
 
 
 def _set_defaults(validator: Any, properties: Mapping, instance: Any, node: Mapping) -> Iterator:
@@ -112,13 +108,13 @@ class _FromSection:
     @classmethod
     def from_config(cls, section: Mapping) -> Self:
         """Build from a defaults-filled section; a missing key raises (it is a bug, not a default)."""
-        missing = [f.name for f in fields(cls) if f.name not in section]  # type: ignore[arg-type]
+        missing = [f.name for f in fields(cls) if f.name not in section]
         if missing:
             raise KeyError(
                 f"{cls.__name__}: the section lacks {', '.join(missing)} "
                 "(fill it with imgpipe.settings.filled first)"
             )
-        return cls(**{f.name: section[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+        return cls(**{f.name: section[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)

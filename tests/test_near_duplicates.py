@@ -28,9 +28,10 @@ from imgpipe.cv import assign_folds
 from imgpipe.demo import digits_images
 from imgpipe.imageio import decode_image
 from imgpipe.ingest import measure_images
+from imgpipe.settings import filled
 from imgpipe.split import assign_roles
 
-SETTINGS = CleanSettings()
+SETTINGS = CleanSettings.from_config(filled("clean"))
 SHIFTS = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]
 KINDS = ("jpeg60", "resize_up", "resize_down", "shift")
 

@@ -88,7 +88,12 @@ def test_each_dataclass_has_one_field_per_schema_key(section):
 
 def test_clean_settings_cover_the_decision_keys():
     declared = set(SCHEMA["properties"]["clean"]["properties"])
-    assert {f.name for f in fields(CleanSettings)} <= declared
+    assert {f.name for f in fields(CleanSettings)} == declared
+    section = settings.filled("clean")
+    assert CleanSettings.from_config(section).blur == section["blur"]
+    del section["blur"]
+    with pytest.raises(KeyError, match="blur"):
+        CleanSettings.from_config(section)
 
 
 def test_section_defaults_come_from_the_schema():
@@ -136,6 +141,6 @@ def test_a_missing_key_raises_instead_of_falling_back():
 
 
 def test_dataclass_fields_have_no_default_of_their_own():
-    for cls in settings.SECTIONS.values():
+    for cls in [*settings.SECTIONS.values(), CleanSettings]:
         with pytest.raises(TypeError):
             cls()
