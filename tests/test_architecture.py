@@ -1,6 +1,7 @@
 """The package's shape: no import cycle among imgpipe modules, one home per concept."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,10 +181,8 @@ def rule_scripts() -> dict[str, str]:
     """scripts/<name>.py -> the rule file (workflow/rules/<stage>.smk) whose rule runs it."""
     found = {}
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        for line in smk.read_text(encoding="utf-8").splitlines():
-            if "scripts/" in line and line.strip().startswith('"'):
-                script = line.strip().strip('",').rsplit("/", 1)[1]
-                found[script] = smk.stem
+        for script in re.findall(r'^\s*"\.\./\.\./scripts/(\w+\.py)"', smk.read_text(), re.M):
+            found[script] = smk.stem
     return found
 
 

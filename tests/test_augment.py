@@ -26,6 +26,7 @@ OFF = {
     "contrast": 0.0,
 }
 DEFAULT = {
+    "on_device": True,
     "copies": 2,
     "seed": 0,
     "rotation": 10.0,
@@ -203,7 +204,7 @@ def test_stage_writes_views_with_their_sources(tmp_path):
     images, _ = digits(15)
     ids = np.arange(100, 115)
     out = outputs(tmp_path)
-    cfg = {**only(hflip=True), "copies": 3, "seed": 1}
+    cfg = {**only(hflip=True), "on_device": True, "copies": 3, "seed": 1}
     assert augment_pool(images, ids, cfg, out) == 45
     views = np.load(out["images"])
     index = pd.read_csv(out["index"])

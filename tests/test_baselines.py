@@ -28,6 +28,7 @@ from imgpipe.learn.baselines import (
     stratified_sample,
 )
 from imgpipe.learn.cv import summarise_cv
+from imgpipe.stages.cv import run_cv_fold
 
 # The documented bound of the linear baseline's time (README, "Baselines").
 BOUND_SECONDS = 20.0
@@ -212,7 +213,7 @@ def test_each_fold_and_the_cv_summary_carry_the_baselines(tmp_path, monkeypatch)
         job.wildcards["fold"] = str(fold)
         job.output["oof"] = str(tmp_path / f"f{fold}" / "oof.csv")
         job.output["summary"] = str(tmp_path / f"f{fold}" / "s.json")
-        summary = experiment.run_cv_fold(job)
+        summary = run_cv_fold(job)
         held = np.sort(folds.loc[folds["fold"] == fold, "id"].to_numpy())
         expected = majority_baseline(labels[seen["train"]], labels[held], ["0", "1", "2", "3"])
         assert summary["baselines"]["majority"] == expected

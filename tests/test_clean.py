@@ -21,6 +21,7 @@ from imgpipe.images import near_duplicates
 from imgpipe.images import quality as clean
 from imgpipe.images.quality import CleanSettings
 from imgpipe.stages.demo import digits_images
+from imgpipe.workflow.settings import filled
 
 SIZE = 16
 
@@ -137,10 +138,15 @@ def write_shards(
     return stats_paths, image_paths
 
 
+def clean_settings(**overrides) -> CleanSettings:
+    """The clean section's decision settings: the schema's defaults with ``overrides``."""
+    return CleanSettings.from_config(filled("clean", overrides))
+
+
 def decide(rows: list, tmp_path: Path, shards: int = 2, **overrides) -> clean.Decisions:
     """Write the rows as shards, read them back and run every clean decision."""
     stats = clean.read_stats(*write_shards(rows, tmp_path, shards))
-    return clean.decide(stats, CleanSettings(**overrides))
+    return clean.decide(stats, clean_settings(**overrides))
 
 
 def outcome(decisions: clean.Decisions) -> dict[str, str]:
@@ -428,7 +434,7 @@ def test_test_images_duplicating_training_images_are_leaks(tmp_path):
     assert details["test", "b/similar_noisy.png"].startswith(
         "near duplicate of training image /data/train/b/similar.png (hash distance "
     )
-    assert clean.summary(decisions, CleanSettings())["leakage"] == {"test_leak": 2}
+    assert clean.summary(decisions, clean_settings())["leakage"] == {"test_leak": 2}
 
 
 def test_small_classes_are_rejected_whole(tmp_path):
@@ -473,7 +479,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
         for name in ("index", "rejected", "summary", "examples")
     }
     result = clean.clean_shards(
-        stats_paths, image_paths, outputs, CleanSettings(), examples_per_reason=3
+        stats_paths, image_paths, outputs, clean_settings(), examples_per_reason=3
     )
 
     index = load_index(outputs["index"])
@@ -503,7 +509,7 @@ def test_run_clean_writes_index_rejected_summary_and_examples(tmp_path):
     assert summary["near_duplicates"]["groups_above_one"] == 2
     assert summary["near_duplicates"]["components_above_one"] == 2
     assert summary["near_duplicates"]["max_component_size"] == 3
-    assert summary["settings"]["blur"] == CleanSettings().blur
+    assert summary["settings"]["blur"] == clean_settings().blur
     figure = cv2.imread(str(outputs["examples"]))
     assert figure is not None and figure.shape[0] > 50
     assert not list((tmp_path / "clean").glob(".*"))  # no temp files left behind
@@ -558,7 +564,7 @@ def test_end_to_end_from_png_files_through_ingest(tmp_path):
     }
     stats_paths = [work / f"shard-{s}" / "stats.csv" for s in range(2)]
     image_paths = [work / f"shard-{s}" / "images.npy" for s in range(2)]
-    result = clean.clean_shards(stats_paths, image_paths, outputs, CleanSettings())
+    result = clean.clean_shards(stats_paths, image_paths, outputs, clean_settings())
 
     rejected = pd.read_csv(outputs["rejected"], keep_default_na=False).set_index("relpath")
     assert rejected.loc[f"{labels[0]}/0000_copy.png", "reason"] == "exact_duplicate"

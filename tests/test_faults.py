@@ -163,6 +163,7 @@ def fit_digits(out_dir, resume_dir=None, max_epochs=3, random=True):
     ids = np.arange(len(labels))
     train_cfg = {
         "max_epochs": max_epochs,
+        "min_steps": 0,
         "batch_size": 16,
         "lr": 0.01,
         "schedule": "onecycle",

@@ -21,6 +21,7 @@ from imgpipe.learn.classifier_module import ImageClassifier
 from imgpipe.learn.cv import ALWAYS_TRAIN, assign_folds
 from imgpipe.learn.fit import fit
 from imgpipe.stages.cluster import scores_by_role
+from imgpipe.stages.cv import run_cv_fold
 from imgpipe.workflow.stage_job import StageJob
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(LeafSpec|logging interval|srun)")
@@ -79,8 +80,9 @@ def fold_job(tmp_path, best: dict | None, k: int = 3):
         },
         params={
             "model": {"name": "smallcnn", "channels": [4], "dropout": 0.0},
-            "train": {"lr": 0.01, "max_epochs": 6, "batch_size": 16},
+            "train": {"lr": 0.01, "max_epochs": 6, "min_steps": 0, "batch_size": 16},
             "split": {"val_fraction": 0.2, "seed": 0},
+            "fit": "pad",
         },
         wildcards={"fold": "0"},
     )
@@ -101,7 +103,7 @@ def test_cv_fold_never_looks_at_its_held_out_images(tmp_path, monkeypatch, with_
 
     monkeypatch.setattr(experiment, "run_training", fake_training)
     with pytest.raises(RuntimeError, match="stop after planning"):
-        experiment.run_cv_fold(job)
+        run_cv_fold(job)
     held_out = folds.loc[folds["fold"] == 0, "id"].to_numpy()
     # Neither trained nor validated on (validation picks the epoch and the checkpoint).
     assert not np.isin(held_out, seen["train"]).any()

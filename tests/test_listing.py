@@ -281,7 +281,13 @@ def test_latin1_file_name_is_ingested_and_its_path_round_trips(tmp_path):
     # The label is text for people: the byte that is not UTF-8 shown as \xNN.
     assert set(back["label"]) == {"cat", "d\\xe9j\\xe0"}
     stats = index_shard(
-        back, 0, 1, {"size": 8, "mode": "gray"}, 10**8, tmp_path / "s.csv", tmp_path / "i.npy"
+        back,
+        0,
+        1,
+        {"size": 8, "mode": "gray", "fit": "pad"},
+        10**8,
+        tmp_path / "s.csv",
+        tmp_path / "i.npy",
     )
     assert (stats["status"] == "ok").all(), stats[["relpath", "reason", "detail"]]
     again = load_stats(tmp_path / "s.csv")

@@ -454,7 +454,13 @@ def test_a_model_file_from_before_the_stem_loads_in_its_own_layout(tmp_path):
     # Written before model.stem existed: no stem key, the blocks at full resolution.
     old_cfg = {"name": "smallcnn", "channels": [4, 8], "dropout": 0.0, "weights": None}
     torch.manual_seed(0)
-    old = saved_classifier(tmp_path, "old.ckpt", old_cfg, 96)
+    # An older release built it without a stem and wrote no stem key (ImageClassifier now
+    # fills a missing key with the schema's default, auto).
+    old = saved_classifier(tmp_path, "old.ckpt", {**old_cfg, "stem": "none"}, 96)
+    state = read(old)
+    del state["hyper_parameters"]["model_cfg"]["stem"]
+    state[METADATA_KEY] = model_metadata(state["hyper_parameters"])
+    torch.save(state, old)
     loaded = load_classifier(old)
     backbone = {k: tuple(v.shape) for k, v in loaded.model.backbone.state_dict().items()}
     assert backbone["0.weight"] == (4, 3, 3, 3) and backbone["7.weight"] == (8, 4, 3, 3)

@@ -31,8 +31,9 @@ from imgpipe.images.decode import decode_image
 from imgpipe.images.quality import CleanSettings
 from imgpipe.learn.cv import assign_folds
 from imgpipe.stages.demo import digits_images
+from imgpipe.workflow.settings import filled
 
-SETTINGS = CleanSettings()
+SETTINGS = CleanSettings.from_config(filled("clean"))
 SHIFTS = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]
 KINDS = ("jpeg60", "resize_up", "resize_down", "shift")
 

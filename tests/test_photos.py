@@ -35,6 +35,7 @@ CLASSES = ("red", "green", "blue")
 PER_CLASS = 100
 TRAIN = {
     "max_epochs": 1,
+    "min_steps": 0,
     "batch_size": 32,
     "lr": 0.003,
     "schedule": "none",
@@ -66,7 +67,9 @@ def photos(tmp_path_factory):
             write_jpeg(root / "tree" / name / f"{k:03d}.jpg", colour_photo(rng, hue))
     files = list_images(root / "tree", [".jpg"])
     files.to_csv(root / "files.csv", index=False)
-    settings = resolve_settings({"size": "auto", "mode": "auto"}, files["path"].tolist())
+    settings = resolve_settings(
+        {"size": "auto", "mode": "auto", "fit": "pad"}, files["path"].tolist()
+    )
     stats = index_shard(files, 0, 1, settings, 10**8, root / "stats.csv", root / "images.npy")
     index = pd.DataFrame(
         {"label": stats["label"], "array": str(root / "images.npy"), "row": stats["row"]}

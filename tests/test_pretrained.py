@@ -24,6 +24,7 @@ from imgpipe.core.atomic import file_sha256
 from imgpipe.core.errors import DataError
 from imgpipe.learn import pretrained
 from imgpipe.learn.models import IMAGENET_MEAN, build_model, normalisation
+from imgpipe.stages.weights import run_fetch_weights
 from imgpipe.workflow.config import ConfigError, check_config, load_schema
 from imgpipe.workflow.stage_job import StageJob
 
@@ -183,7 +184,7 @@ def test_fetch_records_a_cached_file_without_downloading(caches, tmp_path, monke
         params={"weights": asdict(spec)},
         output={"record": str(tmp_path / "record.json")},
     )
-    pretrained.run_fetch_weights(job)
+    run_fetch_weights(job)
     record = json.loads((tmp_path / "record.json").read_text())
     cached = caches["torch"] / "hub" / "checkpoints" / RESNET18_FILE
     assert record["path"] == str(cached) and record["source"] == "torchvision"

@@ -14,6 +14,9 @@ from test_honest_numbers import fold_job
 from imgpipe.learn import jobs as experiment
 from imgpipe.learn.schedule import auto_batch_size, epochs_for, sized_schedule, steps_per_epoch
 from imgpipe.learn.sweep import best_config, collect_trials
+from imgpipe.stages.cv import run_cv_fold
+from imgpipe.stages.sweep import run_sweep_trial
+from imgpipe.stages.train import run_train_final
 from imgpipe.workflow.stage_job import StageJob
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(LeafSpec|logging interval|srun)")
@@ -40,9 +43,12 @@ def test_min_steps_stretches_the_epochs_of_small_data_only():
     assert sized_schedule(cfg, 1437)["max_epochs"] == 14
     # Enough data: max_epochs rules (20,000 images: 156 steps per epoch).
     assert sized_schedule(cfg, 20_000)["max_epochs"] == 10
-    # min_steps 0 or absent: epochs only, as before.
+    # min_steps 0: epochs only, as before.
     assert epochs_for({**cfg, "min_steps": 0}, 120, 16) == 10
-    assert epochs_for({"max_epochs": 3}, 120, 16) == 3
+    # Absent: the schema's default (150), filled in by sized_schedule, never a second default.
+    with pytest.raises(KeyError, match="min_steps"):
+        epochs_for({"max_epochs": 3}, 120, 16)
+    assert sized_schedule({"max_epochs": 3}, 120)["max_epochs"] == 22
     # Fewer images than one batch: one (ragged) step per epoch.
     assert steps_per_epoch(10, 16) == 1
 
@@ -110,7 +116,7 @@ def test_trials_folds_and_final_model_share_one_whole_schedule(tmp_path, monkeyp
         raise RuntimeError("planned")
 
     monkeypatch.setattr(experiment, "run_training", fake_training)
-    for run in (experiment.run_sweep_trial, experiment.run_cv_fold, experiment.run_train_final):
+    for run in (run_sweep_trial, run_cv_fold, run_train_final):
         job = {"run_sweep_trial": trial_job, "run_cv_fold": fold_job_}.get(run.__name__, final_job)
         with pytest.raises(RuntimeError, match="planned"):
             run(job)
@@ -129,11 +135,11 @@ def test_final_models_epochs_equal_the_schedules(tmp_path, monkeypatch, tiny_mod
     model = {**tiny_model, "name": "smallcnn"}
     trial_job.params["model"] = final_job.params["model"] = model
     monkeypatch.setattr(experiment, "record_test_metrics", lambda job, path, *factory: {})
-    trial = experiment.run_sweep_trial(trial_job)
+    trial = run_sweep_trial(trial_job)
     best = best_config(collect_trials([trial], "val_acc"), "val_acc")
     (tmp_path / "best.yaml").write_text(json.dumps(best))
     final_job.input["best"] = str(tmp_path / "best.yaml")
-    final = experiment.run_train_final(final_job)
+    final = run_train_final(final_job)
     # The trial ran its whole schedule and was scored at its end; the final model runs it all.
     assert trial["epochs"] == trial["scheduled_epochs"] == best["epochs"] == 7
     assert best["score"] == trial["score"] == trial["last_val_acc"]

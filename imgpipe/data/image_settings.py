@@ -171,8 +171,11 @@ def infer_settings(paths: Sequence[str], check_colour: bool = True) -> dict[str,
 
 
 def resolve_settings(image_cfg: Mapping, paths: Sequence[str]) -> dict[str, Any]:
-    """The image settings ingest uses: explicit config values, ``auto`` ones inferred from ``paths``."""
-    size_cfg, mode_cfg = image_cfg.get("size", AUTO), image_cfg.get("mode", AUTO)
+    """The image settings ingest uses: explicit config values, ``auto`` ones inferred from ``paths``.
+
+    ``image_cfg`` is the image section with its defaults filled in (imgpipe.workflow.settings).
+    """
+    size_cfg, mode_cfg = image_cfg["size"], image_cfg["mode"]
     if mode_cfg != AUTO and mode_cfg not in MODES:
         raise ValueError(f"image.mode {mode_cfg!r}: expected auto or one of {sorted(MODES)}")
     inferred = infer_settings(paths, check_colour=mode_cfg == AUTO)
@@ -181,7 +184,7 @@ def resolve_settings(image_cfg: Mapping, paths: Sequence[str]) -> dict[str, Any]
     return {
         "size": size,
         "mode": mode,
-        "fit": image_cfg.get("fit", "pad"),
+        "fit": image_cfg["fit"],
         "configured": {"size": size_cfg, "mode": mode_cfg},
         "inferred": inferred,
         "reasons": {

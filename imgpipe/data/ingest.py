@@ -183,7 +183,7 @@ def prepare_images(
     identity fields (``sha256``, ``pixel_hash``, ``thumb``: clean's duplicate
     checks) and keeps the quality checks' measurements: what prediction needs.
     """
-    size, mode, fit = int(image_cfg["size"]), image_cfg["mode"], image_cfg.get("fit", "pad")
+    size, mode, fit = int(image_cfg["size"]), image_cfg["mode"], image_cfg["fit"]
     if mode not in MODES:
         raise ValueError(f"image.mode {mode!r}: expected one of {sorted(MODES)}")
     pending: list[tuple[tuple, np.ndarray | None]] = []

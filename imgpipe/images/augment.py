@@ -35,7 +35,10 @@ log = logging.getLogger("imgpipe")
 # Views are made for the whole training pool (imgpipe.data.split.POOL_ROLES), so that
 # k-fold cross-validation can pick each fold's own views.
 CHUNK = 1024  # source images per chunk written to the output array
-# The policy's keys and the values that switch each part off.
+# The policy's keys and the values that switch each part off: "no augmentation", not a
+# default (config/schema.yaml holds the augment section's defaults, filled in at start-up).
+# A mapping that leaves a part out (a test's policy of one part, a section of an older model
+# file) has that part switched off.
 IDENTITY = {
     "crop_area": [1.0, 1.0],
     "crop_ratio": [1.0, 1.0],
@@ -50,7 +53,7 @@ IDENTITY = {
 
 
 def policy(cfg: Mapping) -> dict[str, Any]:
-    """The augmentation policy of an ``augment`` section (missing parts switched off)."""
+    """The augmentation policy of an ``augment`` section (missing parts switched off: IDENTITY)."""
     return {key: cfg.get(key, off) for key, off in IDENTITY.items()}
 
 
@@ -324,17 +327,13 @@ def plot_preview(
     # Evenly spaced examples: the pool is in index (class folder) order, so they span the classes.
     originals = images[np.unique(picks)] if len(images) else np.zeros((0, 1, 1, 1), np.uint8)
     drawn = np.concatenate(
-        list(iter_views(originals, cfg, views, int(cfg.get("seed", 0)))) or [originals[:0]]
+        list(iter_views(originals, cfg, views, int(cfg["seed"]))) or [originals[:0]]
     )
     rows = [[originals[k], *drawn[k * views : (k + 1) * views]] for k in range(len(originals))]
     titles = [["original", *(f"draw {c}" for c in range(1, views + 1))]] + [[""] * (views + 1)] * (
         len(rows) - 1
     )
-    where = (
-        "on the training device, every epoch"
-        if cfg.get("on_device", True)
-        else "not during training"
-    )
+    where = "on the training device, every epoch" if cfg["on_device"] else "not during training"
     image_grid(
         rows,
         path,
@@ -352,7 +351,7 @@ def augment_pool(
     log.info(
         "policy %s (on the device: %s); materialised %d views (%d per image) of %d images",
         policy(cfg),
-        cfg.get("on_device", True),
+        cfg["on_device"],
         total,
         cfg["copies"],
         len(images),

@@ -59,26 +59,31 @@ LARGE_COMPONENT = 0.01
 
 @dataclass(frozen=True)
 class CleanSettings:
-    """The ``clean:`` config section's decision keys (None switches a threshold off)."""
+    """The ``clean:`` config section's decision keys (None switches a threshold off).
 
-    min_per_class: int = 2
-    exact_duplicates: bool = True
-    label_conflicts: bool = True
-    near_duplicates: str = "group"
-    near_duplicate_distance: int = 5
-    near_duplicate_correlation: float = 0.9975
-    low_information: float | None = 2.0
-    dark: float | None = 20
-    bright: float | None = 235
-    blur: float | None = 0.25
-    min_side: int = 8
-    max_aspect: float = 10.0
+    No defaults of its own: config/schema.yaml holds them (``imgpipe.workflow.settings.filled``).
+    """
+
+    min_per_class: int
+    exact_duplicates: bool
+    label_conflicts: bool
+    near_duplicates: str
+    near_duplicate_distance: int
+    near_duplicate_correlation: float
+    low_information: float | None
+    dark: float | None
+    bright: float | None
+    blur: float | None
+    min_side: int
+    max_aspect: float
 
     @classmethod
     def from_config(cls, section: Mapping) -> CleanSettings:
-        """Build from a config mapping, ignoring keys that are not decisions (shards, ...)."""
-        names = {f.name for f in fields(cls)}
-        settings = cls(**{k: v for k, v in section.items() if k in names})
+        """Build from a defaults-filled section; a missing decision key raises (it is a bug)."""
+        missing = [f.name for f in fields(cls) if f.name not in section]
+        if missing:
+            raise KeyError(f"CleanSettings: the section lacks {', '.join(missing)}")
+        settings = cls(**{f.name: section[f.name] for f in fields(cls)})
         if settings.near_duplicates not in ("group", "drop", "off"):
             raise ValueError(
                 f"near_duplicates must be group, drop or off, not {settings.near_duplicates!r}"

@@ -37,10 +37,12 @@ from imgpipe.core.errors import DataError
 from imgpipe.infer.inference import ONNX_METADATA_PROP, SIDECAR_SUFFIX, Model, load_model
 from imgpipe.infer.modelfile import METADATA_KEY
 from imgpipe.learn.calibration import apply_temperature
+from imgpipe.workflow.settings import section_defaults
 
 log = logging.getLogger("imgpipe")
 
-DEFAULT_OPSET = 17
+# export.opset's default in config/schema.yaml, for callers that export outside the workflow.
+DEFAULT_OPSET = section_defaults("export")["opset"]
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 16
 INPUT_NAME = "images"
@@ -220,6 +222,8 @@ def preprocess_spec(model: Model) -> dict[str, Any]:
             "inside_model": True,
             "formula": "(pixel * scale - mean[c]) / std[c], done by the exported graph: "
             "feed the uint8 pixels as they are",
+            # A model file's normalisation (not the config's augment.scale): every file
+            # imgpipe writes has its scale; the fallback is the only one it ever wrote.
             "scale": normalisation.get("scale", 1 / 255),
             "mean": normalisation.get("mean"),
             "std": normalisation.get("std"),

@@ -29,6 +29,7 @@ import numpy as np
 
 from imgpipe.core.errors import DataError
 from imgpipe.infer.modelfile import METADATA_KEY, TORCHSCRIPT_NOTE, checked_metadata
+from imgpipe.workflow.settings import section_defaults
 
 if TYPE_CHECKING:
     import torch
@@ -42,9 +43,6 @@ Images = Any
 
 # An export's sidecar suffix (its JSON holds the model file's METADATA_KEY entry).
 SIDECAR_SUFFIX = ".json"
-# config/schema.yaml's data.extensions default: used when a model file names none.
-DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-DEFAULT_MAX_PIXELS = 100_000_000
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -238,12 +236,14 @@ class Model:
     @property
     def max_pixels(self) -> int:
         """Largest image (pixels, from its header) decoded; larger files are refused as too_large."""
-        return int(self.metadata.get("max_pixels") or DEFAULT_MAX_PIXELS)
+        # A model file older than max_pixels in its metadata: the schema's ingest.max_pixels.
+        return int(self.metadata.get("max_pixels") or section_defaults("ingest")["max_pixels"])
 
     @property
     def extensions(self) -> list[str]:
         """File extensions listed for prediction (the training run's data.extensions)."""
-        return list(self.metadata.get("extensions") or DEFAULT_EXTENSIONS)
+        # A model file older than extensions in its metadata: the schema's data.extensions.
+        return list(self.metadata.get("extensions") or section_defaults("data")["extensions"])
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Class logits (N, classes) of uint8 (N, S, S, C) images.

@@ -57,8 +57,15 @@ def model_metadata(hparams: Mapping[str, Any]) -> dict[str, Any]:
     model_cfg = dict(hparams.get("model_cfg") or {})
     num_classes = int(hparams["num_classes"])
     names = hparams.get("class_names")
-    image_cfg = dict(hparams.get("image_cfg") or {})
     channels = int(hparams["in_channels"])
+    # A file without image settings (written before it had them): its arrays' size and
+    # channels, padded (the only fit there was).
+    image_cfg = {
+        "size": hparams["image_size"],
+        "mode": "rgb" if channels == 3 else "gray",
+        "fit": "pad",
+        **(hparams.get("image_cfg") or {}),
+    }
     return plain(
         {
             "format": METADATA_FORMAT,
@@ -71,15 +78,16 @@ def model_metadata(hparams: Mapping[str, Any]) -> dict[str, Any]:
                 "in_channels": channels,
                 "image_size": int(hparams["image_size"]),
                 "channels": model_cfg.get("channels"),
+                # A file written before smallcnn had a stem: the layout without one.
                 "stem": model_cfg.get("stem", "none"),
                 "dropout": model_cfg.get("dropout"),
                 "weights": model_cfg.get("weights"),
             },
             "class_names": list(names) if names else [str(c) for c in range(num_classes)],
             "image": {
-                "size": int(image_cfg.get("size", hparams["image_size"])),
-                "mode": image_cfg.get("mode", "rgb" if channels == 3 else "gray"),
-                "fit": image_cfg.get("fit", "pad"),
+                "size": int(image_cfg["size"]),
+                "mode": image_cfg["mode"],
+                "fit": image_cfg["fit"],
             },
             "normalisation": {
                 "scale": 1 / 255,
@@ -127,6 +135,15 @@ FITS = ("pad", "crop")
 MAX_CLASSES = 100_000
 NORMALIZE_MODES = ("auto", "imagenet", "data")
 SMALL_CNN_STEMS = ("auto", "none")  # imgpipe.learn.models.SMALL_CNN_STEMS (no torch import here)
+# model_cfg keys a model file written by an older release may lack, and what such a file was
+# built with: its smallcnn widths and dropout of the time, normalisation auto, and no stem
+# (smallcnn had none before model.stem existed).
+OLDER_FILES_MODEL_CFG = {
+    "channels": (16, 32, 64),
+    "dropout": 0.3,
+    "normalize": "auto",
+    "stem": "none",
+}
 TORCHSCRIPT_NOTE = (
     "a TorchScript file is a program (PyTorch's security notes: load only files you trust); "
     "if you trust it, pass --trust-torchscript (trust_torchscript=True); "
@@ -265,9 +282,11 @@ def checked_model_name(name: Any, factories: Iterable[str] = ()) -> str:
 
 
 def _checked_model_cfg(value: Any, factories: Iterable[str]) -> dict[str, Any]:
-    cfg = _mapping(value, "model_cfg")
+    # What a model file written before a model_cfg key existed was built with (file versions,
+    # not config defaults: those live in config/schema.yaml).
+    cfg = {**OLDER_FILES_MODEL_CFG, **_mapping(value, "model_cfg")}
     checked: dict[str, Any] = {"name": checked_model_name(cfg.get("name"), factories)}
-    channels = cfg.get("channels", (16, 32, 64))
+    channels = cfg["channels"]
     if (
         not isinstance(channels, list | tuple)
         or not 1 <= len(channels) <= 32
@@ -275,16 +294,15 @@ def _checked_model_cfg(value: Any, factories: Iterable[str]) -> dict[str, Any]:
     ):
         raise DataError(f"model_cfg.channels is {_shown(channels)}, expected positive widths")
     checked["channels"] = list(channels)
-    dropout = cfg.get("dropout", 0.3)
+    dropout = cfg["dropout"]
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise DataError(f"model_cfg.dropout is {_shown(dropout)}, expected a number in [0, 1)")
     checked["dropout"] = float(dropout)
-    normalize = cfg.get("normalize", "auto")
+    normalize = cfg["normalize"]
     if normalize is not None and normalize not in NORMALIZE_MODES:
         raise DataError(f"model_cfg.normalize is {_shown(normalize)}, expected auto/imagenet/data")
     checked["normalize"] = normalize
-    # Files written before smallcnn had a stem have no model_cfg.stem: their layout is none.
-    stem = cfg.get("stem", "none")
+    stem = cfg["stem"]
     if stem not in SMALL_CNN_STEMS:
         raise DataError(f"model_cfg.stem is {_shown(stem)}, expected auto or none")
     checked["stem"] = stem

@@ -23,6 +23,7 @@ from imgpipe.images.augment import (
     warp_uint8,
 )
 from imgpipe.learn.models import head_parameters, model_from_config, optimizer_groups
+from imgpipe.workflow import settings
 
 # One-cycle momentum dips to this share of train.momentum at the learning-rate peak
 # (torch's defaults, 0.85 / 0.95, scaled to the configured momentum).
@@ -84,6 +85,11 @@ class ImageClassifier(pl.LightningModule):
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.augment_cfg = dict(augment_cfg or {})
+        # The train section as typed settings: the schema's defaults for keys a caller (or a
+        # model file of an older release, loaded for prediction) leaves out.
+        self.train_settings = settings.TrainSettings.from_config(
+            settings.filled("train", train_cfg or {})
+        )
         self.channels_last = False
         # Counts summed over every rank, computed once per epoch: exact under DDP on uneven shards.
         self.train_loss = MeanMetric()
@@ -100,7 +106,8 @@ class ImageClassifier(pl.LightningModule):
         step after the first float tensor works in place on it: on a CPU each
         extra pass over a 224 px batch costs about as much as the sampling.
         """
-        policy_on = augment and self.augment_cfg.get("on_device", True)
+        # Without an augment section (none given) there is no policy to apply.
+        policy_on = augment and bool(self.augment_cfg) and self.augment_cfg["on_device"]
         out = self.by_table(x, policy_on)
         if out is None:
             if policy_on:
@@ -162,7 +169,7 @@ class ImageClassifier(pl.LightningModule):
         bit-identical to an uninterrupted one.
         """
         if self.trainer.training:
-            seed = int(self.hparams.train_cfg.get("seed", 0))
+            seed = int(self.train_settings.seed)
             entropy = [seed, self.trainer.global_step, self.global_rank]
             torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         return batch
@@ -192,15 +199,15 @@ class ImageClassifier(pl.LightningModule):
         """Cross entropy (class weights, label smoothing), plus the optional L1 penalty."""
         x, y = batch
         logits = self(x)
-        cfg = self.hparams.train_cfg
+        cfg = self.train_settings
         loss = F.cross_entropy(
             logits,
             y,
             weight=self.class_weights,
-            label_smoothing=cfg.get("label_smoothing", 0.0),
+            label_smoothing=cfg.label_smoothing,
         )
-        if cfg.get("l1", 0.0) > 0:
-            loss = loss + cfg["l1"] * self.l1_penalty()
+        if cfg.l1 > 0:
+            loss = loss + cfg.l1 * self.l1_penalty()
         self.train_loss.update(loss.detach(), weight=len(y))
         self.log("train_loss", self.train_loss, on_step=False, on_epoch=True)
         return loss
@@ -232,17 +239,15 @@ class ImageClassifier(pl.LightningModule):
         0 stays 0). The schedule spans the run's ``max_epochs`` (sized by
         imgpipe.learn.schedule), and every run goes through it to the end.
         """
-        cfg = self.hparams.train_cfg
-        lr = cfg["lr"]
-        momentum = float(cfg.get("momentum", 0.9))
-        groups = optimizer_groups(
-            self.model, lr, cfg.get("weight_decay", 0.0), cfg.get("backbone_lr_mult", 1.0)
-        )
-        if cfg.get("optimizer", "adamw") == "sgd":
+        cfg = self.train_settings
+        lr = cfg.lr
+        momentum = float(cfg.momentum)
+        groups = optimizer_groups(self.model, lr, cfg.weight_decay, cfg.backbone_lr_mult)
+        if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
         else:
             optimizer = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-        schedule = cfg.get("schedule", "none")
+        schedule = cfg.schedule
         if schedule == "none":
             return optimizer
         steps = max(1, int(self.trainer.estimated_stepping_batches))

@@ -61,6 +61,7 @@ from imgpipe.learn.monitor import metric_mode
 from imgpipe.learn.progress_callback import TrainingProgress
 from imgpipe.learn.schedule import sized_schedule
 from imgpipe.learn.training_run import LAUNCHED_VAR, TrainingData, TrainingRun, check_images_match
+from imgpipe.workflow import settings
 from imgpipe.workflow.config import LAYOUT_KEYS
 
 log = logging.getLogger("imgpipe")
@@ -135,8 +136,8 @@ def choose_strategy(world_size: int, on_gpu: bool) -> str:
 
 def trainer_strategy(plan: RunPlan, train_cfg: Mapping) -> str:
     """The strategy name for the Trainer: a backbone unfrozen mid-run under DDP needs find-unused."""
-    unfreezes_later = isinstance(parse_freeze(train_cfg.get("freeze", "none")), int) and (
-        parse_freeze(train_cfg.get("freeze", "none")) > 0
+    unfreezes_later = isinstance(parse_freeze(train_cfg["freeze"]), int) and (
+        parse_freeze(train_cfg["freeze"]) > 0
     )
     if plan.strategy.startswith("ddp") and unfreezes_later:
         return f"{plan.strategy}_find_unused_parameters_true"
@@ -315,7 +316,7 @@ def class_weights(
 
     A class with no training image gets weight 0 (it has no term in the loss anyway).
     """
-    if train_cfg.get("class_weights", "none") != "balanced":
+    if train_cfg["class_weights"] != "balanced":
         return None
     counts = np.bincount(np.asarray(train_labels), minlength=num_classes).astype(np.float64)
     present = counts > 0
@@ -357,8 +358,8 @@ class RunPlan:
 def plan_run(train_cfg: Mapping, devices: int | None, threads: int | None) -> RunPlan:
     """Pick devices, strategy, precision and threads from the config and the job."""
     on_gpu = torch.cuda.is_available()  # NVML-based under Lightning: CUDA stays uninitialised
-    n_devices = int(devices or (1 if on_gpu else train_cfg.get("cpu_devices", 1)))
-    num_nodes = int(train_cfg.get("num_nodes", 1))
+    n_devices = int(devices or (1 if on_gpu else train_cfg["cpu_devices"]))
+    num_nodes = int(train_cfg["num_nodes"])
     total_threads = train_cfg.get("threads") or threads or torch.get_num_threads()
     # CPU ranks share the job's cores; a GPU rank keeps them all for its host work.
     rank_threads = total_threads if on_gpu else max(1, total_threads // n_devices)
@@ -367,14 +368,14 @@ def plan_run(train_cfg: Mapping, devices: int | None, threads: int | None) -> Ru
         devices=n_devices,
         num_nodes=num_nodes,
         strategy=choose_strategy(n_devices * num_nodes, on_gpu),
-        precision=resolve_precision(train_cfg.get("precision", "auto"), on_gpu),
+        precision=resolve_precision(train_cfg["precision"], on_gpu),
         rank_threads=rank_threads,
     )
 
 
 def monitor_mode(train_cfg: Mapping) -> tuple[str, str]:
     """The monitored metric and whether it is maximised or minimised."""
-    monitor = train_cfg.get("monitor", "val_acc")
+    monitor = train_cfg["monitor"]
     return monitor, metric_mode(monitor)
 
 
@@ -429,23 +430,23 @@ def make_trainer(
         LearningRateMonitor(logging_interval="epoch"),
         TrainingProgress(state_dir / "run-stats.json", plan.rank_threads),
     ]
-    patience = train_cfg.get("early_stopping_patience", 0)
+    patience = train_cfg["early_stopping_patience"]
     if patience > 0 and validate:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
-    if parse_freeze(train_cfg.get("freeze", "none")) != 0:
+    if parse_freeze(train_cfg["freeze"]) != 0:
         callbacks.append(BackboneFreeze(train_cfg["freeze"]))
     loggers: list = [CSVLogger(state_dir, name="logs", flush_logs_every_n_steps=1)]
     if tensorboard is not None:
         loggers.append(tensorboard)
         callbacks.append(HParamsAtEnd(hparams or {}, monitor))
-    deterministic = bool(train_cfg.get("deterministic", True))
+    deterministic = bool(train_cfg["deterministic"])
     return pl.Trainer(
         accelerator="gpu" if plan.on_gpu else "cpu",
         devices=plan.devices,
         num_nodes=plan.num_nodes,
         strategy=trainer_strategy(plan, train_cfg),
         precision=plan.precision,
-        max_epochs=train_cfg.get("max_epochs", 10),
+        max_epochs=train_cfg["max_epochs"],
         callbacks=callbacks,
         logger=loggers,
         # Some CUDA kernels (e.g. scatter-adds) have no deterministic version: warn there, do not stop.
@@ -513,11 +514,12 @@ def fit(
     val_ids = np.asarray(val_ids, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
     check_run_ids(labels, train_ids, val_ids)
-    model_cfg, train_cfg = plain(model_cfg), plain(train_cfg)
+    # The schema's defaults for keys the caller left out (a run's sections are complete).
+    model_cfg, train_cfg = plain(model_cfg), settings.filled("train", plain(train_cfg))
     train_cfg = sized_schedule(train_cfg, len(train_ids))
     plan = plan_run(train_cfg, devices, threads)
     torch.set_num_threads(plan.rank_threads)
-    pl.seed_everything(train_cfg.get("seed", 0), workers=True, verbose=False)
+    pl.seed_everything(train_cfg["seed"], workers=True, verbose=False)
     num_classes = int(labels.max()) + 1
     in_channels = images.shape[3]
     mean, std = normalisation(model_cfg, in_channels, *channel_stats(images, train_ids))
@@ -542,9 +544,9 @@ def fit(
         aug_images,
         aug_sources,
         batch_size=train_cfg["batch_size"],
-        num_workers=train_cfg.get("num_workers", 0),
-        seed=train_cfg.get("seed", 0),
-        balanced=train_cfg.get("sampler", "uniform") == "balanced",
+        num_workers=train_cfg["num_workers"],
+        seed=train_cfg["seed"],
+        balanced=train_cfg["sampler"] == "balanced",
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

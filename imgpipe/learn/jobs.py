@@ -28,6 +28,7 @@ from imgpipe.learn.training_run import (
     image_settings_of,
     load_training_data,
 )
+from imgpipe.workflow import settings
 from imgpipe.workflow.config import LAYOUT_KEYS
 from imgpipe.workflow.stage_job import StageJob
 
@@ -63,10 +64,12 @@ def job_sections(job: StageJob, overrides: Mapping[str, Any] | None = None) -> t
         {"model": job.params["model"], "train": job.params["train"]}, dict(overrides or {})
     )
     model_cfg, train_cfg = sections["model"], sections["train"]
-    configured = dict(job.config.get("train", {}))
+    # The one read of the config beside the params: the loader workers of a trial or fold
+    # decide no result, and as a param they would rerun every trial (config.LAYOUT_KEYS).
+    configured = settings.filled("train", job.config.get("train"))
     single = {"num_nodes": 1, "gpus_per_node": 1, "cpu_devices": 1, "threads": None}
     for key in LAYOUT_KEYS:
-        train_cfg.setdefault(key, single.get(key, configured.get(key, 0)))
+        train_cfg.setdefault(key, single.get(key, configured[key]))
     train_cfg["threads"] = train_cfg.get("threads") or job.threads
     return model_cfg, train_cfg
 
@@ -133,7 +136,7 @@ def job_devices(gpu_resource: int, train_cfg: Mapping) -> tuple[int, bool]:
     """(devices, on_gpu) for a job: its ``gpu`` resource, or ``train.cpu_devices`` without GPUs."""
     if gpu_resource and gpu_resource > 0:
         return int(gpu_resource), True
-    return int(train_cfg.get("cpu_devices", 1)), False
+    return int(train_cfg["cpu_devices"]), False
 
 
 # ----------------------------------------------------------------------------- training
@@ -242,7 +245,7 @@ def record_test_metrics(
 
     from imgpipe.core.atomic import plain
     from imgpipe.data.dataset import class_names
-    from imgpipe.infer.inference import DEFAULT_EXTENSIONS, predict_proba
+    from imgpipe.infer.inference import predict_proba
     from imgpipe.infer.modelfile import METADATA_KEY, QUALITY_KEYS
     from imgpipe.learn.fit import save_torch
     from imgpipe.learn.metrics import MODEL_FILE_TEST_KEYS, test_set_metrics
@@ -251,11 +254,11 @@ def record_test_metrics(
     test_ids = data.ids("test")
     state = torch.load(model_path, map_location="cpu", weights_only=True)
     metadata = dict(state.get(METADATA_KEY) or {})
-    # The config is complete here (schema defaults filled in): its quality-check settings.
-    clean_cfg = job.config.get("clean") or {}
+    # The rule's params (the config's, defaults filled in): the quality-check settings.
+    clean_cfg = job.params["clean"]
     metadata["clean"] = {key: clean_cfg[key] for key in QUALITY_KEYS if key in clean_cfg}
-    metadata["max_pixels"] = int((job.config.get("ingest") or {}).get("max_pixels", 100_000_000))
-    extensions = (job.config.get("data") or {}).get("extensions") or DEFAULT_EXTENSIONS
+    metadata["max_pixels"] = int(job.params["max_pixels"])
+    extensions = job.params["extensions"]
     metadata["extensions"] = list(extensions)
     # The final model's training images per class: `imgpipe predict` scores the
     # majority-class baseline of a labelled input with them.

@@ -37,6 +37,7 @@ from torchvision import models as tvm
 from imgpipe.core.errors import DataError
 from imgpipe.learn.model_names import FACTORY_RE, timm_name_error, torchvision_names, unknown_name
 from imgpipe.learn.pretrained import current_keys, is_named, local_file
+from imgpipe.workflow import settings
 
 # Below this input size the ResNet family gets the small-input stem and VGG drops pools.
 SMALL_INPUT = 64
@@ -525,17 +526,19 @@ def model_from_config(
     """The network a model file's (or the config's) ``model`` section describes: one home for
     training (``ImageClassifier``) and inference (``imgpipe.infer.network.Network``).
 
-    A section without ``stem`` (a model file written before it existed) is the old layout.
+    Keys a section leaves out take the schema's defaults; a model file's section comes
+    complete from ``imgpipe.infer.modelfile.safe_hparams`` (which knows what older files meant).
     """
+    model_cfg = settings.filled("model", model_cfg)
     return build_model(
         model_cfg["name"],
         num_classes,
         in_channels,
         image_size,
-        channels=model_cfg.get("channels") or (16, 32, 64),
-        dropout=model_cfg.get("dropout", 0.3),
+        channels=model_cfg["channels"],
+        dropout=model_cfg["dropout"],
         weights=weights,
-        stem=model_cfg.get("stem", "none"),
+        stem=model_cfg["stem"],
     )
 
 
@@ -717,7 +720,8 @@ def normalisation(
     set, the data's otherwise), ``imagenet`` or ``data``. Grey input uses the
     mean of ImageNet's three channel statistics.
     """
-    mode = model_cfg.get("normalize", "auto") or "auto"
+    model_cfg = settings.filled("model", model_cfg)
+    mode = model_cfg["normalize"]
     if mode not in NORMALIZE_MODES:
         raise DataError(f"model.normalize: {mode!r} is not one of {', '.join(NORMALIZE_MODES)}")
     if mode == "auto":

@@ -227,12 +227,12 @@ def weights_error(name: Any, weights: Any) -> str | None:
 def named_pairs(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Every (model.name, model.weights) pair with named weights a run may train: the model
     section's, with the sweep's model.name / model.weights values (grid values, or a random
-    sweep's choices) in their place."""
-    model = config.get("model", {})
-    names, weights = [model.get("name")], [model.get("weights")]
-    sweep = config.get("sweep", {})
-    if sweep.get("enabled"):
-        swept = sweep.get("grid" if sweep.get("method", "grid") == "grid" else "ranges") or {}
+    sweep's choices) in their place. ``config`` has the schema's defaults filled in (at
+    start-up, imgpipe.workflow.config.model_errors fills them before checking)."""
+    model, sweep = config["model"], config["sweep"]
+    names, weights = [model["name"]], [model["weights"]]
+    if sweep["enabled"]:
+        swept = sweep["grid"] if sweep["method"] == "grid" else sweep["ranges"]
         names = list(swept.get("model.name", names))
         weights = list(swept.get("model.weights", weights))
     pairs = itertools.product(names, weights)

@@ -25,6 +25,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from imgpipe.workflow import settings
+
 AUTO_BATCH_MIN = 16
 AUTO_BATCH_MAX = 128
 # batch_size auto aims at this many optimizer steps per epoch.
@@ -45,14 +47,14 @@ def steps_per_epoch(n_images: int, batch_size: int) -> int:
 
 def batch_size_for(train_cfg: Mapping[str, Any], n_images: int) -> int:
     """The configured batch size, or the ``auto`` rule's for ``n_images``."""
-    batch = train_cfg.get("batch_size", AUTO_BATCH_MAX)
+    batch = train_cfg["batch_size"]
     return auto_batch_size(n_images) if batch == "auto" else int(batch)
 
 
 def epochs_for(train_cfg: Mapping[str, Any], n_images: int, batch_size: int) -> int:
     """``max_epochs``, stretched until the schedule holds ``min_steps`` optimizer steps."""
-    epochs = int(train_cfg.get("max_epochs", 10))
-    min_steps = int(train_cfg.get("min_steps", 0) or 0)
+    epochs = int(train_cfg["max_epochs"])
+    min_steps = int(train_cfg["min_steps"])
     return max(epochs, math.ceil(min_steps / steps_per_epoch(n_images, batch_size)))
 
 
@@ -62,8 +64,9 @@ def sized_schedule(train_cfg: Mapping[str, Any], n_images: int | None = None) ->
     The count is ``schedule_images`` when set (the training pool, set by
     imgpipe.learn.jobs for every job of a run), else ``n_images`` (the run's
     own training images). The result records it as ``schedule_images``, so
-    sizing again gives the same schedule.
+    sizing again gives the same schedule. Keys ``train_cfg`` leaves out take the schema's defaults.
     """
+    train_cfg = settings.filled("train", train_cfg)
     n = int(train_cfg.get("schedule_images") or n_images or 0)
     if n <= 0:
         raise ValueError("a schedule needs the number of images it is sized on")

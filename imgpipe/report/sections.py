@@ -335,8 +335,8 @@ def augmentation_rows(augment: Mapping[str, Any]) -> list[tuple[str, str]]:
     def plus_minus(value: Any, unit: str = "") -> str:
         return "off" if not value else f"± {_fmt(value)}{unit}"
 
-    on_device = augment.get("on_device", True)
-    copies = augment.get("copies", 0)
+    on_device = augment["on_device"]  # the run's config snapshot: defaults filled in
+    copies = augment["copies"]
     return [
         (
             "Applied during training",

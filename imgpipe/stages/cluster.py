@@ -24,6 +24,7 @@ from imgpipe.core.atomic import atomic_directory, write_csv, write_json
 from imgpipe.core.errors import DataError
 from imgpipe.core.logs import Progress
 from imgpipe.core.plots import image_grid, pyplot, save_figure
+from imgpipe.workflow.settings import ClusterSettings, filled
 from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger(__name__)
@@ -533,7 +534,7 @@ def feature_matrix(
     final model's penultimate layer).
     """
     if features == "pixels":
-        return pixel_features(images, settings.get("pca_dim"), settings.get("seed", 0))
+        return pixel_features(images, settings["pca_dim"], settings["seed"])
     if features == "embeddings":
         if model_path is None:
             raise ValueError("embeddings need the trained model's checkpoint")
@@ -639,12 +640,15 @@ def cluster_images(
     from imgpipe.data.dataset import class_names, label_codes, load_index, open_images
     from imgpipe.data.split import load_split
 
+    # The rule's section (without features), or a test's partial one: the schema fills the rest.
+    settings = filled("cluster", settings)
+    cfg = ClusterSettings.from_config(settings)
     index = load_index(index_path)
     if len(index) == 0:
         raise DataError(f"{index_path}: no images to cluster")
     names = class_names(index)
     labels = label_codes(index)
-    n_clusters = settings.get("n_clusters") or len(names)
+    n_clusters = cfg.n_clusters or len(names)
     if n_clusters > len(index):
         raise DataError(
             f"cluster.n_clusters: {n_clusters} clusters asked for but only {len(index)} images"
@@ -654,10 +658,10 @@ def cluster_images(
             f"clustering needs at least 2 clusters; the data has {len(names)} class "
             f"({names[0]!r}) and cluster.n_clusters is unset"
         )
-    seed = settings.get("seed", 0)
-    n_init = settings.get("n_init", 10)
-    large_above = settings.get("large_above", 200_000)
-    k_values = check_k_values(settings.get("k_values") or [], len(index))
+    seed = cfg.seed
+    n_init = cfg.n_init
+    large_above = cfg.large_above
+    k_values = check_k_values(cfg.k_values, len(index))
 
     images = open_images(index)
     roles = (
@@ -696,9 +700,7 @@ def cluster_images(
     contingency = contingency_table(labels[scored], clusters[scored], names)
     write_csv(contingency, outputs["contingency"], index=True)
     plot_montages(images, clusters, outputs["montage"], seed=seed)
-    plot_projection(
-        X, clusters, labels, outputs["scatter"], settings.get("tsne", False), names, seed=seed
-    )
+    plot_projection(X, clusters, labels, outputs["scatter"], cfg.tsne, names, seed=seed)
 
     # The chosen k is always a row (reusing its fit), so the table is never empty.
     scan = k_scan(X, [k for k in k_values if k != n_clusters], n_init, seed, large_above)
@@ -718,7 +720,7 @@ def cluster_images(
     write_csv(scan, outputs["k_scan"])
     plot_k_scan(scan, outputs["k_scan_png"], chosen=n_clusters)
 
-    mode = settings.get("export", "none")
+    mode = cfg.export
     exported = export_clusters(index["path"].tolist(), clusters, outputs["export"], mode)
     if mode != "none":
         log.info("exported %d images (%s) to %s", len(exported), mode, outputs["export"])

@@ -42,7 +42,7 @@ def write_config_snapshot(
             if section.get(key) == "auto":
                 notes[key] = f"auto: inferred from the data ({reasons.get(key, 'image.json')})"
             section[key] = image[key]
-        section["fit"] = image.get("fit", section.get("fit"))
+        section["fit"] = image["fit"]
         config["image"] = section
     header = "# Effective configuration of this run (defaults filled in)"
     if configfiles:

@@ -10,17 +10,10 @@ import pandas as pd
 
 from imgpipe.core.atomic import read_csv, write_csv, write_json
 from imgpipe.data.split import load_split
+
+# Through the module: the training seam tests replace (jobs.run_training).
+from imgpipe.learn import jobs
 from imgpipe.learn.cv import assign_folds, summarise_cv
-from imgpipe.learn.jobs import (
-    fold_validation,
-    job_sections,
-    read_best,
-    resume_key,
-    run_training,
-    sized_on_pool,
-    tensorboard_dir_for,
-    training_run,
-)
 from imgpipe.learn.training_run import (
     load_training_data,
 )
@@ -84,9 +77,9 @@ def run_cv_fold(job: StageJob) -> dict:
             write_csv(pd.DataFrame(columns=["epoch", "step", "train_loss"]), job.output["history"])
         write_json({"fold": fold, "skipped": True}, summary_path)
         return {"skipped": True}
-    best = read_best(job.input.get("best"))
-    model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
-    train_cfg = sized_on_pool(train_cfg, job)
+    best = jobs.read_best(job.input.get("best"))
+    model_cfg, train_cfg = jobs.job_sections(job, best.get("overrides", {}))
+    train_cfg = jobs.sized_on_pool(train_cfg, job)
     data = load_training_data(job.input)
     held_out = np.sort(folds.loc[folds["fold"] == fold, "id"].to_numpy())
     # Fold -1: images of classes that are one single group; they always train.
@@ -94,7 +87,7 @@ def run_cv_fold(job: StageJob) -> dict:
     if best:
         train_ids, val_ids = fold_train, np.zeros(0, np.int64)
     else:
-        val_ids = np.sort(fold_validation(data, fold_train, job))
+        val_ids = np.sort(jobs.fold_validation(data, fold_train, job))
         train_ids = np.setdiff1d(fold_train, val_ids)
     log.info(
         "fold %d: training on %d, validating on %d (%s), scoring %d held-out images",
@@ -105,11 +98,17 @@ def run_cv_fold(job: StageJob) -> dict:
         len(held_out),
     )
     out_dir = Path(summary_path).parent
-    key = resume_key("cv", job, fold, model_cfg, train_cfg, best, name=f"cv-fold-{fold}")
-    run = training_run(
-        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("cv", f"fold-{fold}"), best
+    key = jobs.resume_key("cv", job, fold, model_cfg, train_cfg, best, name=f"cv-fold-{fold}")
+    run = jobs.training_run(
+        job,
+        model_cfg,
+        train_cfg,
+        out_dir,
+        key,
+        jobs.tensorboard_dir_for("cv", f"fold-{fold}"),
+        best,
     )
-    result = run_training(data, train_ids, val_ids, run, job)
+    result = jobs.run_training(data, train_ids, val_ids, run, job)
     # The fold's model was built from this config's model.name: its factory, if any, is trusted.
     logits = predict_logits(
         out_dir / "model.ckpt", data.images, ids=held_out, model_factory=model_cfg["name"]

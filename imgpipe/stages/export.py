@@ -11,7 +11,6 @@ import torch
 
 from imgpipe.core.atomic import write_json
 from imgpipe.infer.export import (
-    DEFAULT_OPSET,
     export_int8,
     export_onnx,
     export_torchscript,
@@ -20,6 +19,7 @@ from imgpipe.infer.export import (
 )
 from imgpipe.infer.inference import SIDECAR_SUFFIX, load_model
 from imgpipe.infer.modelfile import configured_factories
+from imgpipe.workflow.settings import ExportSettings
 from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -30,8 +30,8 @@ def run_export(job: StageJob) -> dict[str, Any]:
     from imgpipe.infer.quantize import calibration_sample
 
     torch.set_num_threads(max(1, int(job.threads)))
-    settings = job.params.get("export") or {}
-    opset = int(settings.get("opset", DEFAULT_OPSET))
+    settings = ExportSettings.from_config(job.params["export"])
+    opset = int(settings.opset)
     # A model built by package.module:factory loads when the user's config names it.
     factories = configured_factories(job.config)
     model = load_model(job.input["model"], device="cpu", model_factory=factories)
@@ -40,7 +40,7 @@ def run_export(job: StageJob) -> dict[str, Any]:
     script_meta = export_torchscript(model, job.output["torchscript"])
     written = [job.output["onnx"], job.output["torchscript"]]
     result = {"onnx": onnx_meta, "torchscript": script_meta}
-    if settings.get("quantize", "int8") == "int8":
+    if settings.quantize == "int8":
         images, train_ids, test = role_images(
             job.input["index"], job.input["split"], model.class_names
         )

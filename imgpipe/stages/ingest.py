@@ -22,7 +22,7 @@ def run_list_images(job: StageJob) -> pd.DataFrame:
         job.params["root"],
         job.params["extensions"],
         job.params["test_root"],
-        follow_symlinks=bool(job.params.get("follow_symlinks", False)),
+        follow_symlinks=bool(job.params["follow_symlinks"]),
     )
     write_csv(files, job.output["listing"])
     counts = files.groupby(["source", "status"]).size().to_dict()

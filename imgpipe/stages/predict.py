@@ -33,6 +33,7 @@ from imgpipe.infer.inference import Model, load_model, scores_from_logits
 from imgpipe.infer.modelfile import QUALITY_KEYS
 from imgpipe.infer.output import output_format as output_format_of
 from imgpipe.infer.output import score
+from imgpipe.workflow.settings import filled
 from imgpipe.workflow.stage_job import StageJob
 
 log = logging.getLogger("imgpipe")
@@ -456,13 +457,14 @@ def run_predict(job: StageJob) -> dict[str, Any]:
 
     from imgpipe.learn.gpus import claim_for_inference
 
-    settings = job.params["settings"]
+    # The predict section (its defaults filled in at start-up, or here for a partial one).
+    settings = filled("predict", job.params["settings"])
     torch.set_num_threads(max(1, int(job.threads)))
     # null: decode on as many threads as the rule has.
-    workers = settings.get("workers")
+    workers = settings["workers"]
     workers = int(job.threads) if workers is None else int(workers)
     # A device the config names is used as named; otherwise one GPU is claimed when there are.
-    named = settings.get("device")
+    named = settings["device"]
     claim = contextlib.nullcontext(named) if named else claim_for_inference()
     with claim as device:
         model = load_model(job.input["model"], device=device, model_factory=rule_factories(job))
@@ -470,13 +472,13 @@ def run_predict(job: StageJob) -> dict[str, Any]:
             model,
             settings["input"],
             job.output["predictions"],
-            batch_size=int(settings.get("batch_size", 256)),
+            batch_size=int(settings["batch_size"]),
             montage=job.output["montage"],
             metrics=job.output["metrics"],
-            follow_symlinks=bool(settings.get("follow_symlinks", False)),
-            topk=int(settings.get("topk", TOP_K)),
-            output_type=settings.get("output_type", "prob"),
-            output_format=settings.get("format", "csv"),
+            follow_symlinks=bool(settings["follow_symlinks"]),
+            topk=int(settings["topk"]),
+            output_type=settings["output_type"],
+            output_format=settings["format"],
             workers=workers,
         )
     if summary.get("metrics"):

@@ -8,14 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.core.atomic import write_csv, write_json, write_yaml
-from imgpipe.learn.jobs import (
-    job_sections,
-    resume_key,
-    run_training,
-    sized_on_pool,
-    tensorboard_dir_for,
-    training_run,
-)
+
+# Through the module: the training seam tests replace (jobs.run_training).
+from imgpipe.learn import jobs
 from imgpipe.learn.sweep import best_config, collect_trials, plot_trials
 from imgpipe.learn.training_run import (
     load_training_data,
@@ -28,15 +23,17 @@ log = logging.getLogger("imgpipe")
 def run_sweep_trial(job: StageJob) -> dict:
     """One sweep trial: its overrides, trained on the train role over its schedule, scored on val."""
     overrides = job.params["overrides"]
-    model_cfg, train_cfg = job_sections(job, overrides)
-    train_cfg = sized_on_pool(train_cfg, job)
+    model_cfg, train_cfg = jobs.job_sections(job, overrides)
+    train_cfg = jobs.sized_on_pool(train_cfg, job)
     trial = job.wildcards["trial"]
     log.info("trial %s: %s", trial, overrides)
     data = load_training_data(job.input)
     out_dir = Path(job.output["summary"]).parent
-    key = resume_key("sweep", job, model_cfg, train_cfg, str(out_dir), name=f"sweep-{trial}")
-    run = training_run(job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("sweep", trial))
-    result = run_training(data, data.ids("train"), data.ids("val"), run, job)
+    key = jobs.resume_key("sweep", job, model_cfg, train_cfg, str(out_dir), name=f"sweep-{trial}")
+    run = jobs.training_run(
+        job, model_cfg, train_cfg, out_dir, key, jobs.tensorboard_dir_for("sweep", trial)
+    )
+    result = jobs.run_training(data, data.ids("train"), data.ids("val"), run, job)
     summary = {**result, "trial": trial, "overrides": overrides}
     write_json(summary, job.output["summary"])
     return summary

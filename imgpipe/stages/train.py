@@ -7,17 +7,9 @@ import sys
 from pathlib import Path
 
 from imgpipe.data.split import final_roles
-from imgpipe.learn.jobs import (
-    data_inputs,
-    job_sections,
-    read_best,
-    record_test_metrics,
-    resume_key,
-    run_training,
-    sized_on_pool,
-    tensorboard_dir_for,
-    training_run,
-)
+
+# Through the module: the training seam tests replace (jobs.run_training).
+from imgpipe.learn import jobs
 from imgpipe.learn.training_run import (
     load_training_data,
 )
@@ -35,9 +27,9 @@ def run_train_final(job: StageJob) -> dict:
     """
     from imgpipe.learn.launch import launch_ranks, make_job, should_launch
 
-    best = read_best(job.input.get("best"))
-    model_cfg, train_cfg = job_sections(job, best.get("overrides", {}))
-    train_cfg = sized_on_pool(train_cfg, job)
+    best = jobs.read_best(job.input.get("best"))
+    model_cfg, train_cfg = jobs.job_sections(job, best.get("overrides", {}))
+    train_cfg = jobs.sized_on_pool(train_cfg, job)
     # After a sweep (it chose the settings): the whole training pool (train + val), the
     # winner's whole schedule (the one it was scored at the end of), no validation.
     train_roles, val_roles = final_roles(bool(best))
@@ -45,7 +37,7 @@ def run_train_final(job: StageJob) -> dict:
         log.info("sweep winner %s: %s", best.get("trial"), best.get("overrides"))
     nodes, gpus = train_cfg["num_nodes"], train_cfg["gpus_per_node"]
     out_dir = Path(job.output["model"]).parent
-    key = resume_key("final", job, model_cfg, train_cfg)
+    key = jobs.resume_key("final", job, model_cfg, train_cfg)
     launching = should_launch(nodes, gpus)
     cpus = job.resources.get("cpus_per_gpu")
     if launching and isinstance(cpus, int) and cpus > 0:
@@ -59,17 +51,17 @@ def run_train_final(job: StageJob) -> dict:
             )
         train_cfg["num_nodes"] = 1
     # The one description of this run, for the srun ranks and the local fit alike.
-    run = training_run(
-        job, model_cfg, train_cfg, out_dir, key, tensorboard_dir_for("final", "final"), best
+    run = jobs.training_run(
+        job, model_cfg, train_cfg, out_dir, key, jobs.tensorboard_dir_for("final", "final"), best
     )
     if launching:
         # A SLURM job of nodes x gpus tasks: srun starts one rank per GPU (imgpipe.learn.launch).
-        launch = make_job(data_inputs(job.input), train_roles, val_roles, run)
+        launch = make_job(jobs.data_inputs(job.input), train_roles, val_roles, run)
         summary = launch_ranks(launch, cpus_per_task=cpus or None, stdout=sys.stdout)
     else:
         data = load_training_data(job.input)
-        summary = run_training(data, data.ids(*train_roles), data.ids(*val_roles), run, job)
-    record_test_metrics(job, out_dir / "model.ckpt", model_cfg["name"])
+        summary = jobs.run_training(data, data.ids(*train_roles), data.ids(*val_roles), run, job)
+    jobs.record_test_metrics(job, out_dir / "model.ckpt", model_cfg["name"])
     log.info(
         "final model: %d epochs, %d steps of batch %d, %.0f images/s on %d %s device(s)",
         summary["epochs"],

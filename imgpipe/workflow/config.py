@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,34 @@ def model_name_error(name: str) -> str | None:
     return None if error is None else str(error)
 
 
-def model_errors(config: Mapping) -> list[str]:
+def _set_defaults(validator: Any, properties: Mapping, instance: Any, node: Mapping) -> Iterator:
+    # What Snakemake's validate(..., set_default=True) does (jsonschema's FAQ recipe): every
+    # property with a default that the instance lacks is set, then validated as usual, so the
+    # defaults of a section that was itself just set ({}) are filled in too.
+    if isinstance(instance, dict):
+        for name, child in properties.items():
+            if "default" in child:
+                instance.setdefault(name, copy.deepcopy(child["default"]))
+    yield from jsonschema.Draft202012Validator.VALIDATORS["properties"](
+        validator, properties, instance, node
+    )
+
+
+DefaultFillingValidator = jsonschema.validators.extend(
+    StrictValidator, {"properties": _set_defaults}
+)
+
+
+def with_defaults(config: Mapping, schema: Mapping) -> dict:
+    """A copy of ``config`` with the schema's defaults filled in, unchecked (imgpipe.workflow.settings
+    builds on it; here for the start-up checks that run before Snakemake fills them)."""
+    filled = copy.deepcopy(dict(config))
+    for _ in DefaultFillingValidator(schema).iter_errors(filled):
+        pass
+    return filled
+
+
+def model_errors(config: Mapping, schema: Mapping) -> list[str]:
     """``model.name`` and named ``model.weights`` checked at start-up, not when a trial builds the model."""
     name = config.get("model", {}).get("name")
     error = model_name_error(name) if isinstance(name, str) else None
@@ -168,7 +196,7 @@ def model_errors(config: Mapping) -> list[str]:
     # Imported here for the same reason: only names of weights need the registries.
     from imgpipe.learn.pretrained import config_weights_errors
 
-    return config_weights_errors(config)
+    return config_weights_errors(with_defaults(config, schema))
 
 
 def check_config(config: Mapping, schema: Mapping) -> None:
@@ -178,7 +206,7 @@ def check_config(config: Mapping, schema: Mapping) -> None:
         or cross_key_errors(config)
         or sweep_key_errors(config, schema)
         or sweep_value_errors(config, schema)
-        or model_errors(config)
+        or model_errors(config, schema)
     )
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

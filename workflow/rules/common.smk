@@ -89,7 +89,7 @@ def tree_stamp():
     adding, removing, replacing or touching an image at any depth changes it,
     and list_images reruns (a params change).
     """
-    follow = config["data"].get("follow_symlinks", False)
+    follow = config["data"]["follow_symlinks"]
     return {
         key: tree_fingerprint(config["data"][key], follow)
         for key in ("root", "test_root")

@@ -13,7 +13,7 @@ rule list_images:
         root=data_root(),
         test_root=config["data"]["test_root"],
         extensions=config["data"]["extensions"],
-        follow_symlinks=config["data"].get("follow_symlinks", False),
+        follow_symlinks=config["data"]["follow_symlinks"],
         tree=tree_stamp(),
         code=code("list_images"),
     script:

@@ -25,7 +25,7 @@ if config.get("predict"):
             # Reruns when files are added to, removed from or changed in the input.
             images=tree_fingerprint(
                 config["predict"]["input"],
-                config["predict"].get("follow_symlinks", False),
+                config["predict"]["follow_symlinks"],
             ),
             code=code("predict"),
         script:

@@ -27,6 +27,11 @@ rule train_final:
         model=unswept("model"),
         train=unswept("train"),
         augment=config["augment"],
+        # The checks prediction applies to new files (the model file's metadata): a job
+        # reads its params only (image size, mode and fit come from results/ingest/image.json).
+        clean=config["clean"],
+        max_pixels=config["ingest"]["max_pixels"],
+        extensions=config["data"]["extensions"],
         code=code("train_final"),
     script:
         "../../scripts/train_final.py"
