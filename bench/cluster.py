@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imgpipe.stages import cluster  # noqa: E402
+from imgpipe.learn import clustering  # noqa: E402
 
 
 def timed(fn):
@@ -67,7 +67,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f}")
 
     (labels, _, inertia), wall, cpu = timed(
-        lambda: cluster.fit_kmeans(X, args.k, args.n_init, args.seed, large_above=0)
+        lambda: clustering.fit_kmeans(X, args.k, args.n_init, args.seed, large_above=0)
     )
     ours = nmi(y, labels)
     print(

@@ -364,7 +364,7 @@ def run_epoch(work: Path, batch: int, device: str, source: str) -> dict:
     index, labels = load_index(work)
     images = ShardImages(index)
     module = make_preprocessor(images.shape[3], images.shape[1], device)
-    from imgpipe.learn.models import build_model
+    from imgpipe.learn.factory import build_model
 
     model = build_model("resnet18", CLASSES, images.shape[3], images.shape[1]).to(device)
     if device == "cuda":

@@ -432,7 +432,7 @@ def speed_rows(args: argparse.Namespace) -> pd.DataFrame:
     """
     import torch
 
-    from imgpipe.learn.models import build_model
+    from imgpipe.learn.factory import build_model
 
     torch.set_num_threads(args.cores)
     best: dict[tuple[int, str], float] = {}

@@ -142,9 +142,9 @@ def test_every_gpu_fact_lives_in_gpus():
 def test_one_direction_per_metric_for_training_and_the_sweep(metric, mode):
     import pandas as pd
 
-    from imgpipe.learn.fit import monitor_mode
     from imgpipe.learn.monitor import metric_mode
     from imgpipe.learn.sweep import rank_trials, tie_breaker
+    from imgpipe.learn.trainer import monitor_mode
 
     assert metric_mode(metric) == mode
     assert monitor_mode({"monitor": metric}) == (metric, mode)

@@ -8,17 +8,16 @@ from torch import nn
 from torchvision import models as tvm
 
 from imgpipe.core.errors import DataError
-from imgpipe.learn.fit import BackboneFreeze
-from imgpipe.learn.models import (
-    ModuleClassifier,
-    adapt_first_conv,
+from imgpipe.learn.factory import build_model
+from imgpipe.learn.models import ModuleClassifier, adapt_first_conv
+from imgpipe.learn.param_groups import (
     backbone_parameters,
-    build_model,
     head_parameters,
-    load_weights,
     optimizer_groups,
     set_backbone_trainable,
 )
+from imgpipe.learn.trainer import BackboneFreeze
+from imgpipe.learn.weights_file import load_weights
 
 
 def check_outputs(model, in_channels, size, classes, width):

@@ -26,7 +26,8 @@ from imgpipe.learn.calibration import (
     reliability_table,
     softmax,
 )
-from imgpipe.learn.fit import fit, save_torch
+from imgpipe.learn.fit import fit
+from imgpipe.learn.trainer import save_torch
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(srun|LeafSpec|logging interval|on_after_batch_transfer|all_gather is deprecated)"

@@ -27,21 +27,18 @@ from sklearn.metrics import (
 from threadpoolctl import threadpool_limits
 
 from imgpipe.core.errors import DataError
-from imgpipe.stages import cluster
-from imgpipe.stages.cluster import (
-    cluster_images,
+from imgpipe.learn import clustering
+from imgpipe.learn.clustering import (
     cluster_metrics,
     contingency_table,
-    export_clusters,
     fit_kmeans,
     hungarian_accuracy,
     k_scan,
     pixel_features,
     plot_k_scan,
-    plot_montages,
-    plot_projection,
     purity,
 )
+from imgpipe.stages.cluster import cluster_images, export_clusters, plot_montages, plot_projection
 from imgpipe.stages.demo import digits_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,13 +185,13 @@ def test_fit_kmeans_is_deterministic_on_both_paths():
 @pytest.fixture
 def spy_large(monkeypatch):
     calls = []
-    real = cluster.fit_kmeans_large
+    real = clustering.fit_kmeans_large
 
     def spy(*args, **kwargs):
         calls.append(len(args[0]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cluster, "fit_kmeans_large", spy)
+    monkeypatch.setattr(clustering, "fit_kmeans_large", spy)
     return calls
 
 
@@ -204,7 +201,7 @@ def test_large_path_is_taken_above_the_threshold_and_matches_kmeans(spy_large):
     # Enough rows that the large path subsamples (SAMPLE_PER_CLUSTER * k) and
     # then polishes on all of them.
     X, y = make_blobs(n_samples=30_000, n_features=16, centers=8, cluster_std=4.0, random_state=0)
-    assert len(X) > cluster.SAMPLE_PER_CLUSTER * 8
+    assert len(X) > clustering.SAMPLE_PER_CLUSTER * 8
     clusters, centers, inertia = fit_kmeans(X, 8, n_init=3, seed=0, large_above=10_000)
     assert spy_large == [30_000]
     reference = KMeans(8, n_init=1, random_state=0).fit(X)

@@ -28,7 +28,7 @@ from imgpipe.core.errors import DataError
 from imgpipe.data.dataset import load_images
 from imgpipe.infer.inference import load_classifier
 from imgpipe.learn.classifier_module import ImageClassifier
-from imgpipe.learn.fit import checkpoint_loads, logged_epochs, resume_point
+from imgpipe.learn.trainer import checkpoint_loads, logged_epochs, resume_point
 
 
 class Payload:
@@ -380,7 +380,7 @@ def test_resume_state_with_its_history_resumes(tmp_path):
 
 def test_stale_temp_files_of_an_interrupted_attempt_are_removed(tmp_path):
     from imgpipe.core.atomic import write_text
-    from imgpipe.learn.fit import save_torch
+    from imgpipe.learn.trainer import save_torch
 
     stale = [tmp_path / ".a.csv.0123.tmp.csv", tmp_path / ".model.ckpt.x1y2.tmp"]
     for path in stale:

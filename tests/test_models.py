@@ -9,13 +9,8 @@ import yaml
 from torch.nn import Conv2d
 
 from imgpipe.core.errors import DataError
-from imgpipe.learn.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    adapt_first_conv,
-    build_model,
-    normalisation,
-)
+from imgpipe.learn.factory import build_model, normalisation
+from imgpipe.learn.models import IMAGENET_MEAN, IMAGENET_STD, adapt_first_conv
 from imgpipe.workflow.config import ConfigError, check_config, load_schema
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ from torchvision import models as tvm
 from imgpipe.core.atomic import file_sha256
 from imgpipe.core.errors import DataError
 from imgpipe.learn import pretrained
-from imgpipe.learn.models import IMAGENET_MEAN, build_model, normalisation
+from imgpipe.learn.factory import build_model, normalisation
+from imgpipe.learn.models import IMAGENET_MEAN
 from imgpipe.stages.weights import run_fetch_weights
 from imgpipe.workflow.config import ConfigError, check_config, load_schema
 from imgpipe.workflow.stage_job import StageJob

@@ -18,9 +18,9 @@ from conftest import fit_on
 from imgpipe.core.errors import DataError
 from imgpipe.infer.inference import embed, predict_proba
 from imgpipe.learn.classifier_module import ImageClassifier
-from imgpipe.learn.fit import combined_history, logged_epochs
 from imgpipe.learn.image_datamodule import IndexBatches
 from imgpipe.learn.jobs import input_stamp, job_key
+from imgpipe.learn.trainer import combined_history, logged_epochs
 
 # Lightning hints that fit's settings make moot (fit filters them outside pytest too).
 pytestmark = pytest.mark.filterwarnings(

@@ -216,7 +216,7 @@ def image_settings_of(value: Any, what: str) -> dict[str, Any]:
 
 def is_factory_name(name: Any) -> bool:
     """Whether ``name`` has the ``package.module:factory`` form (a factory to import and call)."""
-    from imgpipe.learn.models import FACTORY_RE
+    from imgpipe.learn.model_names import FACTORY_RE
 
     return isinstance(name, str) and bool(FACTORY_RE.match(name))
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgpipe.learn.models import model_from_config
+from imgpipe.learn.factory import model_from_config
 
 
 def to_uint8_nchw(images: np.ndarray) -> torch.Tensor:

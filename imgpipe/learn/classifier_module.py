@@ -22,7 +22,8 @@ from imgpipe.images.augment import (
     policy,
     warp_uint8,
 )
-from imgpipe.learn.models import head_parameters, model_from_config, optimizer_groups
+from imgpipe.learn.factory import model_from_config
+from imgpipe.learn.param_groups import head_parameters, optimizer_groups
 from imgpipe.workflow import settings
 
 # One-cycle momentum dips to this share of train.momentum at the learning-rate peak

@@ -247,8 +247,8 @@ def record_test_metrics(
     from imgpipe.data.dataset import class_names
     from imgpipe.infer.inference import predict_proba
     from imgpipe.infer.modelfile import METADATA_KEY, QUALITY_KEYS
-    from imgpipe.learn.fit import save_torch
     from imgpipe.learn.metrics import MODEL_FILE_TEST_KEYS, test_set_metrics
+    from imgpipe.learn.trainer import save_torch
 
     data = load_training_data(job.input)
     test_ids = data.ids("test")

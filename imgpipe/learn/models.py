@@ -26,8 +26,7 @@ No Lightning here: prediction builds these networks with torch alone. The
 from __future__ import annotations
 
 import importlib
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,9 +34,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from imgpipe.core.errors import DataError
-from imgpipe.learn.model_names import FACTORY_RE, timm_name_error, torchvision_names, unknown_name
-from imgpipe.learn.pretrained import current_keys, is_named, local_file
-from imgpipe.workflow import settings
+from imgpipe.learn.model_names import timm_name_error
 
 # Below this input size the ResNet family gets the small-input stem and VGG drops pools.
 SMALL_INPUT = 64
@@ -51,14 +48,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZE_MODES = ("auto", "imagenet", "data")
 
-# Where a checkpoint file may nest its state dict, and prefixes wrappers add to its keys
-# (DataParallel / DDP, torch.compile, Lightning modules, imgpipe's Classifier).
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
-KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.")
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Image sizes tried to find the smallest one a model runs on (besides image.size itself).
 PROBE_SIZES = (8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 299, 320, 384, 448, 512, 768, 1024)
-SHOWN_KEYS = 10
 
 
 class GlobalAvgPool(nn.Module):
@@ -516,290 +508,10 @@ def check_input_size(model: Classifier, name: str, in_channels: int, image_size:
         model.train(was_training)
 
 
-def model_from_config(
-    model_cfg: Mapping[str, Any],
-    num_classes: int,
-    in_channels: int,
-    image_size: int,
-    weights: str | os.PathLike | None = None,
-) -> Classifier:
-    """The network a model file's (or the config's) ``model`` section describes: one home for
-    training (``ImageClassifier``) and inference (``imgpipe.infer.network.Network``).
-
-    Keys a section leaves out take the schema's defaults; a model file's section comes
-    complete from ``imgpipe.infer.modelfile.safe_hparams`` (which knows what older files meant).
-    """
-    model_cfg = settings.filled("model", model_cfg)
-    return build_model(
-        model_cfg["name"],
-        num_classes,
-        in_channels,
-        image_size,
-        channels=model_cfg["channels"],
-        dropout=model_cfg["dropout"],
-        weights=weights,
-        stem=model_cfg["stem"],
-    )
-
-
-def build_model(
-    name: str,
-    num_classes: int,
-    in_channels: int,
-    image_size: int,
-    channels: Sequence[int] = (16, 32, 64),
-    dropout: float = 0.3,
-    weights: str | os.PathLike | None = None,
-    pretrained: bool = False,
-    stem: str = "auto",
-) -> Classifier:
-    """Build a classifier by name (smallcnn, torchvision, timm/<name>, package.module:factory).
-
-    ``pretrained`` is the retired ``model.pretrained`` (hub cache), kept only so
-    callers that still pass ``pretrained=False`` work: True is refused. ``stem`` is
-    smallcnn's (``model.stem``: auto or none, see :func:`small_cnn_stem_stride`).
-    """
-    if pretrained:
-        raise DataError(
-            "model.pretrained is gone: set model.weights to imagenet (the library's cached "
-            "pretrained weights) or to a local weights file"
-        )
-    if num_classes < 2:
-        raise DataError(f"a classifier needs at least 2 classes, got {num_classes}")
-    if name == "smallcnn":
-        backbone = small_cnn_backbone(in_channels, channels, image_size, stem)
-        model = Classifier(backbone, channels[-1], num_classes, dropout)
-    else:
-        if name.startswith("timm/"):
-            net, width, head_keys = timm_backbone(name.removeprefix("timm/"), in_channels)
-            model = Classifier(net, width, num_classes, dropout)
-            model.head_keys = head_keys
-        elif FACTORY_RE.match(name):
-            model = factory_model(name, num_classes, in_channels, image_size)
-        elif name in torchvision_names():
-            net, width, head_keys = torchvision_backbone(name, in_channels, image_size)
-            model = Classifier(net, width, num_classes, dropout)
-            model.head_keys = head_keys
-        else:
-            raise unknown_name(name)
-        # Same output; only the backward differs (deterministic on CUDA), so also in your module.
-        replace_global_pools(model.backbone)
-        check_input_size(model, name, in_channels, image_size)
-    if weights is not None:
-        load_weights(model, weights, name)
-    return model
-
-
 # ---------------------------------------------------------------- weights files
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file: a state dict, possibly nested in a checkpoint dict."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(
-            f"model.weights: {path} not found (weights are read locally, never downloaded)"
-        )
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state: Any = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise DataError(f"model.weights: cannot read {path}: {type(err).__name__}: {err}") from err
-    while isinstance(state, Mapping) and not all(torch.is_tensor(v) for v in state.values()):
-        nested = next(
-            (state[k] for k in STATE_DICT_KEYS if isinstance(state.get(k), Mapping)), None
-        )
-        if nested is None:
-            break
-        state = nested
-    if not isinstance(state, Mapping) or not state:
-        raise DataError(f"model.weights: {path} holds no state dict (a mapping of tensors)")
-    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
-    if len(tensors) != len(state):
-        odd = sorted(str(k) for k, v in state.items() if not torch.is_tensor(v))
-        raise DataError(f"model.weights: {path}: entries that are not tensors: {odd[:SHOWN_KEYS]}")
-    return tensors
-
-
-def _strip_prefixes(key: str, targets: Mapping[str, Any]) -> str:
-    while key not in targets:
-        prefix = next((p for p in KEY_PREFIXES if key.startswith(p)), None)
-        if prefix is None:
-            break
-        key = key[len(prefix) :]
-    return key
-
-
-def _under(key: str, prefixes: Sequence[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes if p)
-
-
-def _listing(what: str, keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
-    return f"{len(keys)} {what}{'' if len(keys) == 1 else 's'} ({shown})"
-
-
-def load_weights(model: Classifier, path: str | os.PathLike, name: str) -> None:
-    """Load a weights file into the model's backbone; the head stays new (this dataset's classes).
-
-    The file is a state dict, or a checkpoint dict holding one under
-    ``state_dict`` / ``model`` / ``model_state_dict`` / ``module``. Key prefixes
-    ``module.``, ``_orig_mod.``, ``model.``, ``backbone.`` are stripped where a key
-    does not fit as is; the original classifier's keys (``model.head_keys``, an
-    imgpipe Classifier's ``head.*``) are dropped. The first convolution is
-    adapted to the model's input channels and (small-input stem) kernel size.
-    Any other missing or unexpected key or shape mismatch raises a DataError
-    that names the file and the keys. A name (``imagenet``, ``timm/<arch>.<tag>``)
-    is read from the library's cache (:mod:`imgpipe.learn.pretrained`), never downloaded;
-    torchvision's old DenseNet keys (``norm.1``) are renamed as torchvision does.
-    """
-    if is_named(path):
-        path = local_file(name, str(path))
-    path = os.fspath(path)
-    state = current_keys(read_state_dict(path))
-    backbone = model.backbone
-    targets = {k: v for k, v in backbone.state_dict().items() if not _under(k, model.head_keys)}
-    conv = first_conv(backbone)
-    conv_key = f"{conv[0]}.weight" if conv else None
-    imgpipe_file = any(".backbone." in f".{k}" for k in state)
-    mapped: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
-    for raw, value in state.items():
-        key = _strip_prefixes(raw, targets)
-        if key not in targets:
-            own_head = imgpipe_file and (key.startswith("head.") or key in ("mean", "std"))
-            if not (_under(key, model.head_keys) or own_head):
-                unexpected.append(raw)
-            continue
-        want = targets[key].shape
-        if key == conv_key and value.shape != want and value.ndim == 4:
-            square = value.shape[2] == value.shape[3] and want[2] == want[3]
-            if square and value.shape[0] == want[0] and value.shape[2] >= want[2]:
-                value = adapt_first_conv(value.float(), want[1], want[2]).to(value.dtype)
-        if value.shape != want:
-            mismatched.append(f"{raw}: file {tuple(value.shape)}, model {tuple(want)}")
-            continue
-        mapped[key] = value
-    # Old checkpoints lack batch norm's num_batches_tracked: the model keeps its own.
-    missing = [k for k in targets if k not in mapped and not k.endswith("num_batches_tracked")]
-    if missing or unexpected or mismatched:
-        problems = [
-            _listing(what, keys)
-            for what, keys in (
-                ("missing key", missing),
-                ("unexpected key", unexpected),
-                ("shape mismatch", mismatched),
-            )
-            if keys
-        ]
-        dropped = ", ".join(model.head_keys) or "none"
-        raise DataError(
-            f"model.weights: {path} does not fit model {name}: {'; '.join(problems)} "
-            f"(keys compared after stripping the prefixes {', '.join(KEY_PREFIXES)}; "
-            f"the original classifier's keys are dropped: {dropped})"
-        )
-    backbone.load_state_dict(mapped, strict=False)
 
 
 # ---------------------------------------------------------------- normalisation
 
 
-def normalisation(
-    model_cfg: Mapping[str, Any],
-    in_channels: int,
-    data_mean: Sequence[float],
-    data_std: Sequence[float],
-) -> tuple[list[float], list[float]]:
-    """(mean, std) the input is normalised with: ImageNet's with weights (default), else the data's.
-
-    ``model.normalize``: ``auto`` (ImageNet statistics when ``model.weights`` is
-    set, the data's otherwise), ``imagenet`` or ``data``. Grey input uses the
-    mean of ImageNet's three channel statistics.
-    """
-    model_cfg = settings.filled("model", model_cfg)
-    mode = model_cfg["normalize"]
-    if mode not in NORMALIZE_MODES:
-        raise DataError(f"model.normalize: {mode!r} is not one of {', '.join(NORMALIZE_MODES)}")
-    if mode == "auto":
-        mode = "imagenet" if model_cfg.get("weights") else "data"
-    if mode == "data":
-        return [float(v) for v in data_mean], [float(v) for v in data_std]
-    if in_channels == len(IMAGENET_MEAN):
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    grey_mean = sum(IMAGENET_MEAN) / len(IMAGENET_MEAN)
-    grey_std = sum(IMAGENET_STD) / len(IMAGENET_STD)
-    return [grey_mean] * in_channels, [grey_std] * in_channels
-
-
 # ---------------------------------------------------------------- freezing and learning rates
-
-
-def head_parameters(model: Classifier) -> list[nn.Parameter]:
-    """The head's parameters (trained even with a frozen backbone)."""
-    return list(model.head.parameters())
-
-
-def backbone_parameters(model: Classifier) -> list[nn.Parameter]:
-    """Every parameter of the model that is not the head's."""
-    head = {id(p) for p in head_parameters(model)}
-    return [p for p in model.parameters() if id(p) not in head]
-
-
-def set_backbone_trainable(
-    model: Classifier, trainable: bool, *, keep_requires_grad: bool = False
-) -> None:
-    """Freeze or unfreeze the backbone: no gradient, norm layers in eval mode (statistics kept).
-
-    Frozen, the backbone's features are detached before the head and its norm
-    layers stay in eval mode, so no parameter gets a gradient and no running
-    statistic moves: with an optimiser that skips parameters without a gradient
-    (AdamW, SGD) every backbone tensor stays bit-identical. ``requires_grad`` is
-    switched too, unless ``keep_requires_grad``: under DDP, parameters that do not
-    require a gradient when the model is wrapped are never synchronised, so a
-    backbone unfrozen later must keep ``requires_grad`` (and DDP needs
-    ``find_unused_parameters=True`` while it is frozen). A loss term on the
-    parameters themselves (an L1 penalty) must then skip the frozen backbone.
-    """
-    model.backbone_frozen = not trainable
-    if not keep_requires_grad or trainable:
-        for param in backbone_parameters(model):
-            param.requires_grad_(trainable)
-    model.train(model.training)
-
-
-def optimizer_groups(
-    model: Classifier, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0
-) -> list[dict[str, Any]]:
-    """Parameter groups: backbone at ``lr * backbone_lr_mult``, head at ``lr``; decay on weights only.
-
-    Frozen parameters are included (the optimiser skips them while they have no
-    gradient), so unfreezing needs no new group. Each group carries its ``name``.
-    """
-    groups = []
-    for part, params, part_lr in (
-        ("backbone", backbone_parameters(model), lr * backbone_lr_mult),
-        ("head", head_parameters(model), lr),
-    ):
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        for suffix, group, wd in (("", decay, weight_decay), ("_no_decay", no_decay, 0.0)):
-            if group:
-                groups.append(
-                    {"name": part + suffix, "params": group, "lr": part_lr, "weight_decay": wd}
-                )
-    return groups
-
-
-def parse_freeze(value: str | int | None) -> int | None:
-    """``train.freeze`` as the epoch the backbone unfreezes at: 0 none, None never (``backbone``)."""
-    if value in (None, "none", 0):
-        return 0
-    if value == "backbone":
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    raise DataError(f"train.freeze: {value!r} is not none, backbone or a number of epochs >= 1")
