@@ -26,8 +26,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from imgpipe.core.atomic import write_stream
 from imgpipe.learn.gpus import gpu_supports_bf16
-from imgpipe.learn.param_groups import parse_freeze, set_backbone_trainable
 from imgpipe.learn.monitor import metric_mode
+from imgpipe.learn.param_groups import parse_freeze, set_backbone_trainable
 from imgpipe.learn.progress_callback import TrainingProgress
 from imgpipe.learn.training_run import LAUNCHED_VAR
 from imgpipe.workflow.config import LAYOUT_KEYS
