@@ -193,7 +193,7 @@ def test_predict_majority_comes_from_the_models_training_counts_when_stored():
 
 
 def test_each_fold_and_the_cv_summary_carry_the_baselines(tmp_path, monkeypatch):
-    from test_honest_numbers import fold_job
+    from helpers.fold_jobs import fold_job
 
     job, index, folds = fold_job(tmp_path, None)
     labels = index["label"].astype(int).to_numpy()

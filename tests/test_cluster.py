@@ -38,7 +38,13 @@ from imgpipe.learn.clustering import (
     plot_k_scan,
     purity,
 )
-from imgpipe.stages.cluster import cluster_images, export_clusters, plot_montages, plot_projection
+from imgpipe.stages.cluster import (
+    cluster_images,
+    export_clusters,
+    plot_montages,
+    plot_projection,
+    scores_by_role,
+)
 from imgpipe.stages.demo import digits_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -532,3 +538,17 @@ def test_rule_needs_the_model_only_for_embeddings(tmp_path, clean_stage):
     model.write_bytes(b"a newer model")
     again = snakemake(root, "-n", "results/cluster/pixels/metrics.json")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_cluster_scores_are_the_test_roles_images():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    roles = np.where(np.arange(200) % 5 == 0, "test", "train")
+    # Training images perfectly grouped by class (the model learned them), test images not.
+    clusters = np.where(roles == "train", labels, rng.integers(0, 4, 200))
+    X = rng.normal(size=(200, 3))
+    scores = scores_by_role(labels, clusters, X, roles, inertia=1.0)
+    assert scores["scored_on"] == "test"
+    assert scores["by_role"]["train"]["hungarian_accuracy"] == 1.0
+    assert scores["hungarian_accuracy"] == scores["by_role"]["test"]["hungarian_accuracy"] < 0.6
+    assert scores["n_samples"] == 40

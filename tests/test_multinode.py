@@ -1,7 +1,7 @@
 """Issue 19 section 4: multi-node and fold edge cases that crashed or mislabelled.
 
 The cv ones (group counts, empty folds) are in test_cv.py, the DDP metrics and
-channels_last ones in test_honest_numbers.py.
+channels_last ones in test_ddp.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import digits_at, fit_on
-from test_honest_numbers import fold_job
+from helpers.fold_jobs import fold_job
 
 from imgpipe.learn import jobs as experiment
 from imgpipe.learn.schedule import auto_batch_size, epochs_for, sized_schedule, steps_per_epoch
