@@ -128,8 +128,8 @@ def test_launch_imports_no_lightning_before_its_ranks_set_up_logging():
 
 
 def test_every_gpu_fact_lives_in_gpus():
-    from imgpipe.learn import fit as training
     from imgpipe.learn import gpus
+    from imgpipe.learn import trainer as training
     from imgpipe.workflow import config
 
     for name in ("local_gpus_present", "count_gpus", "gpu_supports_bf16"):

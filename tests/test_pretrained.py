@@ -27,6 +27,7 @@ from imgpipe.learn.factory import build_model, normalisation
 from imgpipe.learn.models import IMAGENET_MEAN
 from imgpipe.stages.weights import run_fetch_weights
 from imgpipe.workflow.config import ConfigError, check_config, load_schema
+from imgpipe.workflow.settings import fill_defaults
 from imgpipe.workflow.stage_job import StageJob
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
@@ -155,7 +156,9 @@ def test_missing_timm_file_names_the_repository_folder(caches):
 
 
 def test_offline_switch_reports_the_missing_file_and_is_quiet_once_cached(caches):
-    files = pretrained.needed_files({"model": {"name": "resnet18", "weights": "imagenet"}})
+    files = pretrained.needed_files(
+        fill_defaults({"model": {"name": "resnet18", "weights": "imagenet"}}, check=False)
+    )
     error = pretrained.missing_offline_error(files)
     assert error and "HF_HUB_OFFLINE is set" in error and RESNET18_FILE in error
     seed_torchvision(caches)
@@ -251,14 +254,16 @@ def test_sweep_grid_names_and_weights_are_checked_pair_by_pair():
     with pytest.raises(ConfigError, match="smallcnn has no pretrained weights"):
         check_config(config_with({"name": "resnet18"}, {"grid": grid}), SCHEMA)
     grid = {"model.name": ["resnet18", "timm/resnet10t"], "model.weights": ["imagenet"]}
-    files = pretrained.needed_files(config_with({"name": "smallcnn"}, {"grid": grid}))
+    files = pretrained.needed_files(
+        fill_defaults(config_with({"name": "smallcnn"}, {"grid": grid}), check=False)
+    )
     assert sorted(files) == [f"timm-{TIMM_TAG}", "torchvision-resnet18-f37072fd"]
 
 
 def test_a_random_sweeps_choices_count_too():
     ranges = {"train.lr": [0.001, 0.1], "model.weights": [None, "imagenet"]}
     config = config_with({"name": "resnet18"}, {"method": "random", "ranges": ranges})
-    assert pretrained.named_pairs(config) == [("resnet18", "imagenet")]
+    assert pretrained.named_pairs(fill_defaults(config, check=False)) == [("resnet18", "imagenet")]
 
 
 def test_a_timm_pytorch_model_bin_in_the_cache_is_found(caches):
@@ -282,8 +287,15 @@ def test_timm_weights_published_only_as_a_url_go_to_the_torch_hub_cache(caches):
 
 
 def test_no_named_weights_need_no_file():
-    assert pretrained.needed_files(config_with({"name": "resnet18", "weights": "x.pth"})) == {}
-    assert pretrained.needed_files(config_with({"name": "resnet18"})) == {}
+    assert (
+        pretrained.needed_files(
+            fill_defaults(config_with({"name": "resnet18", "weights": "x.pth"}), check=False)
+        )
+        == {}
+    )
+    assert (
+        pretrained.needed_files(fill_defaults(config_with({"name": "resnet18"}), check=False)) == {}
+    )
 
 
 # ---------------------------------------------------------------- the workflow's start-up

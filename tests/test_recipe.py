@@ -17,6 +17,7 @@ from imgpipe.learn.sweep import best_config, collect_trials
 from imgpipe.stages.cv import run_cv_fold
 from imgpipe.stages.sweep import run_sweep_trial
 from imgpipe.stages.train import run_train_final
+from imgpipe.workflow.settings import filled
 from imgpipe.workflow.stage_job import StageJob
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(LeafSpec|logging interval|srun)")
@@ -99,8 +100,16 @@ def recipe_jobs(tmp_path) -> tuple[StageJob, StageJob, StageJob]:
         wildcards={"trial": "lr~0.01"},
         **{**common, "params": {**params, "overrides": {"train.lr": 0.01}}},
     )
+    # train_final's params also carry what its model file records for prediction.
+    recorded = {
+        "clean": filled("clean"),
+        "max_pixels": filled("ingest")["max_pixels"],
+        "extensions": filled("data", {"root": "data"})["extensions"],
+    }
     final = StageJob(
-        input=fold.input, output={"model": str(tmp_path / "final" / "model.ckpt")}, **common
+        input=fold.input,
+        output={"model": str(tmp_path / "final" / "model.ckpt")},
+        **{**common, "params": {**params, **recorded}},
     )
     cv = StageJob(input=fold.input, output=fold.output, wildcards=fold.wildcards, **common)
     return trial, cv, final

@@ -63,10 +63,9 @@ def prediction_columns(k: int, output_type: str = "prob") -> list[str]:
 
 def clean_settings_metadata(clean_section: Mapping[str, Any]) -> dict[str, Any]:
     """The quality-check settings of a ``clean:`` section that prediction applies (defaults filled in)."""
-    from imgpipe.images.quality import CleanSettings
-
-    defaults = CleanSettings()
-    return {key: clean_section.get(key, getattr(defaults, key)) for key in QUALITY_KEYS}
+    # A model file written before a key existed lacks it: the schema's default fills it.
+    filled_section = filled("clean", {k: v for k, v in clean_section.items() if k in QUALITY_KEYS})
+    return {key: filled_section[key] for key in QUALITY_KEYS}
 
 
 def list_inputs(
@@ -139,7 +138,8 @@ def screen(
     """
     from imgpipe.images.quality import CleanSettings
 
-    settings = CleanSettings(**clean_settings_metadata(model.clean))
+    # The quality keys the model file records, the rest of the section from the schema.
+    settings = CleanSettings.from_config(filled("clean", clean_settings_metadata(model.clean)))
     columns = {c: files[c].tolist() for c in ("path", "status", "reason", "detail")}
     chunk = chunk_size(batch_size, workers)
     chunks = (range(s, min(s + chunk, len(files))) for s in range(0, len(files), chunk))
