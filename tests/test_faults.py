@@ -28,7 +28,13 @@ from imgpipe.core.errors import DataError
 from imgpipe.data.dataset import load_images
 from imgpipe.infer.inference import load_classifier
 from imgpipe.learn.classifier_module import ImageClassifier
-from imgpipe.learn.trainer import checkpoint_loads, logged_epochs, resume_point
+from imgpipe.learn.trainer import (
+    AtomicCheckpointIO,
+    checkpoint_loads,
+    logged_epochs,
+    resumable_checkpoint,
+    resume_point,
+)
 
 
 class Payload:
@@ -102,6 +108,43 @@ def test_truncated_resume_state_starts_afresh(tmp_path):
     last.write_bytes(last.read_bytes()[:200])
     assert resume_point(state_dir) == (None, None)
     assert not state_dir.exists()
+
+
+def test_saving_last_checkpoint_keeps_the_one_it_replaces(tmp_path):
+    last = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({**small_checkpoint(), "epoch": 0}, last)
+    io.save_checkpoint({**small_checkpoint(), "epoch": 1}, last)
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "previous.ckpt", weights_only=True)["epoch"] == 0
+    # Other checkpoints (best.ckpt) are simply replaced.
+    io.save_checkpoint(small_checkpoint(), tmp_path / "best.ckpt")
+    io.save_checkpoint(small_checkpoint(), tmp_path / "best.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt", "previous.ckpt"]
+
+
+def test_kill_between_checkpoint_and_history_resumes_from_the_epoch_before(tmp_path):
+    # last.ckpt (epoch 2) is on disk, but the kill came before epoch 2's
+    # training loss reached the history: continue from previous.ckpt (epoch 1).
+    state_dir = tmp_path / "state"
+    checkpoints = state_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({**small_checkpoint(), "epoch": 1}, checkpoints / "previous.ckpt")
+    torch.save({**small_checkpoint(), "epoch": 2}, checkpoints / "last.ckpt")
+    (state_dir / "logs" / "version_0").mkdir(parents=True)
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 0, 1, 1, 2],
+            "step": [3, 3, 7, 7, 11],
+            "val_loss": [0.9, None, 0.8, None, 0.7],
+            "train_loss": [None, 1.0, None, 0.9, None],
+        }
+    )
+    history.to_csv(state_dir / "logs" / "version_0" / "metrics.csv", index=False)
+    assert logged_epochs(state_dir / "logs") == {0, 1}
+    assert resumable_checkpoint(state_dir) == (checkpoints / "previous.ckpt", 1)
+    assert resume_point(state_dir) == (checkpoints / "previous.ckpt", 1)
+    assert (checkpoints / "previous.ckpt").is_file(), "the state it resumes from is kept"
 
 
 def shard_index(array_path, rows) -> pd.DataFrame:
@@ -278,10 +321,9 @@ def kill_points(workdir: Path):
 
 
 def resumable(state_dir: Path) -> bool:
-    """Whether a resume folder holds a last.ckpt whose epochs are all in the logged history."""
+    """Whether a resume folder holds a checkpoint whose epochs are all in the logged history."""
     try:
-        state = torch.load(state_dir / "checkpoints" / "last.ckpt", weights_only=True)
-        return set(range(int(state["epoch"]) + 1)) <= logged_epochs(state_dir / "logs")
+        return resumable_checkpoint(state_dir)[0] is not None
     except Exception:  # being written, or removed after success: not (yet) resumable
         return False
 

@@ -20,7 +20,7 @@ from imgpipe.infer.inference import embed, predict_proba
 from imgpipe.learn.classifier_module import ImageClassifier
 from imgpipe.learn.image_datamodule import IndexBatches
 from imgpipe.learn.jobs import input_stamp, job_key
-from imgpipe.learn.trainer import combined_history, logged_epochs
+from imgpipe.learn.trainer import combined_history, resumable_checkpoint
 
 # Lightning hints that fit's settings make moot (fit filters them outside pytest too).
 pytestmark = pytest.mark.filterwarnings(
@@ -167,34 +167,32 @@ def run_resume_script(tmp_path, train_cfg, out_dir, resume_dir, tiny_model):
     return subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=tmp_path)
 
 
-def resumable(resume_dir):
-    """Whether resume_dir holds a last.ckpt whose epochs are all in the logged history."""
-    last = resume_dir / "checkpoints" / "last.ckpt"
-    if not last.exists():
-        return False
+def resumable_epoch(resume_dir):
+    """The epoch a rerun would continue from (imgpipe.learn.trainer.resumable_checkpoint), or None."""
     try:
-        epoch = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
-        return set(range(epoch + 1)) <= logged_epochs(resume_dir / "logs")
+        return resumable_checkpoint(resume_dir)[1]
     except Exception:  # being written: try again
-        return False
+        return None
 
 
 def test_resume_after_kill_continues_from_last_checkpoint(tmp_path, tiny_model, train3):
     train_cfg = {**train3, "max_epochs": 6}
     out_dir, resume_dir = tmp_path / "out", tmp_path / "resume"
-    last = resume_dir / "checkpoints" / "last.ckpt"
     job = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir, tiny_model)
     deadline = time.monotonic() + 240
     # Kill once a checkpoint AND its epochs' history are on disk: a state whose
     # history the kill cut short is (rightly) discarded, not resumed.
-    while not resumable(resume_dir) and job.poll() is None and time.monotonic() < deadline:
+    while (
+        resumable_epoch(resume_dir) is None and job.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
     job.send_signal(signal.SIGKILL)
     job.wait(timeout=60)
     assert job.returncode == -signal.SIGKILL, "the job ended before it could be killed"
     assert not (out_dir / "summary.json").exists()
-    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
-    assert killed_at < 5
+    # last.ckpt, or previous.ckpt when the kill came between last.ckpt and its history.
+    killed_at = resumable_epoch(resume_dir)
+    assert killed_at is not None and killed_at < 5
 
     rerun = run_resume_script(tmp_path, train_cfg, out_dir, resume_dir, tiny_model)
     assert rerun.wait(timeout=600) == 0

@@ -34,6 +34,10 @@ from imgpipe.workflow.config import LAYOUT_KEYS
 
 log = logging.getLogger("imgpipe")
 
+# The latest epoch's checkpoint and the one it replaced (see AtomicCheckpointIO).
+LAST_CHECKPOINT = "last.ckpt"
+PREVIOUS_CHECKPOINT = "previous.ckpt"
+
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` atomically (same-folder temp file, fsync, rename)."""
@@ -51,7 +55,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
-        """Save ``checkpoint`` to ``path`` atomically."""
+        """Save ``checkpoint`` to ``path`` atomically; the replaced last.ckpt becomes previous.ckpt."""
+        path = Path(path)
+        if path.name == LAST_CHECKPOINT and path.is_file():
+            # last.ckpt is written before the epoch's training loss reaches the
+            # CSV history: a kill in between leaves a last.ckpt that cannot be
+            # resumed, and the epoch before it is what a rerun continues from.
+            os.replace(path, path.with_name(PREVIOUS_CHECKPOINT))
         save_torch(checkpoint, path)
 
 
@@ -127,16 +137,26 @@ def checkpoint_loads(path: Path) -> bool:
     return isinstance(state, dict) and "state_dict" in state and "loops" in state
 
 
+def resumable_checkpoint(state_dir: Path) -> tuple[Path | None, int | None]:
+    """The newest of last.ckpt and previous.ckpt that loads and whose epochs are all logged, and its epoch."""
+    logged = logged_epochs(state_dir / "logs")
+    for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = state_dir / "checkpoints" / name
+        if path.is_file() and checkpoint_loads(path):
+            epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+            # A kill between the checkpoint and the logger's write loses the
+            # epoch's history rows: such a state is not resumed (that would lose them).
+            if set(range(epoch + 1)) <= logged:
+                return path, epoch
+            log.warning("resume state %s lacks the history of its epochs", path)
+    return None, None
+
+
 def resume_point(state_dir: Path) -> tuple[Path | None, int | None]:
-    """The last.ckpt to continue from and its epoch, or (None, None) for a fresh start (clearing the state)."""
-    last = state_dir / "checkpoints" / "last.ckpt"
-    if last.is_file() and checkpoint_loads(last):
-        epoch = int(torch.load(last, map_location="cpu", weights_only=True)["epoch"])
-        # A kill between the checkpoint and the logger's write loses the epoch's
-        # history rows: start afresh (same result, deterministic) rather than lose them.
-        if set(range(epoch + 1)) <= logged_epochs(state_dir / "logs"):
-            return last, epoch
-        log.warning("resume state %s lacks the history of its epochs: starting afresh", state_dir)
+    """The checkpoint to continue from and its epoch, or (None, None) for a fresh start (clearing the state)."""
+    path, epoch = resumable_checkpoint(state_dir)
+    if path is not None:
+        return path, epoch
     if state_dir.exists():
         # Every srun-started rank clears a stale state at once: a vanished file is no error.
         shutil.rmtree(state_dir, ignore_errors=True)
