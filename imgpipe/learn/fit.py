@@ -48,6 +48,7 @@ from imgpipe.learn.factory import normalisation
 from imgpipe.learn.image_datamodule import ImageDataModule, Images
 from imgpipe.learn.schedule import sized_schedule
 from imgpipe.learn.trainer import (
+    LAST_CHECKPOINT,
     RunPlan,
     combined_history,
     make_trainer,
@@ -246,7 +247,7 @@ def fit(
         "scheduled_epochs": train_cfg["max_epochs"],
     }
     calibration = calibrate_run(
-        state_dir / "checkpoints" / "last.ckpt",
+        state_dir / "checkpoints" / LAST_CHECKPOINT,
         images,
         labels,
         val_ids,
@@ -289,7 +290,7 @@ def write_outputs(
     into the hyper-parameters, all of it into the summary.
     """
     saved = torch.load(
-        state_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+        state_dir / "checkpoints" / LAST_CHECKPOINT, map_location="cpu", weights_only=True
     )
     kept = {k: saved[k] for k in CHECKPOINT_KEYS if k in saved}
     calibration = dict(calibration or {"temperature": 1.0, "temperature_fitted_on": "none"})

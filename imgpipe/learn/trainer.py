@@ -127,14 +127,19 @@ def trainer_plugins(strategy: str) -> list:
     return plugins
 
 
-def checkpoint_loads(path: Path) -> bool:
-    """True when ``path`` holds a complete, readable checkpoint."""
+def read_resume_state(path: Path) -> dict | None:
+    """The checkpoint at ``path`` when it is complete and readable (weights only), else None."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure means: do not resume from it
         log.warning("ignoring unreadable resume state %s: %s", path, err)
-        return False
-    return isinstance(state, dict) and "state_dict" in state and "loops" in state
+        return None
+    return state if isinstance(state, dict) and "state_dict" in state and "loops" in state else None
+
+
+def checkpoint_loads(path: Path) -> bool:
+    """True when ``path`` holds a complete, readable checkpoint."""
+    return read_resume_state(path) is not None
 
 
 def resumable_checkpoint(state_dir: Path) -> tuple[Path | None, int | None]:
@@ -142,13 +147,15 @@ def resumable_checkpoint(state_dir: Path) -> tuple[Path | None, int | None]:
     logged = logged_epochs(state_dir / "logs")
     for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT):
         path = state_dir / "checkpoints" / name
-        if path.is_file() and checkpoint_loads(path):
-            epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-            # A kill between the checkpoint and the logger's write loses the
-            # epoch's history rows: such a state is not resumed (that would lose them).
-            if set(range(epoch + 1)) <= logged:
-                return path, epoch
-            log.warning("resume state %s lacks the history of its epochs", path)
+        state = read_resume_state(path) if path.is_file() else None
+        if state is None:
+            continue
+        epoch = int(state["epoch"])
+        # A kill between the checkpoint and the logger's write loses the
+        # epoch's history rows: such a state is not resumed (that would lose them).
+        if set(range(epoch + 1)) <= logged:
+            return path, epoch
+        log.warning("resume state %s lacks the history of its epochs", path)
     return None, None
 
 
